@@ -1,0 +1,36 @@
+# Every target does its own set-up: a .venv, installed once and re-installed when pyproject.toml changes.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+PORT ?= 3000
+export JUICER_DATA_DIR ?= $(CURDIR)/data
+export DAGSTER_HOME ?= $(JUICER_DATA_DIR)/dagster_home
+
+.PHONY: install demo test test-fast ui clean-data
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/juicer demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	@echo "Dagster UI: http://127.0.0.1:$(PORT)   (DAGSTER_HOME=$(DAGSTER_HOME))"
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+
+clean-data:
+	rm -rf data/drops data/world data/warehouse data/catalog.duckdb data/dagster_home

@@ -1,0 +1,1 @@
+"""Thin Dagster wrappers: read inputs, call governance/, write through storage/, emit metadata."""

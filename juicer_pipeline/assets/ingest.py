@@ -1,0 +1,86 @@
+"""raw_samples: one drop in, one Parquet file of verified samples (or quarantine rows) out."""
+
+import time
+from collections import Counter
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from ..governance.drop_sources import open_drop
+from ..governance.images import ImageLimits, load_rgb
+from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
+from ..settings import JuicerSettings, code_version
+from ..storage import LineageRow, replace_drop, write_lineage
+from .partitions import drops_partitions
+from .resources import StorageResource
+from .ui import image_strip, markdown_table, png_markdown
+
+_PREVIEW_ROWS = 8
+_THUMBNAILS = 12
+
+
+def build_ingest_assets(settings: JuicerSettings) -> list:
+    cfg = settings.ingest
+    version = code_version("ingest-1", cfg)
+    limits = ImageLimits(min_side=cfg.min_side, max_side=cfg.max_side, max_pixels=cfg.max_pixels)
+
+    @asset(
+        partitions_def=drops_partitions, code_version=version, group_name="ingest",
+        kinds={"parquet", "duckdb"},
+        description="Every sample of a drop, decoded and verified: valid with its image bytes, or "
+                    "quarantined with a precise reason. Catalog rows in `samples` and `drops`.",
+    )
+    def raw_samples(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        drop_id = context.partition_key
+        wh = storage.warehouse
+        source = open_drop(wh.drops_dir / drop_id)
+        context.log.info(f"ingesting drop {drop_id} ({source.format}: {', '.join(source.describe())})")
+        stats, preview, thumbs = IngestStats(), [], []
+        t0 = time.perf_counter()
+        with wh.stream_table("raw_samples", drop_id, RAW_SAMPLES_SCHEMA) as writer:
+            for batch in ingest_batches(source, drop_id, limits, cfg.max_caption_chars, stats, cfg.batch_rows):
+                writer.write_batch(batch)
+                _collect_previews(batch, preview, thumbs)
+                context.log.info(f"{drop_id}: {stats.n_samples} samples read, {stats.n_quarantined} quarantined")
+        seconds = time.perf_counter() - t0
+        path = wh.partition_path("raw_samples", drop_id)
+        drop_row = {"drop_id": drop_id, "path": str(source.root), "format": source.format,
+                    "sources": source.describe(), "n_samples": stats.n_samples, "n_valid": stats.n_valid,
+                    "n_quarantined": stats.n_quarantined, "bytes": stats.bytes, "run_id": context.run.run_id}
+        lineage = LineageRow("raw_samples", drop_id, [f"drop:{source.root}/{s}" for s in source.describe()],
+                             context.run.run_id, version, cfg.config_hash())
+        with storage.catalog.transaction() as con:
+            replace_drop(con, drop_row, path)
+            write_lineage(con, lineage)
+        storage.catalog.refresh_views(wh.tables_dir)
+        return MaterializeResult(metadata=_metadata(stats, seconds, path, preview, thumbs))
+
+    return [raw_samples]
+
+
+def _collect_previews(batch, preview: list, thumbs: list) -> None:
+    if len(preview) >= _PREVIEW_ROWS and len(thumbs) >= _THUMBNAILS:
+        return
+    for row in batch.select(["sample_id", "status", "quarantine_reason", "raw_caption", "image"]).to_pylist():
+        if len(preview) < _PREVIEW_ROWS:
+            preview.append({k: row[k] for k in ("sample_id", "status", "quarantine_reason", "raw_caption")})
+        if row["image"] is not None and len(thumbs) < _THUMBNAILS:
+            thumbs.append(load_rgb(row["image"]))
+
+
+def _metadata(stats: IngestStats, seconds: float, path, preview, thumbs) -> dict:
+    reasons = Counter(stats.quarantined)
+    meta = {
+        "samples": stats.n_samples,
+        "valid": stats.n_valid,
+        "quarantined": stats.n_quarantined,
+        "quarantined_by_reason": MetadataValue.md(markdown_table(
+            [{"reason": r, "count": n} for r, n in reasons.most_common()])),
+        "bytes": stats.bytes,
+        "seconds": round(seconds, 3),
+        "samples_per_second": round(stats.n_samples / max(seconds, 1e-9), 1),
+        "path": MetadataValue.path(str(path)),
+        "preview": MetadataValue.md(markdown_table(preview)),
+    }
+    if thumbs:
+        meta["thumbnails"] = MetadataValue.md(png_markdown(image_strip(thumbs), "first valid samples"))
+    return meta

@@ -1,0 +1,189 @@
+"""`juicer` console entry: demo, world generation, status."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .storage import Catalog, Warehouse, default_data_dir
+from .world import CaptionCorruption, DropConfig, demo_drop_configs, generate_corpus, generate_drop, generate_eval_set
+
+log = logging.getLogger("juicer")
+DEMO_DROP_PREFIX = "demo"
+_DEFAULT_DAGSTER_YAML = """telemetry:
+  enabled: false
+concurrency:
+  runs:
+    max_concurrent_runs: 2
+run_monitoring:
+  enabled: true
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"juicer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="juicer", description="Token-level governance of image-text data.")
+    sub = p.add_subparsers(required=True, metavar="command")
+
+    demo = sub.add_parser("demo", help="generate the demo world (if absent) and juice its drops")
+    demo.add_argument("--drops", type=int, default=2, help="number of demo drops (default 2)")
+    demo.add_argument("--samples", type=int, default=1500, help="samples per demo drop (default 1500)")
+    demo.add_argument("--eval-samples", type=int, default=2000, help="images per held-out set (default 2000)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    world = sub.add_parser("world", help="generate synthetic-world data").add_subparsers(required=True, metavar="what")
+    drop = world.add_parser("drop", help="a web-like corrupted drop with its _truth.parquet")
+    drop.add_argument("out", type=Path, help="drop folder to create (e.g. data/drops/my-drop)")
+    drop.add_argument("--samples", type=int, default=1000)
+    drop.add_argument("--seed", type=int, default=0)
+    drop.add_argument("--index", type=int, default=0, help="drop index: distinct drops of one world")
+    drop.add_argument("--format", choices=["folder", "wds"], default="folder")
+    drop.add_argument("--manifest", choices=["parquet", "csv", "jsonl"], default="parquet")
+    drop.add_argument("--image-format", choices=["jpg", "png"], default="jpg")
+    drop.add_argument("--image-size", type=int, default=64)
+    drop.add_argument("--coverage", type=float, default=0.25, help="object coverage: share of the image on objects")
+    base = CaptionCorruption()
+    for name in ("boilerplate", "noise", "omit", "misaligned"):
+        drop.add_argument(f"--{name}", type=float, default=getattr(base, name), help=f"{name} caption rate")
+    drop.add_argument("--duplicates", type=float, default=DropConfig.duplicate_rate)
+    drop.add_argument("--broken", type=float, default=DropConfig.broken_rate)
+    drop.add_argument("--empty-captions", type=float, default=DropConfig.empty_caption_rate)
+    drop.set_defaults(func=cmd_world_drop)
+    corpus = world.add_parser("corpus", help="the governor's clean corpus (disjoint distribution)")
+    corpus.add_argument("out", type=Path)
+    corpus.add_argument("--samples", type=int, default=20000)
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.set_defaults(func=cmd_world_corpus)
+    evalsets = world.add_parser("evalsets", help="clean held-out retrieval and classification sets")
+    evalsets.add_argument("out", type=Path, help="folder that receives retrieval/ and classification/")
+    evalsets.add_argument("--samples", type=int, default=2000)
+    evalsets.add_argument("--seed", type=int, default=0)
+    evalsets.set_defaults(func=cmd_world_evalsets)
+
+    status = sub.add_parser("status", help="drops, sample counts and quarantine reasons from the catalog")
+    status.set_defaults(func=cmd_status)
+    return p
+
+
+def cmd_world_drop(a) -> None:
+    cfg = DropConfig(
+        n_samples=a.samples, seed=a.seed, drop_index=a.index, format=a.format, manifest_format=a.manifest,
+        image_format=a.image_format, image_size=a.image_size, object_coverage=a.coverage,
+        captions=CaptionCorruption(boilerplate=a.boilerplate, noise=a.noise, omit=a.omit, misaligned=a.misaligned),
+        duplicate_rate=a.duplicates, broken_rate=a.broken, empty_caption_rate=a.empty_captions,
+    )
+    r = generate_drop(a.out, cfg)
+    print(f"wrote {r.n_samples} samples to {r.path} in {r.seconds:.1f}s ({r.images_per_second:.0f} images/s)")
+
+
+def cmd_world_corpus(a) -> None:
+    r = generate_corpus(a.out, a.samples, a.seed)
+    print(f"wrote {r.n_samples} corpus images to {r.path} in {r.seconds:.1f}s ({r.images_per_second:.0f} images/s)")
+
+
+def cmd_world_evalsets(a) -> None:
+    for kind in ("retrieval", "classification"):
+        r = generate_eval_set(a.out / kind, kind, a.samples, a.seed)
+        print(f"wrote {r.n_samples} {kind} images to {r.path} ({r.images_per_second:.0f} images/s)")
+
+
+def ensure_demo_world(wh: Warehouse, n_drops: int, n_samples: int, eval_samples: int, seed: int) -> list[str]:
+    """Generate whatever part of the demo world is missing; return the demo drop names."""
+    names = []
+    for cfg in demo_drop_configs(n_drops, n_samples, seed):
+        name = f"{DEMO_DROP_PREFIX}-{cfg.drop_index:02d}"
+        names.append(name)
+        if not (wh.drops_dir / name).exists():
+            r = generate_drop(wh.drops_dir / name, cfg)
+            log.info("generated drop %s (%s, %d samples, %.0f images/s)", name, cfg.format, r.n_samples,
+                     r.images_per_second)
+    for kind in ("retrieval", "classification"):
+        out = wh.world_dir / "evalsets" / kind
+        if not out.exists():
+            r = generate_eval_set(out, kind, eval_samples, seed)
+            log.info("generated held-out %s set (%d images, %.0f images/s)", kind, r.n_samples, r.images_per_second)
+    return names
+
+
+def dagster_instance(data_dir: Path):
+    """The Dagster instance the UI reads, so demo runs show up in `make ui`."""
+    from dagster import DagsterInstance
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = data_dir / "dagster_home"
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "dagster.yaml").exists():
+            (home / "dagster.yaml").write_text(_DEFAULT_DAGSTER_YAML)
+        os.environ["DAGSTER_HOME"] = str(home)
+    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    return DagsterInstance.get()
+
+
+def cmd_demo(a) -> int:
+    from .definitions import DROP_JOB_NAME, build_definitions
+
+    data_dir = default_data_dir()
+    wh = Warehouse(data_dir)
+    t0 = time.perf_counter()
+    names = ensure_demo_world(wh, a.drops, a.samples, a.eval_samples, a.seed)
+    instance = dagster_instance(data_dir)
+    defs = build_definitions(data_dir=data_dir)
+    known = set(instance.get_dynamic_partitions("drops"))
+    instance.add_dynamic_partitions("drops", [n for n in names if n not in known])
+    job = defs.resolve_job_def(DROP_JOB_NAME)
+    for name in names:
+        log.info("juicing drop %s", name)
+        result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False)
+        if not result.success:
+            print(f"juicer: demo run for drop {name} failed; see the run in the UI (make ui)", file=sys.stderr)
+            return 1
+    _print_summary(wh, names, time.perf_counter() - t0)
+    return 0
+
+
+def _print_summary(wh: Warehouse, names: list[str], seconds: float) -> None:
+    cat = Catalog(wh.catalog_path)
+    quoted = ", ".join(f"'{n}'" for n in names)
+    counts = cat.query(f"SELECT drop_id, n_samples, n_valid, n_quarantined FROM drops WHERE drop_id IN ({quoted}) ORDER BY 1")
+    reasons = cat.query(f"SELECT quarantine_reason AS reason, count(*) AS n FROM samples "
+                        f"WHERE drop_id IN ({quoted}) AND status = 'quarantined' GROUP BY 1 ORDER BY 2 DESC, 1")
+    print("\n=== juicer demo summary ===")
+    print(f"time: {seconds:.1f}s   data dir: {wh.root}")
+    print(counts.to_string(index=False))
+    print(f"total: {int(counts.n_samples.sum())} samples, {int(counts.n_valid.sum())} valid, "
+          f"{int(counts.n_quarantined.sum())} quarantined")
+    print("quarantined by reason:")
+    print(reasons.to_string(index=False) if len(reasons) else "  (none)")
+    print(f"outputs:  {wh.tables_dir}/<asset>/<drop>.parquet")
+    print(f"catalog:  {wh.catalog_path}")
+    print("query:    .venv/bin/python -c \"import duckdb; print(duckdb.connect('data/catalog.duckdb', read_only=True)"
+          ".sql('SELECT status, quarantine_reason, count(*) FROM samples GROUP BY ALL'))\"")
+    print("UI:       make ui   (then open http://127.0.0.1:3000)")
+
+
+def cmd_status(a) -> None:
+    wh = Warehouse(default_data_dir())
+    if not wh.catalog_path.exists():
+        raise FileNotFoundError(f"no catalog at {wh.catalog_path}: run `make demo` or materialise a drop first")
+    cat = Catalog(wh.catalog_path)
+    print(cat.query("SELECT drop_id, format, n_samples, n_valid, n_quarantined, ingested_at FROM drops ORDER BY 1")
+          .to_string(index=False))
+    print(cat.query("SELECT drop_id, quarantine_reason, count(*) AS n FROM samples WHERE status = 'quarantined' "
+                    "GROUP BY ALL ORDER BY 1, 3 DESC").to_string(index=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

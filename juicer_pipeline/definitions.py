@@ -1,0 +1,35 @@
+"""The one Definitions object of the code location: assets, jobs, sensors and resources."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import AssetSelection, Definitions, define_asset_job
+
+from .assets.ingest import build_ingest_assets
+from .assets.resources import StorageResource
+from .automation.sensors import build_drop_sensor
+from .settings import JuicerSettings, load_settings
+from .storage import default_data_dir
+
+DROP_JOB_NAME = "juice_drop"
+
+
+def per_drop_assets(settings: JuicerSettings) -> list:
+    return [*build_ingest_assets(settings)]
+
+
+def build_definitions(settings: JuicerSettings | None = None, data_dir: Path | None = None) -> Definitions:
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    settings = settings or load_settings(data_dir=data_dir)
+    drop_assets = per_drop_assets(settings)
+    drop_job = define_asset_job(DROP_JOB_NAME, selection=AssetSelection.assets(*drop_assets),
+                                description="Juice one drop: every per-drop asset for one partition.")
+    return Definitions(
+        assets=drop_assets,
+        jobs=[drop_job],
+        sensors=[build_drop_sensor(drop_job)],
+        resources={"storage": StorageResource(data_dir=str(data_dir))},
+    )
+
+
+defs = build_definitions()

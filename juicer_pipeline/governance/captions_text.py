@@ -1,0 +1,54 @@
+"""Turning whatever a manifest holds in its caption field into text, or a quarantine reason."""
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+
+_WS = re.compile(r"\s+")
+
+
+class CaptionRejected(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def raw_caption_text(value) -> str | None:
+    """The caption as stored verbatim (undecodable bytes kept visible as escapes)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def normalise_caption(value, max_chars: int = 4000) -> str:
+    """Unicode-normalised text with collapsed whitespace; raise CaptionRejected if unusable.
+
+    Cleaning boilerplate is *not* done here: that is the text branch's job, and the raw caption
+    must stay comparable with the enriched one.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise CaptionRejected("missing_caption")
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CaptionRejected("binary_caption", "not valid UTF-8") from exc
+    text = unicodedata.normalize("NFC", str(value))
+    if _looks_binary(text):
+        raise CaptionRejected("binary_caption", "control characters")
+    text = _WS.sub(" ", text).strip()
+    if not text:
+        raise CaptionRejected("empty_caption")
+    if len(text) > max_chars:
+        raise CaptionRejected("caption_too_long", f"{len(text)} > {max_chars} characters")
+    return text
+
+
+def _looks_binary(text: str) -> bool:
+    if "\x00" in text or "\ufffd" in text:
+        return True
+    control = sum(1 for ch in text if unicodedata.category(ch) in ("Cc", "Cs", "Co") and ch not in "\t\n\r")
+    return control > max(1, len(text) // 20)

@@ -1,0 +1,93 @@
+"""Decoding and verifying images: one place, so ingestion and every later stage agree."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    min_side: int = 16
+    max_side: int = 8192
+    max_pixels: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB, fully loaded
+    width: int
+    height: int
+    mode: str  # the file's own mode, before conversion
+    format: str
+
+
+class ImageRejected(ValueError):
+    """An image that cannot enter the dataset; `reason` is a short quarantine code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """Decode and verify one image file; raise ImageRejected with a precise reason."""
+    if not data:
+        raise ImageRejected("empty_file", "zero bytes")
+    with warnings.catch_warnings():
+        # PIL only *warns* between its bomb limit and twice that; treat both as rejections.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected("decompression_bomb", str(exc)) from exc
+        except UnidentifiedImageError as exc:
+            raise ImageRejected("not_an_image", "no known image format") from exc
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a corrupt file
+            raise _parse_failure(exc) from exc
+        w, h = img.size
+        if w * h > limits.max_pixels or max(w, h) > limits.max_side:
+            raise ImageRejected("too_large", f"{w}x{h} exceeds max_side={limits.max_side}/max_pixels={limits.max_pixels}")
+        if min(w, h) < limits.min_side:
+            raise ImageRejected("too_small", f"{w}x{h} below min_side={limits.min_side}")
+        try:
+            img.load()
+        except Exception as exc:  # noqa: BLE001
+            raise _parse_failure(exc) from exc
+    mode, fmt = img.mode, img.format or "unknown"
+    return DecodedImage(image=to_rgb(img), width=w, height=h, mode=mode, format=fmt)
+
+
+def _parse_failure(exc: Exception) -> ImageRejected:
+    reason = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
+    return ImageRejected(reason, f"{type(exc).__name__}: {exc}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparent pixels become white rather than an arbitrary colour."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # High bit-depth grey: scale to 8 bits instead of clipping.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else arr * 0
+        return Image.fromarray(arr.astype("uint8"), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(data: bytes) -> Image.Image:
+    """Decode bytes already verified at ingestion (no limits re-checked)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(img)

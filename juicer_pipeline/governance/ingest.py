@@ -1,0 +1,106 @@
+"""Ingestion: every record of a drop becomes one row, valid or quarantined with a precise reason.
+
+A bad sample never stops the drop; only a drop that cannot be read at all (see `DropError`)
+does. Rows stream out in batches so memory stays bounded whatever the drop size.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow as pa
+
+from .captions_text import CaptionRejected, normalise_caption, raw_caption_text
+from .drop_sources import DropSource, RawRecord, iter_records
+from .images import ImageLimits, ImageRejected, decode_image
+
+# The raw_samples Parquet contract. `image` holds the original file bytes of valid samples
+# (null when quarantined), so later stages never depend on the drop folder still existing.
+RAW_SAMPLES_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("drop_id", pa.string()),
+    ("local_id", pa.string()),
+    ("path", pa.string()),
+    ("content_hash", pa.string()),
+    ("n_bytes", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("mode", pa.string()),
+    ("format", pa.string()),
+    ("raw_caption", pa.string()),
+    ("caption", pa.string()),
+    ("url", pa.string()),
+    ("label", pa.string()),
+    ("status", pa.string()),
+    ("quarantine_reason", pa.string()),
+    ("quarantine_detail", pa.string()),
+    ("image", pa.binary()),
+])
+
+
+@dataclass
+class IngestStats:
+    n_samples: int = 0
+    n_valid: int = 0
+    bytes: int = 0
+    quarantined: Counter = field(default_factory=Counter)
+
+    @property
+    def n_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+
+def sample_id_for(drop_id: str, local_id: str) -> str:
+    return f"{drop_id}/{local_id}"
+
+
+def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_caption_chars: int,
+                   stats: IngestStats, batch_rows: int = 512) -> Iterator[pa.RecordBatch]:
+    seen_hashes: set[str] = set()
+    seen_ids: set[str] = set()
+    batch: list[dict] = []
+    for rec in iter_records(source):
+        row = _row(rec, drop_id, limits, max_caption_chars, seen_hashes, seen_ids)
+        stats.n_samples += 1
+        stats.bytes += row["n_bytes"] or 0
+        if row["status"] == "valid":
+            stats.n_valid += 1
+        else:
+            stats.quarantined[row["quarantine_reason"]] += 1
+        batch.append(row)
+        if len(batch) >= batch_rows:
+            yield pa.RecordBatch.from_pylist(batch, schema=RAW_SAMPLES_SCHEMA)
+            batch = []
+    if batch:
+        yield pa.RecordBatch.from_pylist(batch, schema=RAW_SAMPLES_SCHEMA)
+
+
+def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: int,
+         seen_hashes: set[str], seen_ids: set[str]) -> dict:
+    data = rec.image_bytes
+    row = {
+        "sample_id": sample_id_for(drop_id, rec.local_id), "drop_id": drop_id, "local_id": rec.local_id,
+        "path": rec.path, "content_hash": hashlib.sha256(data).hexdigest() if data is not None else None,
+        "n_bytes": len(data) if data is not None else None, "width": None, "height": None, "mode": None,
+        "format": None, "raw_caption": raw_caption_text(rec.caption), "caption": None, "url": rec.url,
+        "label": rec.label, "status": "valid", "quarantine_reason": None, "quarantine_detail": None,
+        "image": None,
+    }
+    try:
+        if rec.local_id in seen_ids:
+            raise ImageRejected("duplicate_sample_id", f"{rec.local_id!r} appears earlier in the drop")
+        seen_ids.add(rec.local_id)
+        if rec.fetch_error:
+            raise ImageRejected(rec.fetch_error, rec.path)
+        decoded = decode_image(data, limits)
+        row.update(width=decoded.width, height=decoded.height, mode=decoded.mode, format=decoded.format)
+        row["caption"] = normalise_caption(rec.caption, max_caption_chars)
+        if row["content_hash"] in seen_hashes:
+            raise ImageRejected("duplicate_content", f"same bytes as an earlier sample ({row['content_hash'][:12]})")
+        seen_hashes.add(row["content_hash"])
+        row["image"] = data
+    except (ImageRejected, CaptionRejected) as exc:
+        row.update(status="quarantined", quarantine_reason=exc.reason, quarantine_detail=str(exc), caption=None)
+    return row

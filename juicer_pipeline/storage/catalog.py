@@ -1,0 +1,193 @@
+"""The DuckDB catalog: small tables written in short transactions, views over warehouse Parquet.
+
+DuckDB allows one writing process at a time and Dagster runs steps in parallel processes, so
+every write opens a connection, does one short transaction and closes it; lock conflicts are
+retried with jittered exponential backoff. Bulk per-sample data stays in Parquet.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+log = logging.getLogger(__name__)
+
+# Append-only: a released migration is never edited; a schema change is a new entry.
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+    CREATE TABLE drops (
+        drop_id VARCHAR PRIMARY KEY,
+        path VARCHAR NOT NULL,
+        format VARCHAR NOT NULL,
+        sources VARCHAR NOT NULL,          -- JSON list of manifest / shard files
+        n_samples INTEGER NOT NULL,
+        n_valid INTEGER NOT NULL,
+        n_quarantined INTEGER NOT NULL,
+        bytes BIGINT NOT NULL,
+        ingested_at TIMESTAMP NOT NULL,
+        run_id VARCHAR
+    );
+    CREATE TABLE samples (
+        sample_id VARCHAR PRIMARY KEY,     -- '<drop>/<local id>', stable across re-ingestion
+        drop_id VARCHAR NOT NULL,
+        local_id VARCHAR NOT NULL,
+        content_hash VARCHAR,              -- sha256 of the file bytes
+        path VARCHAR NOT NULL,
+        width INTEGER,
+        height INTEGER,
+        n_bytes BIGINT,
+        raw_caption VARCHAR,
+        status VARCHAR NOT NULL,           -- 'valid' | 'quarantined'
+        quarantine_reason VARCHAR
+    );
+    CREATE INDEX samples_drop ON samples (drop_id);
+    CREATE INDEX samples_hash ON samples (content_hash);
+    CREATE TABLE lineage (
+        artifact VARCHAR PRIMARY KEY,      -- '<asset>/<partition>'
+        asset VARCHAR NOT NULL,
+        partition_key VARCHAR,
+        inputs VARCHAR NOT NULL,           -- JSON list of upstream artifacts or files
+        run_id VARCHAR,
+        code_version VARCHAR NOT NULL,
+        config_hash VARCHAR NOT NULL,
+        governor_id VARCHAR,
+        created_at TIMESTAMP NOT NULL
+    );
+    """),
+]
+
+
+class CatalogLocked(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class LineageRow:
+    asset: str
+    partition_key: str | None
+    inputs: list[str]
+    run_id: str | None
+    code_version: str
+    config_hash: str
+    governor_id: str | None = None
+
+    @property
+    def artifact(self) -> str:
+        return f"{self.asset}/{self.partition_key}" if self.partition_key else self.asset
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflict" in text
+
+
+@dataclass(frozen=True)
+class Catalog:
+    path: Path
+    max_attempts: int = 12
+    base_delay_s: float = 0.05
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self._open(read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(self.max_attempts):
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc) or attempt == self.max_attempts - 1:
+                    if _is_lock_error(exc):
+                        raise CatalogLocked(f"catalog {self.path} stayed locked after "
+                                            f"{self.max_attempts} attempts: {exc}") from exc
+                    raise
+                delay = self.base_delay_s * (2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
+                log.info("catalog locked (attempt %d), retrying in %.2fs", attempt + 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One short read-write transaction; rolled back on any error."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def migrate(self) -> int:
+        """Apply pending migrations; return the schema version."""
+        with self.transaction() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP)")
+            current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+            for version, sql in MIGRATIONS:
+                if version > current:
+                    con.execute(sql)
+                    con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
+                    current = version
+        return current
+
+    def refresh_views(self, tables_dir: Path) -> list[str]:
+        """A view per warehouse asset over all its partition files (read per query, never copied)."""
+        names = []
+        with self.transaction() as con:
+            for asset_dir in sorted(p for p in Path(tables_dir).glob("*") if p.is_dir()):
+                if any(asset_dir.glob("*.parquet")):
+                    glob = (asset_dir / "*.parquet").as_posix().replace("'", "''")
+                    con.execute(f"CREATE OR REPLACE VIEW {asset_dir.name} AS "
+                                f"SELECT * FROM read_parquet('{glob}', union_by_name = true)")
+                    names.append(asset_dir.name)
+        return names
+
+    def query(self, sql: str, params: list | None = None):
+        with self.connect(read_only=True) as con:
+            return con.execute(sql, params or []).df()
+
+
+def write_lineage(con: duckdb.DuckDBPyConnection, row: LineageRow) -> None:
+    """Replace the lineage of one artifact; call inside the transaction that writes its data."""
+    con.execute("DELETE FROM lineage WHERE artifact = ?", [row.artifact])
+    con.execute(
+        "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [row.artifact, row.asset, row.partition_key, json.dumps(row.inputs), row.run_id,
+         row.code_version, row.config_hash, row.governor_id, _now()],
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def replace_drop(con: duckdb.DuckDBPyConnection, drop: dict, samples_parquet: Path) -> None:
+    """Replace exactly one drop's catalog rows from its raw_samples Parquet (read by DuckDB
+    directly, so no per-sample Python objects are built)."""
+    con.execute("DELETE FROM samples WHERE drop_id = ?", [drop["drop_id"]])
+    con.execute(
+        """INSERT INTO samples
+           SELECT sample_id, drop_id, local_id, content_hash, path, width, height, n_bytes,
+                  raw_caption, status, quarantine_reason
+           FROM read_parquet(?)""",
+        [str(samples_parquet)],
+    )
+    con.execute("DELETE FROM drops WHERE drop_id = ?", [drop["drop_id"]])
+    con.execute(
+        "INSERT INTO drops VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [drop["drop_id"], drop["path"], drop["format"], json.dumps(drop["sources"]), drop["n_samples"],
+         drop["n_valid"], drop["n_quarantined"], drop["bytes"], _now(), drop.get("run_id")],
+    )

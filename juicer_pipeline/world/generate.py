@@ -1,0 +1,221 @@
+"""Deterministic generation of drops, the governor's clean corpus and held-out evaluation sets.
+
+Every image is drawn from its own generator seeded by (world seed, split, drop index, sample
+index), so any sample can be re-created alone and the same seed always gives the same bytes.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .captions import CaptionCorruption, add_boilerplate, add_noise, true_caption
+from .scenes import CORPUS_BACKGROUNDS, DROP_BACKGROUNDS, Scene, SceneSpec, render, sample_scene
+from .vocabulary import Vocabulary, load_vocabulary
+from .writers import make_writer
+
+log = logging.getLogger(__name__)
+
+# Disjoint seed spaces: a drop can never reproduce a corpus or evaluation image by chance.
+SPLIT_DROP, SPLIT_RETRIEVAL, SPLIT_CLASSIFICATION, SPLIT_CORPUS = 1, 2, 3, 4
+BROKEN_KINDS = ("zero_byte", "truncated", "not_image", "missing_file")
+
+
+@dataclass(frozen=True)
+class DropConfig:
+    n_samples: int = 1000
+    seed: int = 0
+    drop_index: int = 0
+    image_size: int = 64
+    object_coverage: float = 0.25
+    captions: CaptionCorruption = field(default_factory=CaptionCorruption)
+    duplicate_rate: float = 0.02
+    broken_rate: float = 0.01
+    empty_caption_rate: float = 0.005
+    format: str = "folder"  # folder | wds
+    manifest_format: str = "parquet"
+    image_format: str = "jpg"  # jpg | png
+    shard_size: int = 1000
+
+    def __post_init__(self):
+        for name in ("duplicate_rate", "broken_rate", "empty_caption_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        if self.n_samples < 1:
+            raise ValueError("n_samples must be >= 1")
+
+    @property
+    def spec(self) -> SceneSpec:
+        return SceneSpec(image_size=self.image_size, backgrounds=DROP_BACKGROUNDS,
+                         object_coverage=self.object_coverage)
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    path: Path
+    n_samples: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_samples / max(self.seconds, 1e-9)
+
+
+def _rng(seed: int, split: int, drop_index: int, i: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, split, drop_index, i, stream])
+
+
+def encode_image(image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        image.save(buf, "JPEG", quality=92)
+    elif fmt == "png":
+        image.save(buf, "PNG")
+    else:
+        raise ValueError(f"image_format must be jpg or png, not {fmt!r}")
+    return buf.getvalue()
+
+
+def _truth_row(sample_id: str, image_name: str, scene: Scene, rendered, caption_true: str, **extra) -> dict:
+    objects = [
+        {"shape": o.shape, "colour": o.colour, "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3],
+         "radius": o.size, "rotation": o.rotation}
+        for o, b in zip(scene.objects, rendered.boxes)
+    ]
+    return {
+        "sample_id": sample_id, "image": image_name, "true_caption": caption_true,
+        "classes": sorted({o.shape for o in scene.objects}), "objects": objects,
+        "width": scene.image_size, "height": scene.image_size,
+        "object_mask": np.packbits(rendered.mask).tobytes(),
+        "object_pixel_share": float(rendered.mask.mean()), **extra,
+    }
+
+
+def generate_drop(out_dir: Path, cfg: DropConfig, vocab: Vocabulary | None = None) -> GenerationReport:
+    """Write one corrupted, web-like drop plus its `_truth.parquet` (never read by the pipeline)."""
+    vocab = vocab or load_vocabulary()
+    spec = cfg.spec
+    scene_of = lambda j: sample_scene(_rng(cfg.seed, SPLIT_DROP, cfg.drop_index, j, 0), spec, vocab)  # noqa: E731
+    name = Path(out_dir).name
+    writer = make_writer(Path(out_dir), cfg.format, cfg.manifest_format, cfg.shard_size)
+    t0 = time.perf_counter()
+    for i in range(cfg.n_samples):
+        rng = _rng(cfg.seed, SPLIT_DROP, cfg.drop_index, i, 1)
+        sample_id = f"{name}-{i:06d}"
+        corruptions: list[str] = []
+        scene, source = scene_of(i), i
+        if i > 0 and rng.random() < cfg.duplicate_rate:
+            source = int(rng.integers(0, i))
+            scene = scene_of(source)
+            corruptions.append("duplicate")
+        rendered = render(scene, vocab)
+        clean = true_caption(scene, _rng(cfg.seed, SPLIT_DROP, cfg.drop_index, source, 2))
+        caption = _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions)
+        image_bytes = encode_image(rendered.image, cfg.image_format)
+        if rng.random() < cfg.broken_rate:
+            kind = BROKEN_KINDS[int(rng.integers(len(BROKEN_KINDS)))]
+            image_bytes = _break(image_bytes, kind)
+            corruptions.append(f"broken:{kind}")
+        image_name = f"{sample_id}.{cfg.image_format}"
+        writer.add(sample_id, image_name, image_bytes, caption, url=f"https://example.org/{name}/{i}")
+        writer.add_truth(_truth_row(sample_id, image_name, scene, rendered, clean, caption=caption,
+                                    corruptions=corruptions,
+                                    duplicate_of=f"{name}-{source:06d}" if source != i else None))
+        if (i + 1) % 2000 == 0:
+            log.info("drop %s: %d/%d samples", name, i + 1, cfg.n_samples)
+    path = writer.finish()
+    return GenerationReport(path, cfg.n_samples, time.perf_counter() - t0)
+
+
+def _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions) -> str:
+    c = cfg.captions
+    caption = clean
+    if rng.random() < c.misaligned and cfg.n_samples > 1:
+        other = int(rng.integers(0, cfg.n_samples - 1))
+        other += other >= i
+        caption = true_caption(scene_of(other), rng)
+        corruptions.append("misaligned")
+    elif len(scene.objects) > 1 and rng.random() < c.omit:
+        keep = list(scene.objects)
+        keep.pop(int(rng.integers(len(keep))))
+        caption = true_caption(scene, rng, objects=keep)
+        corruptions.append("omitted_object")
+    if rng.random() < c.noise:
+        caption = add_noise(caption, rng)
+        corruptions.append("noise")
+    if rng.random() < c.boilerplate:
+        caption = add_boilerplate(caption, rng)
+        corruptions.append("boilerplate")
+    if rng.random() < cfg.empty_caption_rate:
+        caption = str(rng.choice(["", "   ", "\n"]))
+        corruptions.append("empty_caption")
+    return caption
+
+
+def _break(image_bytes: bytes, kind: str) -> bytes | None:
+    if kind == "zero_byte":
+        return b""
+    if kind == "truncated":
+        return image_bytes[: len(image_bytes) // 2]
+    if kind == "not_image":
+        return b"<html><body>404 Not Found</body></html>"
+    return None  # missing_file: the manifest names a file that is not there
+
+
+def generate_eval_set(out_dir: Path, kind: str, n_samples: int = 2000, seed: int = 0,
+                      image_size: int = 64, object_coverage: float = 0.25,
+                      vocab: Vocabulary | None = None) -> GenerationReport:
+    """Clean held-out sets: `retrieval` (drop distribution, true captions) or
+    `classification` (single-object images with a `label` column)."""
+    vocab = vocab or load_vocabulary()
+    if kind == "retrieval":
+        split, spec = SPLIT_RETRIEVAL, SceneSpec(image_size=image_size, object_coverage=object_coverage)
+    elif kind == "classification":
+        split = SPLIT_CLASSIFICATION
+        # A single object of the same size as one object of a two-object drop image.
+        spec = SceneSpec(image_size=image_size, min_objects=1, max_objects=1,
+                         object_coverage=object_coverage / 2)
+    else:
+        raise ValueError(f"eval set kind must be retrieval or classification, not {kind!r}")
+    return _generate_clean(Path(out_dir), split, spec, n_samples, seed, vocab,
+                           with_label=kind == "classification")
+
+
+def generate_corpus(out_dir: Path, n_samples: int = 20000, seed: int = 0, image_size: int = 64,
+                    vocab: Vocabulary | None = None) -> GenerationReport:
+    """The governor's clean pretraining corpus, from a disjoint distribution: other background
+    families, larger and more varied objects, its own seed space."""
+    vocab = vocab or load_vocabulary()
+    spec = SceneSpec(image_size=image_size, backgrounds=CORPUS_BACKGROUNDS, object_coverage=0.35,
+                     size_jitter=(0.6, 1.4))
+    return _generate_clean(Path(out_dir), SPLIT_CORPUS, spec, n_samples, seed, vocab, with_label=True)
+
+
+def _generate_clean(out_dir, split, spec, n_samples, seed, vocab, with_label) -> GenerationReport:
+    writer = make_writer(out_dir, "folder", "parquet")
+    name = out_dir.name
+    t0 = time.perf_counter()
+    for i in range(n_samples):
+        scene = sample_scene(_rng(seed, split, 0, i, 0), spec, vocab)
+        rendered = render(scene, vocab)
+        caption = true_caption(scene, _rng(seed, split, 0, i, 2))
+        sample_id = f"{name}-{i:06d}"
+        image_name = f"{sample_id}.png"
+        label = scene.objects[0].shape if with_label and len(scene.objects) == 1 else None
+        writer.add(sample_id, image_name, encode_image(rendered.image, "png"), caption,
+                   label=label if with_label else None)
+        writer.add_truth(_truth_row(sample_id, image_name, scene, rendered, caption))
+    path = writer.finish()
+    return GenerationReport(path, n_samples, time.perf_counter() - t0)
+
+
+def demo_drop_configs(n_drops: int = 2, n_samples: int = 1500, seed: int = 0) -> list[DropConfig]:
+    """The demo world's drops: one folder drop with a parquet manifest, one WebDataset drop."""
+    base = DropConfig(n_samples=n_samples, seed=seed)
+    formats = ["folder", "wds", "folder"]
+    return [replace(base, drop_index=k, format=formats[k % len(formats)],
+                    manifest_format="parquet" if k != 2 else "jsonl") for k in range(n_drops)]

@@ -1,0 +1,179 @@
+"""Ingestion on hand-made drops: every format, every quarantine reason, broken manifests."""
+import io
+import json
+import tarfile
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from juicer_pipeline.governance.drop_sources import DropError, open_drop
+from juicer_pipeline.governance.images import ImageLimits, decode_image
+from juicer_pipeline.governance.ingest import IngestStats, ingest_batches
+
+from .helpers import png_bytes, write_folder_drop
+
+
+def ingest(path, limits=ImageLimits(), max_caption_chars=4000):
+    stats = IngestStats()
+    batches = list(ingest_batches(open_drop(path), "d", limits, max_caption_chars, stats, batch_rows=3))
+    rows = [r for b in batches for r in b.to_pylist()]
+    return {r["local_id"]: r for r in rows}, stats
+
+
+def jpeg_bytes(size=(40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.radial_gradient("L").resize(size).convert("RGB").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("manifest", ["parquet", "csv", "jsonl"])
+def test_folder_drop_with_each_manifest_format(tmp_path, manifest):
+    files = {"images/a.png": png_bytes(colour=(1, 2, 3)), "images/b.jpg": jpeg_bytes()}
+    rows = [{"image": "images/a.png", "caption": "A red square.", "url": "http://x/a"},
+            {"image": "images/b.jpg", "caption": "  a   gradient\n"}]
+    rows_by_id, stats = ingest(write_folder_drop(tmp_path / "d", files, rows, manifest))
+    assert stats.n_samples == 2 and stats.n_valid == 2
+    a, b = rows_by_id["images/a.png"], rows_by_id["images/b.jpg"]
+    assert a["sample_id"] == "d/images/a.png" and a["url"] == "http://x/a"
+    assert b["caption"] == "a gradient" and b["raw_caption"] == "  a   gradient\n"
+    assert a["content_hash"] != b["content_hash"] and len(a["content_hash"]) == 64
+    assert (a["width"], a["height"], a["format"]) == (32, 32, "PNG")
+    assert a["image"] == files["images/a.png"]
+
+
+def _tar(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards(tmp_path):
+    drop = tmp_path / "wds"
+    drop.mkdir()
+    _tar(drop / "shard-00000.tar", {
+        "000.jpg": jpeg_bytes(), "000.txt": b"a caption", "000.json": json.dumps({"url": "u0"}).encode(),
+        "001.png": png_bytes(colour=(9, 9, 9)), "001.txt": b"second",
+        "002.txt": b"no image here",
+        "003.webp": b"garbage", "003.txt": b"x",
+    })
+    _tar(drop / "shard-00001.tar", {"004.png": png_bytes(colour=(5, 5, 5)), "004.json": b"{}"})
+    rows, stats = ingest(drop)
+    assert stats.n_samples == 5
+    assert rows["000"]["status"] == "valid" and rows["000"]["url"] == "u0"
+    assert rows["000"]["path"] == "shard-00000.tar:000.jpg"
+    assert rows["001"]["caption"] == "second"
+    assert rows["002"]["quarantine_reason"] == "missing_file"
+    assert rows["003"]["quarantine_reason"] == "not_an_image"
+    assert rows["004"]["quarantine_reason"] == "missing_caption"
+
+
+def test_every_quarantine_reason(tmp_path, monkeypatch):
+    ok = png_bytes(colour=(10, 20, 30))
+    files = {
+        "ok.png": ok, "zero.png": b"", "text.jpg": b"<html>404</html>",
+        "trunc.jpg": jpeg_bytes((64, 64))[:300], "tiny.png": png_bytes((4, 4)),
+        "huge.png": png_bytes((300, 20)), "dup.png": ok, "c1.png": png_bytes(colour=(1, 1, 1)),
+        "c2.png": png_bytes(colour=(2, 2, 2)), "c3.png": png_bytes(colour=(3, 3, 3)),
+        "c4.png": png_bytes(colour=(4, 4, 4)), "c5.png": png_bytes(colour=(5, 5, 5)),
+        "id.png": png_bytes(colour=(6, 6, 6)),
+    }
+    (tmp_path / "outside.png").write_bytes(ok)
+    rows = [
+        {"image": "ok.png", "caption": "fine", "sample_id": "ok"},
+        {"image": "zero.png", "caption": "x", "sample_id": "zero"},
+        {"image": "text.jpg", "caption": "x", "sample_id": "text"},
+        {"image": "trunc.jpg", "caption": "x", "sample_id": "trunc"},
+        {"image": "tiny.png", "caption": "x", "sample_id": "tiny"},
+        {"image": "huge.png", "caption": "x", "sample_id": "huge"},
+        {"image": "missing.png", "caption": "x", "sample_id": "missing"},
+        {"image": "../outside.png", "caption": "x", "sample_id": "escape"},
+        {"image": str(tmp_path / "outside.png"), "caption": "x", "sample_id": "absolute"},
+        {"image": "dup.png", "caption": "same bytes", "sample_id": "dup"},
+        {"image": "c1.png", "caption": "   ", "sample_id": "blank"},
+        {"image": "c2.png", "caption": "", "sample_id": "empty"},
+        {"image": "c3.png", "caption": "bin\x00\x01\x02ary", "sample_id": "binary"},
+        {"image": "c4.png", "caption": "y" * 50, "sample_id": "long"},
+        {"image": "c5.png", "caption": None, "sample_id": "nocaption"},
+        {"image": "id.png", "caption": "x", "sample_id": "ok"},
+    ]
+    got, stats = ingest(write_folder_drop(tmp_path / "d", files, rows), ImageLimits(min_side=8, max_side=256),
+                        max_caption_chars=40)
+    reasons = {}
+    for r in got.values():
+        reasons[r["local_id"]] = r["quarantine_reason"]
+    # 'ok' appears twice: the second row is the duplicate id, and keeps the first row's id as key
+    assert got["ok"]["quarantine_reason"] == "duplicate_sample_id"
+    expected = {
+        "zero": "empty_file", "text": "not_an_image", "trunc": "truncated_image", "tiny": "too_small",
+        "huge": "too_large", "missing": "missing_file", "escape": "path_escapes_drop",
+        "absolute": "path_escapes_drop", "dup": "duplicate_content", "blank": "empty_caption",
+        "empty": "empty_caption", "binary": "binary_caption", "long": "caption_too_long",
+        "nocaption": "missing_caption",
+    }
+    for local_id, reason in expected.items():
+        assert reasons[local_id] == reason, local_id
+        assert got[local_id]["status"] == "quarantined" and got[local_id]["image"] is None
+    assert stats.n_samples == 16 and stats.n_valid == 1 and stats.n_quarantined == 15
+
+
+def test_decompression_bomb_is_quarantined(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    files = {"bomb.png": png_bytes((20, 20)), "bomb2.png": png_bytes((16, 16), colour=(1, 1, 1))}
+    rows = [{"image": "bomb.png", "caption": "x"}, {"image": "bomb2.png", "caption": "y"}]
+    got, _ = ingest(write_folder_drop(tmp_path / "d", files, rows))
+    assert {r["quarantine_reason"] for r in got.values()} == {"decompression_bomb"}
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
+def test_odd_modes_become_rgb(mode):
+    img = Image.new(mode, (20, 20))
+    buf = io.BytesIO()
+    img.save(buf, "TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    decoded = decode_image(buf.getvalue())
+    assert decoded.image.mode == "RGB" and decoded.mode == mode and decoded.image.size == (20, 20)
+
+
+def test_missing_manifest_column_names_file_and_column(tmp_path):
+    drop = write_folder_drop(tmp_path / "d", {"a.png": png_bytes()}, [{"image": "a.png", "text": "x"}], "csv")
+    with pytest.raises(DropError, match=r"captions\.csv.*missing required column\(s\) 'caption'"):
+        ingest(drop)
+
+
+def test_unreadable_manifest_fails_with_clear_message(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    (drop / "captions.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(DropError, match=r"captions\.parquet is unreadable"):
+        ingest(drop)
+
+
+def test_empty_csv_manifest_is_an_error(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    (drop / "captions.csv").write_text("")
+    with pytest.raises(DropError, match="captions.csv"):
+        ingest(drop)
+
+
+def test_truncated_shard_fails_naming_the_shard(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    _tar(drop / "s.tar", {"0.png": png_bytes(), "0.txt": b"x", "1.png": png_bytes(colour=(1, 1, 1))})
+    data = (drop / "s.tar").read_bytes()
+    (drop / "s.tar").write_bytes(data[:700])
+    with pytest.raises(DropError, match=r"s\.tar is unreadable"):
+        ingest(drop)
+
+
+def test_ambiguous_or_empty_drop_is_an_error(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    with pytest.raises(DropError, match="no manifest"):
+        open_drop(drop)
+    pd.DataFrame({"image": [], "caption": []}).to_parquet(drop / "captions.parquet")
+    (drop / "captions.csv").write_text("image,caption\n")
+    with pytest.raises(DropError, match="several manifests"):
+        open_drop(drop)

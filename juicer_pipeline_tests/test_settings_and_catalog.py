@@ -1,0 +1,92 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from juicer_pipeline.settings import IngestSettings, JuicerSettings, SettingsError, code_version, load_settings
+from juicer_pipeline.storage import Catalog, CatalogLocked, atomic_path
+
+
+def test_settings_file_is_validated(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text("[ingest]\nmin_side = 32\n")
+    assert load_settings(good).ingest.min_side == 32
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[ingest]\nmin_sidee = 32\n")
+    with pytest.raises(SettingsError, match="min_sidee"):
+        load_settings(typo)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[ingest]\nmin_side = 900\nmax_side = 100\n")
+    with pytest.raises(SettingsError, match="must not exceed"):
+        load_settings(bad)
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_settings_come_from_env_or_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "juicer.toml").write_text("[ingest]\nmax_caption_chars = 99\n")
+    monkeypatch.delenv("JUICER_CONFIG", raising=False)
+    assert load_settings(data_dir=tmp_path).ingest.max_caption_chars == 99
+    other = tmp_path / "other.toml"
+    other.write_text("[ingest]\nmax_caption_chars = 7\n")
+    monkeypatch.setenv("JUICER_CONFIG", str(other))
+    assert load_settings(data_dir=tmp_path).ingest.max_caption_chars == 7
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = IngestSettings(), IngestSettings(min_side=17)
+    assert a.config_hash() == IngestSettings().config_hash()
+    assert a.config_hash() != b.config_hash()
+    assert code_version("x-1", a) != code_version("x-1", b) != code_version("x-2", b)
+    assert JuicerSettings().ingest == a
+
+
+def test_migrations_are_idempotent(tmp_path):
+    cat = Catalog(tmp_path / "c.duckdb")
+    v = cat.migrate()
+    assert v >= 1 and cat.migrate() == v
+    tables = set(cat.query("SELECT table_name FROM information_schema.tables").table_name)
+    assert {"drops", "samples", "lineage", "schema_version"} <= tables
+
+
+_HOLD_LOCK = """
+import duckdb, sys, time
+con = duckdb.connect(sys.argv[1])
+con.execute("CREATE TABLE IF NOT EXISTS t (x INT)")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+"""
+
+
+def test_lock_conflicts_are_retried_until_free(tmp_path):
+    path = tmp_path / "c.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path), "1.5"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    t0 = time.perf_counter()
+    Catalog(path, max_attempts=20, base_delay_s=0.05).migrate()  # waits for the other process
+    assert time.perf_counter() - t0 > 0.3
+    holder.wait(5)
+
+
+def test_lock_that_never_frees_gives_clear_error(tmp_path):
+    path = tmp_path / "c.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path), "10"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CatalogLocked, match="stayed locked after 3 attempts"):
+            Catalog(path, max_attempts=3, base_delay_s=0.01).migrate()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "x.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]

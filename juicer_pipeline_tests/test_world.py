@@ -1,0 +1,127 @@
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from juicer_pipeline.world import (CaptionCorruption, DropConfig, generate_corpus, generate_drop, generate_eval_set,
+                                   load_vocabulary)
+from juicer_pipeline.world.scenes import CORPUS_BACKGROUNDS, DROP_BACKGROUNDS, SceneSpec, render, sample_scene
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_same_seed_gives_same_bytes(tmp_path, fmt):
+    cfg = DropConfig(n_samples=40, seed=7, format=fmt)
+    a = generate_drop(tmp_path / "a" / "d", cfg).path
+    b = generate_drop(tmp_path / "b" / "d", cfg).path
+    c = generate_drop(tmp_path / "c" / "d", replace(cfg, seed=8)).path
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_truth_objects_lie_inside_their_images(tmp_path):
+    path = generate_drop(tmp_path / "d", DropConfig(n_samples=60, broken_rate=0.0)).path
+    truth = pd.read_parquet(path / "_truth.parquet")
+    assert len(truth) == 60
+    for row in truth.itertuples():
+        mask = np.unpackbits(np.frombuffer(row.object_mask, np.uint8))[: row.width * row.height]
+        mask = mask.reshape(row.height, row.width).astype(bool)
+        assert 1 <= len(row.objects) <= 3
+        assert sorted({o["shape"] for o in row.objects}) == list(row.classes)
+        for o in row.objects:
+            assert 0 <= o["x0"] < o["x1"] <= row.width and 0 <= o["y0"] < o["y1"] <= row.height
+            assert mask[o["y0"]:o["y1"], o["x0"]:o["x1"]].any()
+        # every object pixel lies inside some object's box
+        ys, xs = np.nonzero(mask)
+        inside = np.zeros(len(ys), bool)
+        for o in row.objects:
+            inside |= (xs >= o["x0"]) & (xs < o["x1"]) & (ys >= o["y0"]) & (ys < o["y1"])
+        assert inside.all()
+
+
+def test_rendered_object_pixels_carry_the_object_colour():
+    vocab = load_vocabulary()
+    scene = sample_scene(np.random.default_rng(0), SceneSpec(min_objects=1, max_objects=1), vocab)
+    r = render(scene, vocab)
+    pixels = np.asarray(r.image)[r.mask].astype(int)
+    target = np.array(vocab.colours[scene.objects[0].colour])
+    assert np.abs(pixels.mean(0) - target).max() < 30
+
+
+def test_clean_drop_captions_name_every_object(tmp_path):
+    cfg = DropConfig(n_samples=50, captions=CaptionCorruption(0, 0, 0, 0), duplicate_rate=0, broken_rate=0,
+                     empty_caption_rate=0)
+    path = generate_drop(tmp_path / "d", cfg).path
+    truth = pd.read_parquet(path / "_truth.parquet")
+    manifest = pd.read_parquet(path / "captions.parquet")
+    assert (manifest.caption.values == truth.true_caption.values).all()
+    for row in truth.itertuples():
+        for o in row.objects:
+            assert o["shape"] in row.true_caption and o["colour"] in row.true_caption.lower()
+
+
+def test_corruption_rates_are_honoured(tmp_path):
+    cfg = DropConfig(n_samples=400, captions=CaptionCorruption(boilerplate=0.5, noise=0.0, omit=0.0, misaligned=0.0),
+                     duplicate_rate=0.1, broken_rate=0.05)
+    truth = pd.read_parquet(generate_drop(tmp_path / "d", cfg).path / "_truth.parquet")
+    tags = truth.corruptions.explode().value_counts()
+    assert 0.4 < tags["boilerplate"] / 400 < 0.6
+    assert 0.05 < tags["duplicate"] / 400 < 0.15
+    broken = sum(v for k, v in tags.items() if str(k).startswith("broken:"))
+    assert 5 <= broken <= 40
+    assert "noise" not in tags and "misaligned" not in tags
+
+
+def test_object_coverage_parameter_controls_object_share(tmp_path):
+    shares = []
+    for cov in (0.1, 0.4):
+        cfg = DropConfig(n_samples=80, object_coverage=cov, broken_rate=0, duplicate_rate=0)
+        truth = pd.read_parquet(generate_drop(tmp_path / f"c{cov}", cfg).path / "_truth.parquet")
+        shares.append(truth.object_pixel_share.mean())
+    assert shares[1] > 2.5 * shares[0]
+
+
+def test_eval_sets_and_corpus(tmp_path):
+    cls = generate_eval_set(tmp_path / "cls", "classification", 30).path
+    ret = generate_eval_set(tmp_path / "ret", "retrieval", 30).path
+    corpus = generate_corpus(tmp_path / "corpus", 30).path
+    m = pd.read_parquet(cls / "captions.parquet")
+    truth = pd.read_parquet(cls / "_truth.parquet")
+    assert m.label.notna().all() and (truth.objects.map(len) == 1).all()
+    assert list(m.label) == [o[0]["shape"] for o in truth.objects]
+    assert len(pd.read_parquet(ret / "captions.parquet")) == 30
+    # disjoint seed spaces: no image is shared between corpus, eval sets and a drop
+    drop = generate_drop(tmp_path / "drop", DropConfig(n_samples=30, broken_rate=0)).path
+    hashes = [{hashlib.sha256(p.read_bytes()).hexdigest() for p in (d / "images").iterdir()}
+              for d in (cls, ret, corpus, drop)]
+    for i in range(len(hashes)):
+        for j in range(i + 1, len(hashes)):
+            assert not hashes[i] & hashes[j]
+
+
+def test_corpus_distribution_differs_from_drops():
+    vocab = load_vocabulary()
+    rng = np.random.default_rng(0)
+    corpus = [sample_scene(rng, SceneSpec(backgrounds=CORPUS_BACKGROUNDS), vocab).background for _ in range(50)]
+    drop = [sample_scene(rng, SceneSpec(), vocab).background for _ in range(50)]
+    assert set(corpus) <= set(CORPUS_BACKGROUNDS) and set(drop) <= set(DROP_BACKGROUNDS)
+    assert not set(CORPUS_BACKGROUNDS) & set(DROP_BACKGROUNDS)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="broken_rate"):
+        DropConfig(broken_rate=1.5)
+    with pytest.raises(ValueError, match="format"):
+        generate_drop(Path("/tmp/never-written"), DropConfig(n_samples=1, format="zip"))
