@@ -25,6 +25,7 @@ run_monitoring:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Dagster's instance migrations are noise here
     args = _parser().parse_args(argv)
     try:
         return args.func(args) or 0
@@ -146,7 +147,8 @@ def cmd_demo(a) -> int:
     job = defs.resolve_job_def(DROP_JOB_NAME)
     for name in names:
         log.info("juicing drop %s", name)
-        result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False)
+        result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False,
+                                        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
         if not result.success:
             print(f"juicer: demo run for drop {name} failed; see the run in the UI (make ui)", file=sys.stderr)
             return 1

@@ -177,3 +177,19 @@ def test_ambiguous_or_empty_drop_is_an_error(tmp_path):
     (drop / "captions.csv").write_text("image,caption\n")
     with pytest.raises(DropError, match="several manifests"):
         open_drop(drop)
+
+
+def test_symlinks_out_of_the_drop_are_quarantined(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png_bytes())
+    drop = write_folder_drop(tmp_path / "d", {"in.png": png_bytes(colour=(1, 1, 1))},
+                             [{"image": "linked/secret.png", "caption": "x", "sample_id": "dir"},
+                              {"image": "file.png", "caption": "x", "sample_id": "file"},
+                              {"image": "in.png", "caption": "x", "sample_id": "in"}])
+    (drop / "linked").symlink_to(outside)
+    (drop / "file.png").symlink_to(outside / "secret.png")
+    got, _ = ingest(drop)
+    assert got["dir"]["quarantine_reason"] == "path_escapes_drop"
+    assert got["file"]["quarantine_reason"] == "path_escapes_drop"
+    assert got["in"]["status"] == "valid"

@@ -1,0 +1,111 @@
+"""Ingestion throughput and peak memory of the `raw_samples` stage vs a bare PIL decode.
+
+    .venv/bin/python benchmarks/ingest_throughput.py --samples 10000
+
+Generates a world drop in a temporary data dir, then in separate processes (so each peak RSS is
+its own): (1) a bare PIL loop that reads, decodes and converts every image file of the drop;
+(2) the full `raw_samples` asset through Dagster (manifest, checks, hashing, Parquet, catalog);
+(3) the same asset on a drop 1/5 the size, to show memory does not grow with the drop.
+Prints samples/s, the throughput ratio stage/bare, and peak RSS of each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM; ru_maxrss would include the parent's before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare_pil(drop: Path) -> dict:
+    from PIL import Image
+    import io
+
+    files = sorted((drop / "images").iterdir())
+    t0 = time.perf_counter()
+    n = 0
+    for p in files:
+        try:
+            img = Image.open(io.BytesIO(p.read_bytes()))
+            img.load()
+            img.convert("RGB")
+            n += 1
+        except Exception:  # noqa: BLE001 - broken files are skipped, as a bare loop would
+            pass
+    seconds = time.perf_counter() - t0
+    return {"files": len(files), "decoded": n, "seconds": seconds, "per_s": len(files) / seconds,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def stage(data_dir: Path, drop: str) -> dict:
+    os.environ["JUICER_DATA_DIR"] = str(data_dir)
+    from dagster import DagsterInstance
+
+    from juicer_pipeline.definitions import DROP_JOB_NAME, build_definitions
+
+    defs = build_definitions(data_dir=data_dir)
+    job = defs.resolve_job_def(DROP_JOB_NAME)
+    with DagsterInstance.ephemeral() as inst:
+        inst.add_dynamic_partitions("drops", [drop])
+        rss_before = _peak_rss_mb()
+        t0 = time.perf_counter()
+        result = job.execute_in_process(partition_key=drop, instance=inst,
+                                        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+        seconds = time.perf_counter() - t0
+    meta = result.asset_materializations_for_node("raw_samples")[0].metadata
+    n = meta["samples"].value
+    return {"samples": n, "valid": meta["valid"].value, "seconds": seconds, "per_s": n / seconds,
+            "rss_before_mb": rss_before, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _child(mode: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, *args], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=10000)
+    ap.add_argument("--format", choices=["folder"], default="folder")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        mode, *rest = a.child
+        print(json.dumps(bare_pil(Path(rest[0])) if mode == "pil" else stage(Path(rest[0]), rest[1])))
+        return
+
+    from juicer_pipeline.world import DropConfig, generate_drop
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        big = generate_drop(data / "drops" / "big", DropConfig(n_samples=a.samples, seed=11))
+        small = generate_drop(data / "drops" / "small", DropConfig(n_samples=a.samples // 5, seed=12, drop_index=1))
+        print(f"generated {big.n_samples} + {small.n_samples} samples ({big.images_per_second:.0f} images/s)")
+        pil = _child("pil", str(big.path))
+        full = _child("stage", str(data), "big")
+        fifth = _child("stage", str(data), "small")
+    print(f"bare PIL decode   : {pil['files']} files in {pil['seconds']:.2f}s = {pil['per_s']:.0f} files/s, "
+          f"peak RSS {pil['peak_rss_mb']:.0f} MB")
+    print(f"raw_samples stage : {full['samples']} samples in {full['seconds']:.2f}s = {full['per_s']:.0f} samples/s, "
+          f"peak RSS {full['peak_rss_mb']:.0f} MB (process with Dagster loaded: {full['rss_before_mb']:.0f} MB)")
+    print(f"raw_samples 1/5   : {fifth['samples']} samples, peak RSS {fifth['peak_rss_mb']:.0f} MB")
+    print(f"throughput ratio stage/bare PIL: {full['per_s'] / pil['per_s']:.2f}")
+    print(f"peak RSS growth from {fifth['samples']} to {full['samples']} samples: "
+          f"{full['peak_rss_mb'] - fifth['peak_rss_mb']:+.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
