@@ -74,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     evalsets.add_argument("--seed", type=int, default=0)
     evalsets.set_defaults(func=cmd_world_evalsets)
 
+    gov = sub.add_parser("governor", help="the world governor").add_subparsers(required=True, metavar="what")
+    train = gov.add_parser("train", help="pretrain the world governor on the clean corpus (CPU: ~45 min)")
+    train.add_argument("--out", type=Path, default=None, help="weights file (default: the packaged world governor)")
+    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2)
+    train.set_defaults(func=cmd_governor_train)
+
     status = sub.add_parser("status", help="drops, sample counts and quarantine reasons from the catalog")
     status.set_defaults(func=cmd_status)
     return p
@@ -99,6 +108,24 @@ def cmd_world_evalsets(a) -> None:
     for kind in ("retrieval", "classification"):
         r = generate_eval_set(a.out / kind, kind, a.samples, a.seed)
         print(f"wrote {r.n_samples} {kind} images to {r.path} ({r.images_per_second:.0f} images/s)")
+
+
+def cmd_governor_train(a) -> None:
+    from dataclasses import replace as _replace
+
+    from .governance.governor_training import GovernorTrainConfig, train_governor
+    from .models.loader import WORLD_GOVERNOR, save_world_clip
+    from .models.model_card import write_model_card
+
+    cfg = GovernorTrainConfig(seed=a.seed, threads=a.threads)
+    cfg = _replace(cfg, **{k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size)) if v is not None})
+    out = a.out or WORLD_GOVERNOR
+    command = "juicer governor train " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    save = lambda model, record: save_world_clip(model, cfg.arch, out, {**record, "command": command.strip()})  # noqa: E731
+    model, record = train_governor(cfg, checkpoint=save)
+    model_id = save(model, record)
+    card = write_model_card(out, model_id, {**record, "command": command.strip()})
+    print(f"governor {model_id[:12]} written to {out} (model card {card}); scores: {record['scores']}")
 
 
 def ensure_demo_world(wh: Warehouse, n_drops: int, n_samples: int, eval_samples: int, seed: int) -> list[str]:

@@ -12,6 +12,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -42,8 +43,33 @@ class IngestSettings(_Section):
         return self
 
 
+class GovernorSettings(_Section):
+    """Which foundation model every stage uses, and how it runs."""
+
+    source: str = Field("world", description="world | file:<path> | open_clip:<arch>:<file> | hf:<dir>")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    batch_size: int = Field(256, ge=1)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class SaliencySettings(_Section):
+    method: Literal["cls_attention", "attention_rollout", "global_similarity"] = "cls_attention"
+    rho: float = Field(0.5, gt=0.0, le=1.0, description="share of patches kept per image")
+
+
+class ClassSettings(_Section):
+    k: int = Field(3, ge=1, description="at most k classes per image")
+    target_precision: float = Field(0.9, gt=0.0, le=1.0, description="τ is calibrated to reach this precision")
+    region_fraction: float = Field(0.25, gt=0.0, le=1.0, description="share of most salient patches forming regions")
+    max_regions: int = Field(4, ge=1)
+    fallback_tau: float = Field(0.9, gt=0.0, le=1.0, description="τ when the governor has no calibration set")
+
+
 class JuicerSettings(_Section):
     ingest: IngestSettings = IngestSettings()
+    governor: GovernorSettings = GovernorSettings()
+    saliency: SaliencySettings = SaliencySettings()
+    classes: ClassSettings = ClassSettings()
 
 
 class SettingsError(ValueError):
@@ -71,7 +97,8 @@ def load_settings(path: str | Path | None = None, data_dir: Path | None = None) 
         raise SettingsError(f"settings file {path} is invalid:\n{exc}") from exc
 
 
-def code_version(revision: str, *sections: _Section) -> str:
+def code_version(revision: str, *parts: "_Section | str") -> str:
     """A stage's Dagster code_version: its own code revision plus the hash of the settings it
-    reads (and only those), so a setting change makes exactly its dependants unsynced."""
-    return "+".join([revision, *(s.config_hash() for s in sections)])
+    reads (and only those) and of the models it uses, so a change makes exactly its dependants
+    unsynced."""
+    return "+".join([revision, *(p.config_hash() if isinstance(p, _Section) else str(p)[:12] for p in parts)])

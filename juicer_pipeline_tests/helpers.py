@@ -7,7 +7,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from juicer_pipeline.definitions import DROP_JOB_NAME, build_definitions
+from dagster import AssetKey
+
+from juicer_pipeline.definitions import DROP_JOB_NAME, GOVERNOR_JOB_NAME, build_definitions
 from juicer_pipeline.settings import JuicerSettings
 
 
@@ -33,9 +35,19 @@ def write_folder_drop(root: Path, files: dict[str, bytes], rows: list[dict], man
     return root
 
 
-def run_drop(data_dir: Path, instance, drop: str, settings: JuicerSettings | None = None, raise_on_error=True):
+def run_drop(data_dir: Path, instance, drop: str, settings: JuicerSettings | None = None, raise_on_error=True,
+             assets: tuple[str, ...] | None = ("raw_samples",)):
+    """Run the drop job for one partition; by default only ingestion (`assets=None`: every stage)."""
     defs = build_definitions(settings=settings, data_dir=data_dir)
     if drop not in instance.get_dynamic_partitions("drops"):
         instance.add_dynamic_partitions("drops", [drop])
+    selection = [AssetKey(a) for a in assets] if assets else None
     return defs.resolve_job_def(DROP_JOB_NAME).execute_in_process(
-        partition_key=drop, instance=instance, raise_on_error=raise_on_error)
+        partition_key=drop, instance=instance, raise_on_error=raise_on_error, asset_selection=selection,
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+
+
+def run_governor(data_dir: Path, instance, settings: JuicerSettings):
+    defs = build_definitions(settings=settings, data_dir=data_dir)
+    return defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(
+        instance=instance, run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})

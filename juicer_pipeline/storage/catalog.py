@@ -62,6 +62,18 @@ MIGRATIONS: list[tuple[int, str]] = [
         created_at TIMESTAMP NOT NULL
     );
     """),
+    (2, """
+    CREATE TABLE models (
+        model_id VARCHAR PRIMARY KEY,      -- sha256 of the weights file
+        role VARCHAR NOT NULL,             -- 'governor' | 'student'
+        source VARCHAR NOT NULL,
+        config VARCHAR NOT NULL,           -- JSON: architecture / settings
+        record VARCHAR NOT NULL,           -- JSON: training record and held-out scores
+        tau DOUBLE,                        -- calibrated class threshold (governors)
+        calibration VARCHAR,               -- JSON: how tau was chosen and what it reached
+        created_at TIMESTAMP NOT NULL
+    );
+    """),
 ]
 
 
@@ -191,3 +203,11 @@ def replace_drop(con: duckdb.DuckDBPyConnection, drop: dict, samples_parquet: Pa
         [drop["drop_id"], drop["path"], drop["format"], json.dumps(drop["sources"]), drop["n_samples"],
          drop["n_valid"], drop["n_quarantined"], drop["bytes"], _now(), drop.get("run_id")],
     )
+
+
+def upsert_model(con: duckdb.DuckDBPyConnection, model_id: str, role: str, source: str, config: dict,
+                 record: dict, tau: float | None = None, calibration: dict | None = None) -> None:
+    con.execute("DELETE FROM models WHERE model_id = ?", [model_id])
+    con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [model_id, role, source, json.dumps(config), json.dumps(record), tau,
+                 json.dumps(calibration) if calibration is not None else None, _now()])

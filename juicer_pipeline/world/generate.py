@@ -21,7 +21,7 @@ from .writers import make_writer
 log = logging.getLogger(__name__)
 
 # Disjoint seed spaces: a drop can never reproduce a corpus or evaluation image by chance.
-SPLIT_DROP, SPLIT_RETRIEVAL, SPLIT_CLASSIFICATION, SPLIT_CORPUS = 1, 2, 3, 4
+SPLIT_DROP, SPLIT_RETRIEVAL, SPLIT_CLASSIFICATION, SPLIT_CORPUS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION = 1, 2, 3, 4, 5, 6
 BROKEN_KINDS = ("zero_byte", "truncated", "not_image", "missing_file")
 
 
@@ -172,15 +172,7 @@ def generate_eval_set(out_dir: Path, kind: str, n_samples: int = 2000, seed: int
     """Clean held-out sets: `retrieval` (drop distribution, true captions) or
     `classification` (single-object images with a `label` column)."""
     vocab = vocab or load_vocabulary()
-    if kind == "retrieval":
-        split, spec = SPLIT_RETRIEVAL, SceneSpec(image_size=image_size, object_coverage=object_coverage)
-    elif kind == "classification":
-        split = SPLIT_CLASSIFICATION
-        # A single object of the same size as one object of a two-object drop image.
-        spec = SceneSpec(image_size=image_size, min_objects=1, max_objects=1,
-                         object_coverage=object_coverage / 2)
-    else:
-        raise ValueError(f"eval set kind must be retrieval or classification, not {kind!r}")
+    split, spec = eval_spec(kind, image_size, object_coverage)
     return _generate_clean(Path(out_dir), split, spec, n_samples, seed, vocab,
                            with_label=kind == "classification")
 
@@ -190,19 +182,38 @@ def generate_corpus(out_dir: Path, n_samples: int = 20000, seed: int = 0, image_
     """The governor's clean pretraining corpus, from a disjoint distribution: other background
     families, larger and more varied objects, its own seed space."""
     vocab = vocab or load_vocabulary()
-    spec = SceneSpec(image_size=image_size, backgrounds=CORPUS_BACKGROUNDS, object_coverage=0.35,
-                     size_jitter=(0.6, 1.4))
-    return _generate_clean(Path(out_dir), SPLIT_CORPUS, spec, n_samples, seed, vocab, with_label=True)
+    return _generate_clean(Path(out_dir), SPLIT_CORPUS, corpus_spec(image_size), n_samples, seed, vocab,
+                           with_label=True)
+
+
+def iter_clean_samples(split: int, spec: SceneSpec, n_samples: int, seed: int, vocab: Vocabulary):
+    """(scene, rendered, true caption) for clean sets, in memory; the writers below use it too."""
+    for i in range(n_samples):
+        scene = sample_scene(_rng(seed, split, 0, i, 0), spec, vocab)
+        yield scene, render(scene, vocab), true_caption(scene, _rng(seed, split, 0, i, 2))
+
+
+def eval_spec(kind: str, image_size: int = 64, object_coverage: float = 0.25) -> tuple[int, SceneSpec]:
+    if kind == "retrieval":
+        return SPLIT_RETRIEVAL, SceneSpec(image_size=image_size, object_coverage=object_coverage)
+    if kind == "classification":
+        # A single object of the same size as one object of a two-object drop image.
+        return SPLIT_CLASSIFICATION, SceneSpec(image_size=image_size, min_objects=1, max_objects=1,
+                                               object_coverage=object_coverage / 2)
+    raise ValueError(f"eval set kind must be retrieval or classification, not {kind!r}")
+
+
+def corpus_spec(image_size: int = 64, single_object: bool = False) -> SceneSpec:
+    """The governor's corpus: other backgrounds, larger and more varied objects."""
+    return SceneSpec(image_size=image_size, backgrounds=CORPUS_BACKGROUNDS, object_coverage=0.35,
+                     size_jitter=(0.6, 1.4), max_objects=1 if single_object else 3)
 
 
 def _generate_clean(out_dir, split, spec, n_samples, seed, vocab, with_label) -> GenerationReport:
     writer = make_writer(out_dir, "folder", "parquet")
     name = out_dir.name
     t0 = time.perf_counter()
-    for i in range(n_samples):
-        scene = sample_scene(_rng(seed, split, 0, i, 0), spec, vocab)
-        rendered = render(scene, vocab)
-        caption = true_caption(scene, _rng(seed, split, 0, i, 2))
+    for i, (scene, rendered, caption) in enumerate(iter_clean_samples(split, spec, n_samples, seed, vocab)):
         sample_id = f"{name}-{i:06d}"
         image_name = f"{sample_id}.png"
         label = scene.objects[0].shape if with_label and len(scene.objects) == 1 else None

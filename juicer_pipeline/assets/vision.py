@@ -1,0 +1,240 @@
+"""Vision branch: the governor, and per drop one FM pass → saliency, kept patches, classes, sieve."""
+import json
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from ..governance.calibration import calibrate_world_governor
+from ..governance.classes import decide_classes, region_class_scores
+from ..governance.images import load_rgb
+from ..governance.prompts import class_embeddings
+from ..governance.pruning import keep_top
+from ..governance.saliency import VisionPass
+from ..governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_record_batch, score_batch,
+                                 stored_vectors)
+from ..models.loader import cached_foundation_model, model_fingerprint
+from ..settings import JuicerSettings, code_version
+from ..storage import LineageRow, atomic_path, upsert_model, write_lineage
+from ..world.vocabulary import load_vocabulary
+from .partitions import drops_partitions
+from .resources import StorageResource
+from .ui import bar_chart, line_chart, markdown_table, png_markdown, prune_preview
+
+_PREVIEWS = 4
+
+
+def _vocabulary() -> tuple[list[str], tuple[str, ...]]:
+    vocab = load_vocabulary()
+    return list(vocab.shapes), vocab.colour_names
+
+
+def _class_embeddings(fm) -> torch.Tensor:
+    names, attributes = _vocabulary()
+    return class_embeddings(fm.encode_text, names, attributes)
+
+
+def _record(storage: StorageResource, context, asset_name: str, partition: str | None, inputs: list[str],
+            version: str, config_hash: str, governor_id: str | None) -> LineageRow:
+    return LineageRow(asset_name, partition, inputs, context.run.run_id, version, config_hash, governor_id)
+
+
+def _commit_lineage(storage: StorageResource, row: LineageRow) -> None:
+    with storage.catalog.transaction() as con:
+        write_lineage(con, row)
+    storage.catalog.refresh_views(storage.warehouse.tables_dir)
+
+
+def read_governor_record(storage: StorageResource) -> dict:
+    path = storage.warehouse.tables_dir / "governor" / "governor.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialise the `governor` asset first")
+    return json.loads(path.read_text())
+
+
+def build_vision_assets(settings: JuicerSettings) -> list:
+    gov, sal, cls = settings.governor, settings.saliency, settings.classes
+    fingerprint = model_fingerprint(gov.source)
+    load = lambda: cached_foundation_model(gov.source, gov.device)  # noqa: E731
+
+    @asset(code_version=code_version("governor-1", gov, fingerprint, cls, sal), group_name="vision",
+           kinds={"pytorch", "duckdb"},
+           description="The foundation model every stage uses (settings `governor.source`), its held-out "
+                       "scores and its calibrated class threshold τ. Catalog row in `models`.")
+    def governor(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        fm = load()
+        class_emb = _class_embeddings(fm)
+        if gov.source == "world" or gov.source.startswith("file:"):
+            context.log.info("calibrating τ on the world corpus validation split")
+            calibration = calibrate_world_governor(fm, class_emb, sal.method, cls.region_fraction, cls.max_regions,
+                                                   cls.target_precision, cls.k, batch_size=gov.batch_size)
+        else:
+            calibration = {"calibrated": False, "tau": cls.fallback_tau,
+                           "reason": "no labelled validation split for this governor; fallback τ used"}
+        record = {k: v for k, v in fm.info.items() if k not in ("loss_curve",)}
+        with storage.catalog.transaction() as con:
+            upsert_model(con, fm.model_id, "governor", fm.source, fm.info.get("arch", {}), record,
+                         calibration["tau"], calibration)
+            write_lineage(con, LineageRow("governor", None, [f"model:{fm.source}"], context.run.run_id,
+                                          context.assets_def.code_versions_by_key[context.asset_key],
+                                          gov.config_hash(), fm.model_id))
+        out = storage.warehouse.tables_dir / "governor" / "governor.json"
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps({"model_id": fm.model_id, "source": fm.source, "tau": calibration["tau"],
+                                       "calibration": calibration}, indent=1))
+        scores = fm.info.get("scores", {})
+        meta = {
+            "model_id": fm.model_id, "source": fm.source, "tau": calibration["tau"],
+            "calibration": MetadataValue.json(calibration),
+            "held_out_scores": MetadataValue.md(markdown_table(
+                [{"metric": k, "value": round(v, 4)} for k, v in scores.items() if k != "step"])),
+        }
+        if fm.info.get("loss_curve"):
+            meta["loss_curve"] = MetadataValue.md(png_markdown(line_chart(fm.info["loss_curve"], title="training loss")))
+        return MaterializeResult(metadata=meta)
+
+    @asset(partitions_def=drops_partitions, deps=["raw_samples", governor], group_name="vision",
+           code_version=code_version("patch_saliency-1", fingerprint), kinds={"pytorch", "parquet"},
+           description="One governor pass per valid image: pooled normalised embedding and the patch "
+                       "saliency grid of every method (so a method or ρ change never re-runs the model).")
+    def patch_saliency(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        drop = context.partition_key
+        wh = storage.warehouse
+        fm = load()
+        vision = VisionPass(fm.model)
+        t0, n = time.perf_counter(), 0
+        try:
+            with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer:
+                for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size):
+                    out = score_batch(fm, vision, images, gov.precision)
+                    writer.write_batch(saliency_record_batch(ids, fm.grid, out))
+                    n += len(ids)
+                    context.log.info(f"{drop}: {n} images scored")
+        finally:
+            vision.close()
+        seconds = time.perf_counter() - t0
+        _commit_lineage(storage, _record(storage, context, "patch_saliency", drop, [f"raw_samples/{drop}", "governor"],
+                                         context.assets_def.code_versions_by_key[context.asset_key],
+                                         gov.config_hash(), fm.model_id))
+        return MaterializeResult(metadata={
+            "images": n, "full_image_forward_passes": vision.forward_calls, "seconds": round(seconds, 2),
+            "images_per_second": round(n / max(seconds, 1e-9), 1), "grid": f"{fm.grid[0]}x{fm.grid[1]}",
+            "governor_id": fm.model_id})
+
+    @asset(partitions_def=drops_partitions, deps=[patch_saliency], group_name="vision",
+           code_version=code_version("pruned_images-1", fingerprint, sal), kinds={"parquet"},
+           description="Top ⌈ρ·N⌉ patches per image by the configured saliency method: the kept indices "
+                       "that training feeds to the vision tower.")
+    def pruned_images(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        drop = context.partition_key
+        wh = storage.warehouse
+        table = wh.read_table("patch_saliency", drop, ["sample_id", "grid_h", "grid_w", sal.method])
+        n_patches = int(table.column("grid_h")[0].as_py() * table.column("grid_w")[0].as_py()) if len(table) else 0
+        scores = stored_vectors(table, sal.method, n_patches)
+        kept = [keep_top(s, sal.rho) for s in scores]
+        out = pa.table({"sample_id": table.column("sample_id"),
+                        "n_patches": pa.array([n_patches] * len(kept), pa.int16()),
+                        "n_kept": pa.array([len(k) for k in kept], pa.int16()),
+                        "kept": pa.array([k.tolist() for k in kept], pa.list_(pa.int16())),
+                        "method": pa.array([sal.method] * len(kept)), "rho": pa.array([sal.rho] * len(kept))})
+        wh.write_table("pruned_images", drop, out)
+        info = read_governor_record(storage)
+        _commit_lineage(storage, _record(storage, context, "pruned_images", drop, [f"patch_saliency/{drop}"],
+                                         context.assets_def.code_versions_by_key[context.asset_key],
+                                         sal.config_hash(), info["model_id"]))
+        tokens_before, tokens_after = n_patches * len(kept), sum(len(k) for k in kept)
+        meta = {"images": len(kept), "rho": sal.rho, "method": sal.method, "tokens_before": tokens_before,
+                "tokens_after": tokens_after, "kept_share": round(tokens_after / max(tokens_before, 1), 4)}
+        if len(kept):
+            meta["preview"] = MetadataValue.md(_previews(wh, drop, table, scores, kept))
+        return MaterializeResult(metadata=meta)
+
+    @asset(partitions_def=drops_partitions, deps=[patch_saliency, governor], group_name="vision",
+           code_version=code_version("extracted_classes-1", fingerprint, cls, sal), kinds={"pytorch", "parquet"},
+           description="At most k object classes per image with probability ≥ τ (calibrated), from zero-shot "
+                       "classification of crops around connected salient regions (a second, small FM pass).")
+    def extracted_classes(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        drop = context.partition_key
+        wh = storage.warehouse
+        fm = load()
+        info = read_governor_record(storage)
+        tau = float(info["tau"])
+        names, _ = _vocabulary()
+        class_emb = _class_embeddings(fm)
+        table = wh.read_table("patch_saliency", drop, ["sample_id", sal.method])
+        saliency = stored_vectors(table, sal.method, fm.grid[0] * fm.grid[1])
+        position = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+        rows, crops, t0 = [], 0, time.perf_counter()
+        for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size):
+            idx = [position[s] for s in ids]
+            scores, n_regions = region_class_scores(fm, images, saliency[idx], fm.grid, class_emb,
+                                                    cls.region_fraction, cls.max_regions, gov.batch_size)
+            crops += sum(n_regions)
+            for sid, s, nr in zip(ids, scores, n_regions):
+                chosen = decide_classes(s, names, cls.k, tau)
+                rows.append({"sample_id": sid, "classes": [c for c, _ in chosen],
+                             "probs": [p for _, p in chosen], "scores": s.tolist(), "n_regions": nr})
+        schema = pa.schema([("sample_id", pa.string()), ("classes", pa.list_(pa.string())),
+                            ("probs", pa.list_(pa.float32())), ("scores", pa.list_(pa.float32())),
+                            ("n_regions", pa.int16())])
+        wh.write_table("extracted_classes", drop, pa.Table.from_pylist(rows, schema=schema))
+        _commit_lineage(storage, _record(storage, context, "extracted_classes", drop,
+                                         [f"patch_saliency/{drop}", f"raw_samples/{drop}", "governor"],
+                                         context.assets_def.code_versions_by_key[context.asset_key],
+                                         cls.config_hash(), info["model_id"]))
+        hist = Counter(c for r in rows for c in r["classes"])
+        labels = [c for c, _ in hist.most_common()]
+        return MaterializeResult(metadata={
+            "images": len(rows), "tau": tau, "k": cls.k, "region_crop_forward_passes": crops,
+            "images_with_classes": sum(1 for r in rows if r["classes"]),
+            "classes_per_image": round(sum(len(r["classes"]) for r in rows) / max(len(rows), 1), 3),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "class_histogram": MetadataValue.md(png_markdown(bar_chart(labels, [hist[c] for c in labels],
+                                                                       title="extracted classes"))),
+            "note": "classes come from a second FM pass over crops of salient regions; the full-image pass "
+                    "is not repeated"})
+
+    @asset(partitions_def=drops_partitions, deps=[patch_saliency, "raw_samples"], group_name="vision",
+           code_version=code_version("sieve_scores-1", fingerprint), kinds={"pytorch", "parquet"},
+           description="Governor image-text cosine per sample from the stored image embedding and the "
+                       "caption embedding: the sample-level sieve's (DataSieve baseline) input.")
+    def sieve_scores(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        drop = context.partition_key
+        wh = storage.warehouse
+        fm = load()
+        table = wh.read_table("patch_saliency", drop, ["sample_id", "embedding"])
+        emb = stored_vectors(table, "embedding")
+        raw = wh.read_table("raw_samples", drop, ["sample_id", "caption", "status"])
+        captions = dict(zip(raw.column("sample_id").to_pylist(), raw.column("caption").to_pylist()))
+        ids = table.column("sample_id").to_pylist()
+        text = fm.encode_text([captions[s] for s in ids], gov.batch_size).numpy()
+        cos = (emb * text).sum(-1) if len(ids) else np.zeros(0, np.float32)
+        wh.write_table("sieve_scores", drop, pa.table({"sample_id": ids, "sieve_score": pa.array(cos, pa.float32())}))
+        info = read_governor_record(storage)
+        _commit_lineage(storage, _record(storage, context, "sieve_scores", drop,
+                                         [f"patch_saliency/{drop}", f"raw_samples/{drop}"],
+                                         context.assets_def.code_versions_by_key[context.asset_key],
+                                         gov.config_hash(), info["model_id"]))
+        q = np.quantile(cos, [0.1, 0.5, 0.9]).round(4).tolist() if len(cos) else []
+        return MaterializeResult(metadata={"samples": len(ids), "mean_cosine": float(np.mean(cos)) if len(cos) else 0.0,
+                                           "cosine_p10_p50_p90": str(q)})
+
+    return [governor, patch_saliency, pruned_images, extracted_classes, sieve_scores]
+
+
+def _previews(wh, drop: str, table, scores: np.ndarray, kept: list) -> str:
+    wanted = set(table.column("sample_id").to_pylist()[:_PREVIEWS])
+    raw = pq.read_table(wh.partition_path("raw_samples", drop), columns=["sample_id", "image"],
+                        filters=[("sample_id", "in", list(wanted))])
+    images = dict(zip(raw.column("sample_id").to_pylist(), raw.column("image").to_pylist()))
+    grid = (int(table.column("grid_h")[0].as_py()), int(table.column("grid_w")[0].as_py()))
+    parts = []
+    for i, sid in enumerate(table.column("sample_id").to_pylist()[:_PREVIEWS]):
+        panel = prune_preview(load_rgb(images[sid]), scores[i], kept[i], grid)
+        parts.append(f"**{sid}** (original | saliency | kept {len(kept[i])}/{scores.shape[1]})\n\n"
+                     + png_markdown(panel, sid))
+    return "\n\n".join(parts)

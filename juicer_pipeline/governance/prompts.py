@@ -1,0 +1,26 @@
+"""Zero-shot prompts for class names: templates averaged over the vocabulary's attributes."""
+from __future__ import annotations
+
+import torch
+
+TEMPLATES = ("a photo of {}.", "{}.", "an image showing {}.", "a picture of {}.")
+
+
+def with_article(phrase: str) -> str:
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def class_prompts(name: str, attributes: tuple[str, ...] = ()) -> list[str]:
+    """Prompts for one class; with attributes (the world's colours) each is prefixed in turn,
+    because the training captions always name a colour with a shape."""
+    names = [with_article(f"{a} {name}") for a in attributes] or [with_article(name)]
+    return [t.format(n) for t in TEMPLATES for n in names]
+
+
+def class_embeddings(encode_text, class_names: list[str], attributes: tuple[str, ...] = ()) -> torch.Tensor:
+    """One normalised embedding per class: the mean of its prompt embeddings (CLIP's ensembling)."""
+    rows = []
+    for name in class_names:
+        emb = encode_text(class_prompts(name, attributes))
+        rows.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
+    return torch.stack(rows)

@@ -1,0 +1,199 @@
+"""One loader for every foundation model the pipeline uses. Local files only, never a download.
+
+Sources:
+- ``world``: the committed world governor (``weights/world_governor.safetensors``);
+- ``file:<path.safetensors>``: a world-style CLIP saved by ``juicer governor train --out``;
+- ``open_clip:<arch>:<weights file>``: a pretrained open_clip architecture from a local file;
+- ``hf:<directory>``: an open_clip model in Hugging Face layout (``open_clip_config.json`` plus
+  ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``), e.g. a snapshot folder of
+  the offline HF cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from open_clip.tokenizer import SimpleTokenizer
+
+from .world_clip import ClipArch, build_clip
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+WORLD_GOVERNOR = WEIGHTS_DIR / "world_governor.safetensors"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass
+class FoundationModel:
+    """A CLIP with what every stage needs beside it."""
+
+    model: open_clip.CLIP
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    model_id: str  # sha256 of the weights file
+    source: str
+    info: dict  # architecture and training record as stored with the weights
+    device: torch.device
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.model.visual.grid_size)
+
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised text embeddings, in inference mode."""
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[i:i + batch_size]).to(self.device)
+                out.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        dim = self.model.text_projection.shape[-1] if self.model.text_projection is not None else 0
+        return torch.cat(out) if out else torch.empty(0, dim)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def simple_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
+
+    def preprocess(img: Image.Image) -> torch.Tensor:
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - mean) / std
+
+    return preprocess
+
+
+def save_world_clip(model: open_clip.CLIP, arch: ClipArch, path: Path, record: dict) -> str:
+    """Save weights as fp16 safetensors with the architecture and training record as metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+             for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"arch": json.dumps(arch.to_dict()), "record": json.dumps(record)})
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+def load_world_clip(path: Path, device: str = "cpu") -> FoundationModel:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFound(f"governor weights not found: {path}. The world governor is created by "
+                            f"`juicer governor train` (it writes {WORLD_GOVERNOR} by default).")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "arch" not in meta:
+        raise ModelNotFound(f"{path} has no 'arch' metadata: not a world CLIP saved by juicer")
+    arch = ClipArch.from_dict(json.loads(meta["arch"]))
+    model = build_clip(arch)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state)
+    dev = torch.device(device)
+    model.to(dev).eval()
+    info = {"arch": arch.to_dict(), **json.loads(meta.get("record", "{}"))}
+    return FoundationModel(model, simple_preprocess(arch.image_size), SimpleTokenizer(context_length=arch.context_length),
+                           sha256_file(path), f"file:{path}", info, dev)
+
+
+def load_foundation_model(source: str = "world", device: str = "cpu") -> FoundationModel:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+    if source == "world":
+        fm = load_world_clip(WORLD_GOVERNOR, device)
+        fm.source = "world"
+        return fm
+    kind, _, rest = source.partition(":")
+    if kind == "file":
+        return load_world_clip(Path(rest), device)
+    if kind == "open_clip":
+        arch, _, weights = rest.partition(":")
+        if not arch or not weights:
+            raise ValueError(f"open_clip source must be 'open_clip:<arch>:<weights file>', got {source!r}")
+        if not Path(weights).exists():
+            raise ModelNotFound(f"open_clip weights not found: {weights}. Download them once on a machine with "
+                                f"internet (e.g. the {arch} checkpoint) and pass the local file path.")
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
+        model.eval()
+        return FoundationModel(model, preprocess, open_clip.get_tokenizer(arch), sha256_file(Path(weights)),
+                               source, {"arch": arch}, torch.device(device))
+    if kind == "hf":
+        return _load_hf_dir(Path(rest), device, source)
+    raise ValueError(f"unknown governor source {source!r}: use world, file:<path>, open_clip:<arch>:<file> "
+                     f"or hf:<directory>")
+
+
+def _load_hf_dir(folder: Path, device: str, source: str) -> FoundationModel:
+    config = folder / "open_clip_config.json"
+    weights = next((folder / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                    if (folder / n).exists()), None)
+    if not config.exists() or weights is None:
+        raise ModelNotFound(f"no open_clip model in {folder}: expected open_clip_config.json and "
+                            f"open_clip_model.safetensors (or open_clip_pytorch_model.bin). Point hf: at a "
+                            f"snapshot folder of the offline Hugging Face cache.")
+    cfg = json.loads(config.read_text())
+    model = open_clip.CLIP(**cfg["model_cfg"])
+    state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu")
+    model.load_state_dict(state)
+    model.to(device).eval()
+    pp = cfg.get("preprocess_cfg", {})
+    preprocess = open_clip.image_transform(model.visual.image_size, is_train=False,
+                                           mean=pp.get("mean"), std=pp.get("std"))
+    tokenizer = SimpleTokenizer(context_length=cfg["model_cfg"].get("text_cfg", {}).get("context_length", 77))
+    return FoundationModel(model, preprocess, tokenizer, sha256_file(weights), source, {"config": cfg},
+                           torch.device(device))
+
+
+def weights_path(source: str) -> Path | None:
+    """The weights file behind a source (None for hf: directories without one)."""
+    if source == "world":
+        return WORLD_GOVERNOR
+    kind, _, rest = source.partition(":")
+    if kind == "file":
+        return Path(rest)
+    if kind == "open_clip":
+        return Path(rest.partition(":")[2])
+    if kind == "hf":
+        folder = Path(rest)
+        return next((folder / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                     if (folder / n).exists()), None)
+    return None
+
+
+def model_fingerprint(source: str) -> str:
+    """sha256 of the weights (the model id), or 'missing' when the file is not there yet: the
+    stage that needs it then fails with ModelNotFound, while the code location still loads."""
+    path = weights_path(source)
+    return sha256_file(path) if path is not None and path.exists() else "missing"
+
+
+_CACHE: dict[tuple[str, str], FoundationModel] = {}
+
+
+def cached_foundation_model(source: str, device: str = "cpu") -> FoundationModel:
+    """One load per process and (source, device): every asset of a step shares it."""
+    key = (source, device)
+    if key not in _CACHE:
+        _CACHE[key] = load_foundation_model(source, device)
+    return _CACHE[key]

@@ -1,0 +1,82 @@
+"""Small open_clip CLIPs built from config (no download): the world governor and test models."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import open_clip
+import torch
+from torch import nn
+
+# open_clip's SimpleTokenizer ships this vocabulary; every model here shares it.
+VOCAB_SIZE = 49408
+
+
+@dataclass(frozen=True)
+class ClipArch:
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    context_length: int = 24
+    embed_dim: int = 128
+    conv_stem: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClipArch":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class ConvStem(nn.Module):
+    """Stride-2 3×3 convolutions down to the patch grid, replacing the ViT's patchify conv.
+
+    A plain 8×8 patchify sees each patch as one linear projection; on this world it learns colour
+    far faster than shape. A few small convolutions give the tokens local shape features
+    (as in "Early Convolutions Help Transformers See Better").
+    """
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        stages = int(math.log2(patch_size))
+        if 2 ** stages != patch_size:
+            raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
+        chans = [3] + [max(16, width // 2 ** (stages - i)) for i in range(1, stages + 1)]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+        layers.append(nn.Conv2d(chans[-1], width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_clip(arch: ClipArch) -> open_clip.CLIP:
+    model = open_clip.CLIP(
+        embed_dim=arch.embed_dim,
+        vision_cfg=dict(image_size=arch.image_size, patch_size=arch.patch_size, width=arch.vision_width,
+                        layers=arch.vision_layers, head_width=arch.vision_width // arch.vision_heads, mlp_ratio=4),
+        text_cfg=dict(context_length=arch.context_length, vocab_size=VOCAB_SIZE, width=arch.text_width,
+                      heads=arch.text_heads, layers=arch.text_layers),
+    )
+    if arch.conv_stem:
+        model.visual.conv1 = ConvStem(arch.vision_width, arch.patch_size)
+    return model
+
+
+def tiny_arch(**overrides) -> ClipArch:
+    """A very small CLIP for tests: builds and runs in milliseconds."""
+    base = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, text_width=32,
+                text_layers=1, text_heads=2, context_length=16, embed_dim=32, conv_stem=False)
+    return ClipArch(**{**base, **overrides})
