@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(func=cmd_governor_train)
 
+    truth = sub.add_parser("truth", help="truth metrics of a juiced world drop (saliency and classes)")
+    truth.add_argument("drop", help="drop name (partition key) under the data dir's drops/")
+    truth.add_argument("--rho", type=float, default=None, help="ρ to evaluate (default: the configured one)")
+    truth.set_defaults(func=cmd_truth)
+
     status = sub.add_parser("status", help="drops, sample counts and quarantine reasons from the catalog")
     status.set_defaults(func=cmd_status)
     return p
@@ -161,7 +166,7 @@ def dagster_instance(data_dir: Path):
 
 
 def cmd_demo(a) -> int:
-    from .definitions import DROP_JOB_NAME, build_definitions
+    from .definitions import DROP_JOB_NAME, GOVERNOR_JOB_NAME, build_definitions
 
     data_dir = default_data_dir()
     wh = Warehouse(data_dir)
@@ -171,11 +176,16 @@ def cmd_demo(a) -> int:
     defs = build_definitions(data_dir=data_dir)
     known = set(instance.get_dynamic_partitions("drops"))
     instance.add_dynamic_partitions("drops", [n for n in names if n not in known])
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    log.info("resolving the governor")
+    if not defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False,
+                                                                      run_config=quiet).success:
+        print("juicer: the governor run failed; see the run in the UI (make ui)", file=sys.stderr)
+        return 1
     job = defs.resolve_job_def(DROP_JOB_NAME)
     for name in names:
         log.info("juicing drop %s", name)
-        result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False,
-                                        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
+        result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False, run_config=quiet)
         if not result.success:
             print(f"juicer: demo run for drop {name} failed; see the run in the UI (make ui)", file=sys.stderr)
             return 1
@@ -196,11 +206,41 @@ def _print_summary(wh: Warehouse, names: list[str], seconds: float) -> None:
           f"{int(counts.n_quarantined.sum())} quarantined")
     print("quarantined by reason:")
     print(reasons.to_string(index=False) if len(reasons) else "  (none)")
+    from .settings import load_settings
+
+    rho = load_settings(data_dir=wh.root).saliency.rho
+    for name in names:
+        print(truth_report(wh, name, rho))
     print(f"outputs:  {wh.tables_dir}/<asset>/<drop>.parquet")
     print(f"catalog:  {wh.catalog_path}")
     print("query:    .venv/bin/python -c \"import duckdb; print(duckdb.connect('data/catalog.duckdb', read_only=True)"
           ".sql('SELECT status, quarantine_reason, count(*) FROM samples GROUP BY ALL'))\"")
     print("UI:       make ui   (then open http://127.0.0.1:3000)")
+
+
+def truth_report(wh: Warehouse, drop: str, rho: float) -> str:
+    from .world.truth_metrics import class_table, saliency_table
+
+    drop_dir = wh.drops_dir / drop
+    if not (drop_dir / "_truth.parquet").exists():
+        raise FileNotFoundError(f"{drop_dir} has no _truth.parquet: truth metrics exist for world drops only")
+    table = saliency_table(drop_dir, wh.partition_path("patch_saliency", drop), drop, rho)
+    lines = [f"saliency vs truth on {drop} (ρ={rho}, {int(table.images[0])} images):",
+             table.drop(columns=["images"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    classes_path = wh.partition_path("extracted_classes", drop)
+    if classes_path.exists():
+        c = class_table(drop_dir, classes_path, drop)
+        lines.append(f"classes vs truth: precision {c['precision']:.3f}, recall {c['recall']:.3f} "
+                     f"({c['true_positives']} correct, {c['false_positives']} wrong, {c['missed']} missed)")
+    return "\n".join(lines)
+
+
+def cmd_truth(a) -> None:
+    from .settings import load_settings
+
+    data_dir = default_data_dir()
+    rho = a.rho if a.rho is not None else load_settings(data_dir=data_dir).saliency.rho
+    print(truth_report(Warehouse(data_dir), a.drop, rho))
 
 
 def cmd_status(a) -> None:

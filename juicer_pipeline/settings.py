@@ -63,6 +63,7 @@ class ClassSettings(_Section):
     region_fraction: float = Field(0.25, gt=0.0, le=1.0, description="share of most salient patches forming regions")
     max_regions: int = Field(4, ge=1)
     fallback_tau: float = Field(0.9, gt=0.0, le=1.0, description="τ when the governor has no calibration set")
+    calibration_images: int = Field(600, ge=10, description="world-corpus validation images used to calibrate τ")
 
 
 class JuicerSettings(_Section):

@@ -61,7 +61,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
     fingerprint = model_fingerprint(gov.source)
     load = lambda: cached_foundation_model(gov.source, gov.device)  # noqa: E731
 
-    @asset(code_version=code_version("governor-1", gov, fingerprint, cls, sal), group_name="vision",
+    @asset(code_version=code_version("governor-1", gov, fingerprint, cls, sal.method), group_name="vision",
            kinds={"pytorch", "duckdb"},
            description="The foundation model every stage uses (settings `governor.source`), its held-out "
                        "scores and its calibrated class threshold τ. Catalog row in `models`.")
@@ -71,7 +71,8 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         if gov.source == "world" or gov.source.startswith("file:"):
             context.log.info("calibrating τ on the world corpus validation split")
             calibration = calibrate_world_governor(fm, class_emb, sal.method, cls.region_fraction, cls.max_regions,
-                                                   cls.target_precision, cls.k, batch_size=gov.batch_size)
+                                                   cls.target_precision, cls.k, n_images=cls.calibration_images,
+                                                   batch_size=gov.batch_size)
         else:
             calibration = {"calibrated": False, "tau": cls.fallback_tau,
                            "reason": "no labelled validation split for this governor; fallback τ used"}
@@ -154,7 +155,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         return MaterializeResult(metadata=meta)
 
     @asset(partitions_def=drops_partitions, deps=[patch_saliency, governor], group_name="vision",
-           code_version=code_version("extracted_classes-1", fingerprint, cls, sal), kinds={"pytorch", "parquet"},
+           code_version=code_version("extracted_classes-1", fingerprint, cls, sal.method), kinds={"pytorch", "parquet"},
            description="At most k object classes per image with probability ≥ τ (calibrated), from zero-shot "
                        "classification of crops around connected salient regions (a second, small FM pass).")
     def extracted_classes(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:

@@ -1,0 +1,105 @@
+"""The vision assets through Dagster, with a tiny governor built from config (no download)."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from juicer_pipeline.models.loader import cached_foundation_model, save_world_clip
+from juicer_pipeline.models.world_clip import build_clip, tiny_arch
+from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSettings, SaliencySettings
+from juicer_pipeline.storage import Catalog
+from juicer_pipeline.world import DropConfig, generate_drop
+
+from .helpers import run_drop, run_governor
+
+
+@pytest.fixture
+def tiny_settings(data_dir) -> JuicerSettings:
+    torch.manual_seed(0)
+    arch = tiny_arch(image_size=64, conv_stem=True)
+    path = data_dir / "tiny_governor.safetensors"
+    save_world_clip(build_clip(arch), arch, path, {"note": "random init, for tests"})
+    return JuicerSettings(governor=GovernorSettings(source=f"file:{path}", batch_size=64),
+                          classes=ClassSettings(calibration_images=100))
+
+
+@pytest.fixture
+def juiced(data_dir, instance, tiny_settings):
+    generate_drop(data_dir / "drops" / "v1", DropConfig(n_samples=80, broken_rate=0.05, seed=5))
+    assert run_governor(data_dir, instance, tiny_settings).success
+    fm = cached_foundation_model(tiny_settings.governor.source, "cpu")
+    seen = []
+    handle = fm.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        result = run_drop(data_dir, instance, "v1", tiny_settings, assets=None)
+    finally:
+        handle.remove()
+    return result, seen
+
+
+def _meta(result, node):
+    return {k: v.value for k, v in result.asset_materializations_for_node(node)[0].metadata.items()}
+
+
+def test_one_full_image_pass_per_image_across_all_stages(data_dir, juiced):
+    result, seen = juiced
+    saliency, classes = _meta(result, "patch_saliency"), _meta(result, "extracted_classes")
+    valid = _meta(result, "raw_samples")["valid"]
+    assert saliency["images"] == saliency["full_image_forward_passes"] == valid
+    # every vision-tower call is either the one full-image pass or a counted region crop
+    assert sum(seen) == valid + classes["region_crop_forward_passes"]
+    assert _meta(result, "sieve_scores")["samples"] == valid
+
+
+def test_outputs_and_catalog(data_dir, juiced):
+    result, _ = juiced
+    wh = data_dir / "warehouse"
+    pruned = pq.read_table(wh / "pruned_images" / "v1.parquet").to_pandas()
+    assert (pruned.n_kept == 32).all() and (pruned.n_patches == 64).all()
+    assert pruned.kept.map(len).eq(32).all()
+    meta = _meta(result, "pruned_images")
+    assert meta["tokens_after"] == 32 * len(pruned) and meta["preview"].count("data:image/png;base64") == 4
+    classes = pq.read_table(wh / "extracted_classes" / "v1.parquet").to_pandas()
+    tau = _meta(result, "extracted_classes")["tau"]
+    assert classes.classes.map(len).le(3).all()
+    assert all(p >= tau for probs in classes.probs for p in probs)
+    cat = Catalog(data_dir / "catalog.duckdb")
+    models = cat.query("SELECT * FROM models")
+    assert len(models) == 1 and models.role[0] == "governor" and models.tau[0] == tau
+    lineage = cat.query("SELECT artifact, governor_id FROM lineage ORDER BY artifact")
+    assert {"patch_saliency/v1", "pruned_images/v1", "extracted_classes/v1", "sieve_scores/v1", "governor"} <= set(
+        lineage.artifact)
+    assert lineage.governor_id.dropna().nunique() == 1
+    # the catalog's views answer per-sample questions over the Parquet files
+    joined = cat.query("SELECT count(*) AS n FROM pruned_images p JOIN sieve_scores s USING (sample_id)")
+    assert joined.n[0] == len(pruned)
+
+
+def test_changing_rho_changes_only_the_decision_stages(data_dir, tiny_settings):
+    from juicer_pipeline.definitions import build_definitions
+
+    a = build_definitions(tiny_settings, data_dir)
+    b = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(rho=0.25)}), data_dir)
+    versions = lambda d: {k.to_user_string(): v for ad in d.assets for k, v in ad.code_versions_by_key.items()}  # noqa
+    va, vb = versions(a), versions(b)
+    changed = {k for k in va if va[k] != vb[k]}
+    assert changed == {"pruned_images"}
+    c = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(method="attention_rollout")}),
+                          data_dir)
+    vc = versions(c)
+    assert {k for k in va if va[k] != vc[k]} == {"pruned_images", "extracted_classes", "governor"}
+
+
+def test_corrupt_stored_embedding_fails_the_stage_loudly(data_dir, instance, juiced, tiny_settings):
+    path = data_dir / "warehouse" / "patch_saliency" / "v1.parquet"
+    table = pq.read_table(path)
+    emb = table.column("embedding").to_pylist()
+    emb[3] = emb[3][:5]
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding",
+                                    pa.array(emb, pa.list_(pa.float32()))), path)
+    result = run_drop(data_dir, instance, "v1", tiny_settings, assets=("sieve_scores",), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    text = str(failure.step_failure_data.error.to_string())
+    assert "embedding of sample" in text and "has 5 values" in text

@@ -1,0 +1,109 @@
+"""Pure vision-branch pieces: pruning decisions, attention capture, regions, classes, τ, loading."""
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from juicer_pipeline.governance.classes import calibrate_tau, decide_classes, region_mask, salient_regions
+from juicer_pipeline.governance.pruning import keep_random, keep_top, kept_count
+from juicer_pipeline.governance.saliency import VisionPass, _block_attention
+from juicer_pipeline.governance.vision import CorruptStoredRow, stored_vectors
+from juicer_pipeline.models import ModelNotFound, build_clip, load_foundation_model, tiny_arch
+
+
+@pytest.mark.parametrize("n,rho", [(64, 0.5), (64, 0.25), (49, 0.5), (196, 0.3), (10, 0.01), (64, 1.0)])
+def test_kept_count_is_ceil_rho_n(n, rho):
+    sal = np.random.default_rng(0).random(n)
+    kept = keep_top(sal, rho)
+    assert len(kept) == math.ceil(rho * n) == kept_count(n, rho)
+    assert len(keep_random(n, rho, np.random.default_rng(1))) == math.ceil(rho * n)
+    assert (np.diff(kept) > 0).all()  # raster order, no repeats
+
+
+def test_rho_one_keeps_everything_and_top_means_most_salient():
+    sal = np.array([0.1, 0.9, 0.5, 0.7])
+    assert keep_top(sal, 1.0).tolist() == [0, 1, 2, 3]
+    assert keep_top(sal, 0.5).tolist() == [1, 3]
+    with pytest.raises(ValueError):
+        keep_top(sal, 0.0)
+
+
+def test_captured_attention_matches_need_weights_true():
+    torch.manual_seed(0)
+    model = build_clip(tiny_arch()).eval()
+    blk = model.visual.transformer.resblocks[-1]
+    x = torch.randn(3, 17, 32)
+    mine = _block_attention(blk, x)
+    y = blk.ln_1(x)
+    _, ref = blk.attn(y, y, y, need_weights=True, average_attn_weights=True)
+    assert torch.allclose(mine, ref, atol=1e-6)
+
+
+def test_vision_pass_gives_one_embedding_and_every_method_per_image():
+    model = build_clip(tiny_arch()).eval()
+    vp = VisionPass(model)
+    out = vp.run(torch.randn(5, 3, 32, 32))
+    assert out.embeddings.shape == (5, 32) and torch.allclose(out.embeddings.norm(dim=-1), torch.ones(5))
+    assert set(out.saliency) == {"cls_attention", "attention_rollout", "global_similarity"}
+    assert all(v.shape == (5, 16) for v in out.saliency.values())
+    assert vp.forward_calls == 5
+    # the pooled embedding is exactly the model's own image embedding
+    ref = torch.nn.functional.normalize(model.encode_image(torch.zeros(1, 3, 32, 32)), dim=-1)
+    assert torch.allclose(vp.run(torch.zeros(1, 3, 32, 32)).embeddings, ref, atol=1e-5)
+    vp.close()
+
+
+def test_salient_regions_are_connected_components_largest_first():
+    mask = np.zeros((6, 6), bool)
+    mask[0:2, 0:2] = True  # 4 patches
+    mask[4:6, 3:6] = True  # 6 patches
+    mask[3, 0] = True  # single patch: dropped (min_size 2)
+    regions = salient_regions(mask)
+    assert [(g.r0, g.c0, g.r1, g.c1, g.size) for g in regions] == [(4, 3, 6, 6, 6), (0, 0, 2, 2, 4)]
+    assert region_mask(np.arange(16.0), (4, 4), 0.25).sum() == 4
+
+
+def test_classes_respect_k_and_tau():
+    names = ["a", "b", "c", "d"]
+    scores = np.array([0.95, 0.2, 0.97, 0.91])
+    assert decide_classes(scores, names, k=3, tau=0.9) == [("c", pytest.approx(0.97)), ("a", pytest.approx(0.95)),
+                                                          ("d", pytest.approx(0.91))]
+    assert [c for c, _ in decide_classes(scores, names, k=2, tau=0.9)] == ["c", "a"]
+    assert [c for c, _ in decide_classes(scores, names, k=3, tau=0.96)] == ["c"]
+    assert decide_classes(scores, names, k=3, tau=0.99) == []
+
+
+def test_tau_calibration_reaches_the_target_precision():
+    rng = np.random.default_rng(0)
+    truth = [{int(rng.integers(5))} for _ in range(400)]
+    scores = rng.random((400, 5)) * 0.6
+    for s, t in zip(scores, truth):
+        s[list(t)] = rng.uniform(0.5, 1.0)  # true classes score higher, with overlap
+    result = calibrate_tau(scores, truth, target_precision=0.9, k=3)
+    assert result["reached"] and result["precision"] >= 0.9 and 0.4 < result["tau"] < 1.0
+    looser = calibrate_tau(scores, truth, target_precision=0.5, k=3)
+    assert looser["tau"] <= result["tau"] and looser["recall"] >= result["recall"]
+
+
+def test_corrupt_stored_rows_fail_loudly():
+    good = pa.table({"sample_id": ["a", "b"], "embedding": [[1.0, 0.0], [0.0, 1.0]]})
+    assert stored_vectors(good, "embedding").shape == (2, 2)
+    short = pa.table({"sample_id": ["a", "b"], "embedding": [[1.0, 0.0], [0.5]]})
+    with pytest.raises(CorruptStoredRow, match="sample 'b' has 1 values, expected 2"):
+        stored_vectors(short, "embedding")
+    nan = pa.table({"sample_id": ["a", "b"], "embedding": [[1.0, 0.0], [float("nan"), 1.0]]})
+    with pytest.raises(CorruptStoredRow, match="'b' holds NaN"):
+        stored_vectors(nan, "embedding")
+
+
+def test_missing_weights_give_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFound, match="governor weights not found: .*nothing.safetensors"):
+        load_foundation_model(f"file:{tmp_path / 'nothing.safetensors'}")
+    with pytest.raises(ModelNotFound, match="open_clip weights not found: .*ViT-B-16.bin"):
+        load_foundation_model(f"open_clip:ViT-B-16:{tmp_path / 'ViT-B-16.bin'}")
+    with pytest.raises(ModelNotFound, match="no open_clip model in"):
+        load_foundation_model(f"hf:{tmp_path}")
+    with pytest.raises(ValueError, match="unknown governor source"):
+        load_foundation_model("ftp://model")
