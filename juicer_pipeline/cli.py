@@ -232,6 +232,14 @@ def truth_report(wh: Warehouse, drop: str, rho: float) -> str:
         c = class_table(drop_dir, classes_path, drop)
         lines.append(f"classes vs truth: precision {c['precision']:.3f}, recall {c['recall']:.3f} "
                      f"({c['true_positives']} correct, {c['false_positives']} wrong, {c['missed']} missed)")
+    captions_path = wh.partition_path("enriched_captions", drop)
+    if captions_path.exists():
+        from .world.truth_metrics import caption_table
+
+        t = caption_table(drop_dir, captions_path, drop)
+        lines.append(f"captions mentioning every true object: {t['all_objects_mentioned_before']:.3f} before, "
+                     f"{t['all_objects_mentioned_after']:.3f} after enrichment; mentioning an object not in the "
+                     f"image: {t['foreign_object_before']:.3f} before, {t['foreign_object_after']:.3f} after")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from .assets.ingest import build_ingest_assets
+from .assets.text import build_text_assets
 from .assets.vision import build_vision_assets
 from .assets.resources import StorageResource
 from .automation.sensors import build_drop_sensor
@@ -18,7 +19,7 @@ GOVERNOR_JOB_NAME = "refresh_governor"
 
 def build_assets(settings: JuicerSettings) -> tuple[list, list]:
     """(all assets, the per-drop ones that the drop job materialises)."""
-    everything = [*build_ingest_assets(settings), *build_vision_assets(settings)]
+    everything = [*build_ingest_assets(settings), *build_vision_assets(settings), *build_text_assets(settings)]
     per_drop = [a for a in everything if a.partitions_def is not None]
     return everything, per_drop
 

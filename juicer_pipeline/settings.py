@@ -66,11 +66,25 @@ class ClassSettings(_Section):
     calibration_images: int = Field(600, ge=10, description="world-corpus validation images used to calibrate τ")
 
 
+class CaptionSettings(_Section):
+    backend: Literal["rules", "transformers"] = "rules"
+    model_path: str | None = Field(None, description="local folder of a seq2seq/instruct LM (transformers backend)")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+
+    @model_validator(mode="after")
+    def _model_for_transformers(self):
+        if self.backend == "transformers" and not self.model_path:
+            raise ValueError("captions.backend = 'transformers' needs captions.model_path (a local folder)")
+        return self
+
+
 class JuicerSettings(_Section):
     ingest: IngestSettings = IngestSettings()
     governor: GovernorSettings = GovernorSettings()
     saliency: SaliencySettings = SaliencySettings()
     classes: ClassSettings = ClassSettings()
+    captions: CaptionSettings = CaptionSettings()
 
 
 class SettingsError(ValueError):

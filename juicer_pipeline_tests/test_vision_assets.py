@@ -103,3 +103,22 @@ def test_corrupt_stored_embedding_fails_the_stage_loudly(data_dir, instance, jui
     failure = next(e for e in result.all_events if e.is_step_failure)
     text = str(failure.step_failure_data.error.to_string())
     assert "embedding of sample" in text and "has 5 values" in text
+
+
+def test_enriched_captions_and_truth_report(data_dir, juiced):
+    from juicer_pipeline.cli import truth_report
+    from juicer_pipeline.storage import Warehouse
+
+    result, _ = juiced
+    meta = _meta(result, "enriched_captions")
+    captions = pq.read_table(data_dir / "warehouse" / "enriched_captions" / "v1.parquet").to_pandas()
+    assert len(captions) == meta["captions"] == _meta(result, "raw_samples")["valid"]
+    assert captions.enriched_caption.str.len().gt(0).all()
+    assert not captions.enriched_caption.str.contains("<|http|IMG_", regex=True).any()
+    check = result.get_asset_check_evaluations()[0]
+    assert check.check_name == "similarity_not_worse"
+    assert check.passed == (meta["mean_similarity_after"] >= meta["mean_similarity_before"])
+    report = truth_report(Warehouse(data_dir), "v1", 0.5)
+    for word in ("cls_attention", "attention_rollout", "global_similarity", "random", "classes vs truth",
+                 "captions mentioning every true object"):
+        assert word in report

@@ -16,6 +16,9 @@ import torch
 from PIL import Image
 
 
+NEVER = 1.01  # a threshold no probability reaches
+
+
 @dataclass(frozen=True)
 class Region:
     r0: int
@@ -80,8 +83,9 @@ def calibrate_tau(scores: np.ndarray, truth: list[set[int]], target_precision: f
     """Smallest τ whose predictions reach the target precision on labelled validation images.
 
     scores: [N, C] per-image class scores; truth: the true class ids of each image.
-    Returns τ with the precision and recall it reaches there (or the best precision seen, when
-    no τ reaches the target, with `reached: False`).
+    Returns τ with the precision and recall it reaches there. When no τ reaches the target, τ is
+    set above any probability (no class is ever extracted: a wrong class in a caption hurts more
+    than a missing one) and the best precision seen is reported with `reached: False`.
     """
     best = None
     for tau in grid:
@@ -98,7 +102,7 @@ def calibrate_tau(scores: np.ndarray, truth: list[set[int]], target_precision: f
             return row
         if best is None or precision > best["precision"]:
             best = row
-    return best
+    return {**best, "best_tau_seen": best["tau"], "tau": NEVER}
 
 
 def region_class_scores(fm, images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int],

@@ -90,3 +90,29 @@ def class_table(drop_dir: Path, classes_parquet: Path, drop_id: str) -> dict:
         tp, fp, fn = tp + len(pred & true), fp + len(pred - true), fn + len(true - pred)
     return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "true_positives": tp,
             "false_positives": fp, "missed": fn, "images": len(got)}
+
+
+def caption_table(drop_dir: Path, captions_parquet: Path, drop_id: str, vocab=None) -> dict:
+    """Share of captions that mention every true object (class), before and after enrichment,
+    and share of enriched captions that mention a class not in the image."""
+    from ..governance.caption_refiner import ObjectVocabulary
+    from .vocabulary import load_vocabulary
+
+    if vocab is None:
+        v = load_vocabulary()
+        vocab = ObjectVocabulary(v.shapes, v.synonyms, v.colour_names)
+    truth = load_truth(drop_dir, drop_id)
+    caps = pq.read_table(captions_parquet, columns=["sample_id", "raw_caption", "enriched_caption"]).to_pandas()
+    caps = caps[caps.sample_id.isin(truth.index)]
+    full_before = full_after = hallucinated_after = hallucinated_before = 0
+    for row in caps.itertuples():
+        true = set(truth.loc[row.sample_id, "classes"])
+        before, after = vocab.mentioned(row.raw_caption), vocab.mentioned(row.enriched_caption)
+        full_before += true <= before
+        full_after += true <= after
+        hallucinated_before += bool(before - true)
+        hallucinated_after += bool(after - true)
+    n = max(len(caps), 1)
+    return {"captions": len(caps), "all_objects_mentioned_before": full_before / n,
+            "all_objects_mentioned_after": full_after / n, "foreign_object_before": hallucinated_before / n,
+            "foreign_object_after": hallucinated_after / n}

@@ -1,0 +1,99 @@
+"""Text branch: rectified, enriched captions, scored against the stored image embeddings."""
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue,
+                     asset)
+
+from ..governance.caption_refiner import ObjectVocabulary, RulesRefiner, TransformersRefiner
+from ..governance.vision import stored_vectors
+from ..models.loader import cached_foundation_model, model_fingerprint
+from ..settings import JuicerSettings, code_version
+from ..storage import LineageRow, write_lineage
+from ..world.vocabulary import load_vocabulary
+from .partitions import drops_partitions
+from .resources import StorageResource
+from .ui import markdown_table
+
+_PAIRS = 8
+SCHEMA = pa.schema([("sample_id", pa.string()), ("raw_caption", pa.string()), ("enriched_caption", pa.string()),
+                    ("backend", pa.string()), ("classes_used", pa.list_(pa.string())),
+                    ("fallback_reason", pa.string()), ("sim_before", pa.float32()), ("sim_after", pa.float32())])
+
+
+def object_vocabulary() -> ObjectVocabulary:
+    vocab = load_vocabulary()
+    return ObjectVocabulary(vocab.shapes, vocab.synonyms, vocab.colour_names)
+
+
+def make_refiner(settings: JuicerSettings):
+    cap = settings.captions
+    if cap.backend == "transformers":
+        return TransformersRefiner(cap.model_path, object_vocabulary(), cap.batch_size, cap.max_new_tokens,
+                                   settings.governor.device)
+    return RulesRefiner(object_vocabulary())
+
+
+def build_text_assets(settings: JuicerSettings) -> list:
+    gov, cap = settings.governor, settings.captions
+    fingerprint = model_fingerprint(gov.source)
+    model_part = model_fingerprint(f"file:{cap.model_path}") if cap.backend == "transformers" else "rules"
+
+    @asset(partitions_def=drops_partitions, deps=["raw_samples", "extracted_classes", "patch_saliency"],
+           group_name="text", code_version=code_version("enriched_captions-1", cap, fingerprint, model_part),
+           kinds={"parquet"},
+           check_specs=[AssetCheckSpec("similarity_not_worse", asset="enriched_captions",
+                                       description="mean governor image-text similarity after enrichment ≥ before")],
+           description="Captions rectified (markup, URLs, file names, boilerplate, casing, typos) and enriched "
+                       "with the extracted classes; governor similarity before/after from the stored image "
+                       "embedding (no second image pass).")
+    def enriched_captions(context: AssetExecutionContext, storage: StorageResource):
+        drop = context.partition_key
+        wh = storage.warehouse
+        fm = cached_foundation_model(gov.source, gov.device)
+        emb_table = wh.read_table("patch_saliency", drop, ["sample_id", "embedding"])
+        ids = emb_table.column("sample_id").to_pylist()
+        image_emb = stored_vectors(emb_table, "embedding")
+        raw = wh.read_table("raw_samples", drop, ["sample_id", "caption"]).to_pydict()
+        captions = dict(zip(raw["sample_id"], raw["caption"]))
+        cls = wh.read_table("extracted_classes", drop, ["sample_id", "classes"]).to_pydict()
+        classes = dict(zip(cls["sample_id"], cls["classes"]))
+        refiner = make_refiner(settings)
+        t0 = time.perf_counter()
+        before = [captions[s] for s in ids]
+        refined = refiner.refine(before, [classes.get(s, []) for s in ids])
+        refine_seconds = time.perf_counter() - t0
+        after = [r.text for r in refined]
+        sim_before = (image_emb * fm.encode_text(before, gov.batch_size).numpy()).sum(-1) if ids else np.zeros(0)
+        sim_after = (image_emb * fm.encode_text(after, gov.batch_size).numpy()).sum(-1) if ids else np.zeros(0)
+        table = pa.Table.from_pydict({
+            "sample_id": ids, "raw_caption": before, "enriched_caption": after,
+            "backend": [r.backend for r in refined], "classes_used": [r.classes_used for r in refined],
+            "fallback_reason": [r.fallback_reason for r in refined],
+            "sim_before": sim_before.astype(np.float32), "sim_after": sim_after.astype(np.float32)}, schema=SCHEMA)
+        version = context.assets_def.code_versions_by_key[context.asset_key]
+        path = wh.write_table("enriched_captions", drop, table)
+        with storage.catalog.transaction() as con:
+            write_lineage(con, LineageRow("enriched_captions", drop,
+                                          [f"raw_samples/{drop}", f"extracted_classes/{drop}", f"patch_saliency/{drop}"],
+                                          context.run.run_id, version, cap.config_hash(), fm.model_id))
+        storage.catalog.refresh_views(wh.tables_dir)
+        mean_before = float(np.mean(sim_before)) if ids else 0.0
+        mean_after = float(np.mean(sim_after)) if ids else 0.0
+        fallbacks = Counter(r.fallback_reason for r in refined if r.fallback_reason)
+        pairs = [{"sample_id": s, "before": b, "after": a} for s, b, a in list(zip(ids, before, after))[:_PAIRS]]
+        yield MaterializeResult(metadata={
+            "captions": len(ids), "backend": cap.backend, "mean_similarity_before": round(mean_before, 4),
+            "mean_similarity_after": round(mean_after, 4), "enriched": sum(1 for r in refined if r.classes_used),
+            "captions_per_second": round(len(ids) / max(refine_seconds, 1e-9), 1),
+            "fallbacks_by_reason": MetadataValue.md(markdown_table(
+                [{"reason": k, "count": v} for k, v in fallbacks.most_common()])),
+            "before_after": MetadataValue.md(markdown_table(pairs, max_chars=120)), "path": MetadataValue.path(str(path))})
+        worse = [s for s, b, a in zip(ids, sim_before, sim_after) if a < b]
+        yield AssetCheckResult(check_name="similarity_not_worse", passed=bool(mean_after >= mean_before),
+                               metadata={"mean_before": mean_before, "mean_after": mean_after,
+                                         "samples_worse": len(worse), "examples_worse": ", ".join(worse[:10])})
+
+    return [enriched_captions]

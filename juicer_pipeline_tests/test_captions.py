@@ -1,0 +1,99 @@
+"""Caption refiners: the rules table, and the transformers backend with a tiny local model."""
+import math
+
+import pytest
+
+from juicer_pipeline.assets.text import object_vocabulary
+from juicer_pipeline.governance.caption_refiner import RulesRefiner, TransformersRefiner, clean_caption, validate
+
+VOCAB = object_vocabulary()
+
+RULES_TABLE = [
+    # (raw caption, extracted classes, expected rules output)
+    ("<p>A red star.</p>", [], "A red star."),
+    ("&quot;A purple arrow on a striped background.</div>", [], "A purple arrow on a striped background."),
+    ("http://cdn.example-shop.com/img/5.jpg A pink heart. https://www.example.com/p/1", [], "A pink heart."),
+    ("IMG_2043.JPG a blue ring", [], "A blue ring."),
+    ("DSC1234.jpg - a blue star - buy now, best price!!", [], "A blue star."),
+    ("A cyan triangle. (c) 2019 All rights reserved", [], "A cyan triangle."),
+    ("A red star | Free shipping on orders over $50", [], "A red star."),
+    ("Stock photo: a green cross #art #design #shapes", [], "A green cross."),
+    ("A PHOTO OF A BLUE RING AND AN ORANGE PENTAGON.", [], "A photo of a blue ring and an orange pentagon."),
+    ("a photo of an orange hexagon...", [], "A photo of an orange hexagon."),
+    ("a  red   star  ,  and a circle !!!", [], "A red star, and a circle."),
+    ("A red hexagno.", [], "A red hexagon."),  # one swapped letter in a vocabulary word
+    ("A red star.", ["star"], "A red star."),  # already mentioned: not repeated
+    ("Two red stars.", ["star"], "Two red stars."),  # plural form counts as a mention
+    ("A blue disk.", ["circle"], "A blue disk."),  # synonym counts as a mention
+    ("A red star.", ["star", "circle"], "A red star, with a circle."),
+    ("A photo of a ring.", ["arrow", "heart"], "A photo of a ring, with an arrow and a heart."),
+    ("IMG_1.JPG", ["star"], "A photo of a star."),  # empty after cleaning, classes known
+]
+
+
+@pytest.mark.parametrize("raw,classes,expected", RULES_TABLE)
+def test_rules_table(raw, classes, expected):
+    assert RulesRefiner(VOCAB).refine_one(raw, classes).text == expected
+
+
+def test_caption_empty_after_cleaning_without_classes_is_counted():
+    refiner = RulesRefiner(VOCAB)
+    out = refiner.refine(["<p></p>", "www.example.com", "A star."], [[], [], []])
+    assert [o.text for o in out] == ["An image.", "An image.", "A star."]
+    assert refiner.fallbacks == {"empty_after_cleaning": 2}
+    assert clean_caption("   ") == ""
+
+
+def test_validation_reasons():
+    prompt = "Rewrite ... Caption: a red star\nRewritten:"
+    assert validate("A red star and a circle.", prompt, "a red star", ["circle"], VOCAB) is None
+    assert validate("", prompt, "a red star", ["circle"], VOCAB) == "empty"
+    assert validate("A red star.", prompt, "a red star", ["circle"], VOCAB) == "missing_class"
+    assert validate("A red star, a circle and a heart.", prompt, "a red star", ["circle"], VOCAB) == "new_object"
+    assert validate("x" * 400 + " circle", prompt, "a red star", ["circle"], VOCAB) == "length"
+    assert validate(prompt, prompt, "a red star", [], VOCAB) == "copied_prompt"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A T5 built from config with a word-level tokenizer: no download, random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    words = "a an the red blue star circle ring with and photo of caption rewritten mention objects".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    cfg = T5Config(vocab_size=len(vocab), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    folder = tmp_path_factory.mktemp("tiny_t5")
+    T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def test_transformers_backend_batches_and_falls_back_per_sample(tiny_lm):
+    refiner = TransformersRefiner(tiny_lm, VOCAB, batch_size=4, max_new_tokens=8)
+    captions = [f"<p>a red star number {i}</p>" for i in range(10)]
+    out = refiner.refine(captions, [["circle"]] * 10)
+    assert refiner.generate_calls == math.ceil(10 / 4)
+    assert len(out) == 10
+    # a random tiny model cannot write valid captions: every sample falls back to rules, with a reason
+    assert all(o.backend == "rules" and o.fallback_reason for o in out)
+    assert sum(refiner.fallbacks.values()) == 10
+    assert out[0].text == RulesRefiner(VOCAB).refine_one(captions[0], ["circle"]).text
+
+
+def test_transformers_backend_keeps_valid_outputs(tiny_lm, monkeypatch):
+    refiner = TransformersRefiner(tiny_lm, VOCAB, batch_size=8)
+    monkeypatch.setattr(refiner, "_generate", lambda prompts: ["a red star and a blue circle", "", "a heart"])
+    out = refiner.refine(["a red star", "a red star", "a red star"], [["circle"], ["circle"], ["circle"]])
+    assert out[0].backend == "transformers" and out[0].text == "A red star and a blue circle."
+    assert out[0].classes_used == ["circle"]
+    assert [o.fallback_reason for o in out[1:]] == ["empty", "missing_class"]
+
+
+def test_transformers_backend_needs_a_local_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="caption model folder not found"):
+        TransformersRefiner(tmp_path / "nope", VOCAB)
