@@ -7,20 +7,25 @@ from dagster import AssetSelection, Definitions, define_asset_job
 
 from .assets.ingest import build_ingest_assets
 from .assets.text import build_text_assets
+from .assets.training import build_training_assets
 from .assets.vision import build_vision_assets
+from .assets.partitions import drops_partitions
 from .assets.resources import StorageResource
 from .automation.sensors import build_drop_sensor
 from .settings import JuicerSettings, load_settings
 from .storage import default_data_dir
 
 DROP_JOB_NAME = "juice_drop"
-GOVERNOR_JOB_NAME = "refresh_governor"
+GOVERNOR_JOB_NAME = "prepare_shared"
+RECIPES_JOB_NAME = "train_recipe"
+COMPARE_JOB_NAME = "compare_recipes"
 
 
 def build_assets(settings: JuicerSettings) -> tuple[list, list]:
     """(all assets, the per-drop ones that the drop job materialises)."""
-    everything = [*build_ingest_assets(settings), *build_vision_assets(settings), *build_text_assets(settings)]
-    per_drop = [a for a in everything if a.partitions_def is not None]
+    everything = [*build_ingest_assets(settings), *build_vision_assets(settings), *build_text_assets(settings),
+                  *build_training_assets(settings)]
+    per_drop = [a for a in everything if a.partitions_def is drops_partitions]
     return everything, per_drop
 
 
@@ -30,11 +35,17 @@ def build_definitions(settings: JuicerSettings | None = None, data_dir: Path | N
     all_assets, drop_assets = build_assets(settings)
     drop_job = define_asset_job(DROP_JOB_NAME, selection=AssetSelection.assets(*drop_assets),
                                 description="Juice one drop: every per-drop asset for one partition.")
-    governor_job = define_asset_job(GOVERNOR_JOB_NAME, selection=AssetSelection.assets("governor"),
-                                    description="Resolve the governor, calibrate τ and record it in the catalog.")
+    recipes_job = define_asset_job(RECIPES_JOB_NAME, selection=AssetSelection.assets(
+        "training_set", "clip_checkpoint", "benchmark_scores"),
+        description="Assemble, train and score one recipe (one run per recipe partition).")
+    compare_job = define_asset_job(COMPARE_JOB_NAME, selection=AssetSelection.assets("recipe_comparison"),
+                                   description="Compare every scored recipe: table and chart.")
+    governor_job = define_asset_job(GOVERNOR_JOB_NAME, selection=AssetSelection.assets("governor", "eval_sets"),
+                                    description="Resolve the governor (calibrate τ, record it in the catalog) and "
+                                                "ingest the held-out evaluation sets.")
     return Definitions(
         assets=all_assets,
-        jobs=[drop_job, governor_job],
+        jobs=[drop_job, governor_job, recipes_job, compare_job],
         sensors=[build_drop_sensor(drop_job)],
         resources={"storage": StorageResource(data_dir=str(data_dir))},
     )

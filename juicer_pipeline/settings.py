@@ -79,12 +79,32 @@ class CaptionSettings(_Section):
         return self
 
 
+class TrainingSettings(_Section):
+    """Student CLIPs trained per recipe. The CPU preset is the default; `preset = "gpu"` documents
+    a larger setting for a CUDA machine (set `device = "cuda"` too)."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    sieve_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of samples the sieve keeps")
+    budget_full_steps: int = Field(300, ge=1, description="vision-token budget, in full-patch steps")
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    full_tune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    vision_width: int = 96
+    vision_layers: int = 3
+    text_width: int = 96
+    text_layers: int = 2
+    eval_points: int = Field(3, ge=1, description="learning-curve evaluations over the budget")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    threads: int = Field(2, ge=1)
+
+
 class JuicerSettings(_Section):
     ingest: IngestSettings = IngestSettings()
     governor: GovernorSettings = GovernorSettings()
     saliency: SaliencySettings = SaliencySettings()
     classes: ClassSettings = ClassSettings()
     captions: CaptionSettings = CaptionSettings()
+    training: TrainingSettings = TrainingSettings()
 
 
 class SettingsError(ValueError):

@@ -74,6 +74,50 @@ MIGRATIONS: list[tuple[int, str]] = [
         created_at TIMESTAMP NOT NULL
     );
     """),
+    (3, """
+    CREATE TABLE training_sets (
+        training_set_id VARCHAR PRIMARY KEY,  -- sha256 of (sample id, caption, kept patches) of every member
+        recipe VARCHAR NOT NULL,
+        n_members INTEGER NOT NULL,
+        excluded VARCHAR NOT NULL,            -- JSON: reason -> count
+        drops VARCHAR NOT NULL,               -- JSON list of drop ids it was assembled from
+        config_hash VARCHAR NOT NULL,
+        created_at TIMESTAMP NOT NULL
+    );
+    CREATE TABLE training_set_members (
+        training_set_id VARCHAR NOT NULL,
+        recipe VARCHAR NOT NULL,
+        sample_id VARCHAR NOT NULL,
+        caption_version VARCHAR NOT NULL,     -- 'original' | 'enriched'
+        caption VARCHAR NOT NULL,
+        kept_patches VARCHAR NOT NULL         -- 'all', 'random', or the kept indices
+    );
+    CREATE INDEX members_sample ON training_set_members (sample_id);
+    CREATE TABLE checkpoints (
+        checkpoint_id VARCHAR PRIMARY KEY,    -- sha256 of the weights file
+        recipe VARCHAR NOT NULL,
+        seed INTEGER NOT NULL,
+        training_set_id VARCHAR NOT NULL,
+        path VARCHAR NOT NULL,
+        config_hash VARCHAR NOT NULL,
+        tokens_seen BIGINT NOT NULL,
+        samples_seen BIGINT NOT NULL,
+        wall_seconds DOUBLE NOT NULL,
+        final_loss DOUBLE NOT NULL,
+        record VARCHAR NOT NULL,              -- JSON: phases, step times, learning curve
+        created_at TIMESTAMP NOT NULL
+    );
+    CREATE TABLE benchmark_scores (
+        score_id VARCHAR PRIMARY KEY,         -- '<checkpoint id>:<metric>'
+        checkpoint_id VARCHAR NOT NULL,
+        recipe VARCHAR NOT NULL,
+        seed INTEGER NOT NULL,
+        metric VARCHAR NOT NULL,
+        value DOUBLE NOT NULL,
+        eval_set VARCHAR NOT NULL,
+        created_at TIMESTAMP NOT NULL
+    );
+    """),
 ]
 
 

@@ -1,0 +1,310 @@
+"""Across drops: held-out eval sets, training sets per recipe, student checkpoints, scores, comparison."""
+import hashlib
+import json
+import time
+from collections import Counter
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from dagster import (AllPartitionMapping, AssetDep, AssetExecutionContext, MaterializeResult, MetadataValue,
+                     StaticPartitionsDefinition, asset)
+from open_clip.tokenizer import SimpleTokenizer
+
+from ..governance.clip_training import StudentConfig, TrainData, evaluate_student, train_student
+from ..governance.drop_sources import open_drop
+from ..governance.eval_data import load_eval_set
+from ..governance.images import ImageLimits, load_rgb
+from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
+from ..governance.recipes import RECIPE_NAMES, RECIPES
+from ..governance.training_set import assemble_training_set
+from ..models.loader import load_world_clip, save_world_clip
+from ..models.world_clip import ClipArch
+from ..settings import JuicerSettings, code_version
+from ..storage import LineageRow, atomic_path, write_lineage
+from ..world.vocabulary import load_vocabulary
+from .resources import StorageResource
+from .ui import bar_chart, line_chart, markdown_table, png_markdown
+
+recipe_partitions = StaticPartitionsDefinition(RECIPE_NAMES)
+EVAL_KINDS = ("retrieval", "classification")
+PER_DROP_INPUTS = ("raw_samples", "pruned_images", "enriched_captions", "sieve_scores")
+HEADLINE = ["i2t_r@1", "i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@5", "t2i_r@10", "top1", "top5"]
+
+
+def student_config(settings: JuicerSettings) -> StudentConfig:
+    t = settings.training
+    width_heads = max(1, t.vision_width // 32)
+    arch = ClipArch(vision_width=t.vision_width, vision_layers=t.vision_layers, vision_heads=width_heads,
+                    text_width=t.text_width, text_layers=t.text_layers, text_heads=max(1, t.text_width // 32),
+                    embed_dim=t.vision_width, conv_stem=False)
+    n_patches = arch.grid ** 2
+    return StudentConfig(arch=arch, batch_size=t.batch_size, lr=t.lr, rho=settings.saliency.rho,
+                         budget_tokens=t.budget_full_steps * t.batch_size * n_patches,
+                         full_tune_fraction=t.full_tune_fraction, eval_points=t.eval_points, device=t.device,
+                         threads=t.threads)
+
+
+def juiced_drops(storage: StorageResource) -> list[str]:
+    """Drops with every per-drop input of a training set materialised."""
+    wh = storage.warehouse
+    names = [{p.stem for p in wh.asset_dir(a).glob("*.parquet")} for a in PER_DROP_INPUTS]
+    return sorted(set.intersection(*names)) if names else []
+
+
+def _samples_frame(storage: StorageResource, drops: list[str]) -> pd.DataFrame:
+    """Every ingested sample of the drops, joined with its juice (DuckDB over the Parquet files)."""
+    wh = storage.warehouse
+    files = {a: [str(wh.partition_path(a, d)) for d in drops] for a in PER_DROP_INPUTS}
+    con = duckdb.connect()
+    try:
+        return con.execute("""
+            SELECT r.sample_id, r.drop_id, r.content_hash, r.status, r.caption,
+                   c.enriched_caption, p.kept, s.sieve_score
+            FROM read_parquet(?) r
+            LEFT JOIN read_parquet(?) p USING (sample_id)
+            LEFT JOIN read_parquet(?) c USING (sample_id)
+            LEFT JOIN read_parquet(?) s USING (sample_id)""",
+            [files["raw_samples"], files["pruned_images"], files["enriched_captions"], files["sieve_scores"]]).df()
+    finally:
+        con.close()
+
+
+def _training_set_id(recipe: str, members: pd.DataFrame) -> str:
+    h = hashlib.sha256(f"{recipe}\n".encode())
+    for sid, cap, kept in zip(members.sample_id, members.train_caption, members.kept):
+        h.update(f"{sid}\t{cap}\t{'' if kept is None else ','.join(map(str, kept))}\n".encode())
+    return h.hexdigest()
+
+
+def build_training_assets(settings: JuicerSettings) -> list:
+    tr = settings.training
+    cfg = student_config(settings)
+    vocab = load_vocabulary()
+
+    @asset(group_name="evaluation", code_version="eval_sets-1", kinds={"parquet"},
+           description="The clean held-out evaluation sets (retrieval pairs; single-object images for zero-shot "
+                       "classification), ingested like drops. Their content hashes can never enter a training set.")
+    def eval_sets(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        wh = storage.warehouse
+        counts = {}
+        for kind in EVAL_KINDS:
+            folder = wh.world_dir / "evalsets" / kind
+            source = open_drop(folder)
+            stats = IngestStats()
+            with wh.stream_table("eval_sets", kind, RAW_SAMPLES_SCHEMA) as writer:
+                for batch in ingest_batches(source, f"eval-{kind}", ImageLimits(), 4000, stats):
+                    writer.write_batch(batch)
+            counts[kind] = stats.n_valid
+            context.log.info(f"eval set {kind}: {stats.n_valid} valid of {stats.n_samples}")
+        with storage.catalog.transaction() as con:
+            write_lineage(con, LineageRow("eval_sets", None, [f"folder:{wh.world_dir / 'evalsets' / k}" for k in EVAL_KINDS],
+                                          context.run.run_id, "eval_sets-1", "none"))
+        return MaterializeResult(metadata={f"{k}_images": v for k, v in counts.items()})
+
+    @asset(partitions_def=recipe_partitions, group_name="training", kinds={"parquet", "duckdb"},
+           deps=[*(AssetDep(a, partition_mapping=AllPartitionMapping()) for a in PER_DROP_INPUTS), eval_sets],
+           code_version=code_version("training_set-1", tr.sieve_fraction),
+           description="A recipe's training set from every juiced drop: sample ids, caption versions and kept-patch "
+                       "sets, without quarantined samples, cross-drop duplicates or evaluation images.")
+    def training_set(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        recipe = RECIPES[context.partition_key]
+        wh = storage.warehouse
+        drops = juiced_drops(storage)
+        if not drops:
+            raise FileNotFoundError("no juiced drop yet: materialise the per-drop assets (job juice_drop) first")
+        eval_hashes = set(duckdb.sql(
+            f"SELECT content_hash FROM read_parquet('{wh.asset_dir('eval_sets').as_posix()}/*.parquet') "
+            f"WHERE content_hash IS NOT NULL").df().content_hash)
+        members, excluded = assemble_training_set(recipe, _samples_frame(storage, drops), eval_hashes, tr.sieve_fraction)
+        ts_id = _training_set_id(recipe.name, members)
+        table = pa.Table.from_pandas(members.assign(training_set_id=ts_id), preserve_index=False)
+        wh.write_table("training_set", recipe.name, table)
+        wh.write_table("training_set_excluded", recipe.name,
+                       pa.Table.from_pandas(excluded.assign(recipe=recipe.name), preserve_index=False))
+        why = Counter(excluded.reason)
+        kept_text = [("all" if p == "all" else "random") if k is None else ",".join(map(str, k))
+                     for p, k in zip(members.patches, members.kept)]
+        rows = pd.DataFrame({"training_set_id": ts_id, "recipe": recipe.name, "sample_id": members.sample_id,
+                             "caption_version": members.caption_version, "caption": members.train_caption,
+                             "kept_patches": kept_text})
+        version = context.assets_def.code_versions_by_key[context.asset_key]
+        with storage.catalog.transaction() as con:
+            old = [r[0] for r in con.execute("SELECT training_set_id FROM training_sets WHERE recipe = ?",
+                                             [recipe.name]).fetchall()]
+            con.execute("DELETE FROM training_set_members WHERE recipe = ?", [recipe.name])
+            con.execute("DELETE FROM training_sets WHERE recipe = ?", [recipe.name])
+            con.register("members_df", rows)
+            con.execute("INSERT INTO training_set_members SELECT * FROM members_df")
+            con.execute("INSERT INTO training_sets VALUES (?, ?, ?, ?, ?, ?, now())",
+                        [ts_id, recipe.name, len(members), json.dumps(dict(why)), json.dumps(drops),
+                         tr.config_hash()])
+            write_lineage(con, LineageRow("training_set", recipe.name,
+                                          [f"{a}/{d}" for d in drops for a in PER_DROP_INPUTS] + ["eval_sets"],
+                                          context.run.run_id, version, tr.config_hash()))
+            if old:
+                context.log.info(f"replaced training set(s) {', '.join(o[:12] for o in old)} of {recipe.name}")
+        return MaterializeResult(metadata={
+            "training_set_id": ts_id, "recipe": recipe.name, "description": recipe.description,
+            "members": len(members), "drops": ", ".join(drops),
+            "excluded_by_reason": MetadataValue.md(markdown_table([{"reason": k, "count": v} for k, v in why.most_common()]))})
+
+    @asset(partitions_def=recipe_partitions, deps=[training_set, eval_sets], group_name="training",
+           code_version=code_version("clip_checkpoint-1", tr, settings.saliency.rho), kinds={"pytorch"},
+           description="Student CLIPs (one per seed) trained with the contrastive loss at an equal budget of "
+                       "vision tokens; pruned recipes feed the vision tower only the kept patch tokens.")
+    def clip_checkpoint(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        recipe = RECIPES[context.partition_key]
+        wh = storage.warehouse
+        members = wh.read_table("training_set", recipe.name).to_pandas()
+        data = _train_data(wh, members, recipe.patches, cfg)
+        tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
+        ev = _eval_set(wh, tokenizer, cfg, vocab)
+        ts_id = members.training_set_id.iloc[0]
+        version = context.assets_def.code_versions_by_key[context.asset_key]
+        rows, curves = [], {}
+        for seed in tr.seeds:
+            context.log.info(f"{recipe.name}: training seed {seed} on {len(members)} samples")
+            model, record = train_student(data, cfg, seed, evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device),
+                                          progress=context.log.info)
+            path = wh.asset_dir("clip_checkpoint") / recipe.name / f"seed{seed}.safetensors"
+            ckpt_id = save_world_clip(model, cfg.arch, path, {"recipe": recipe.name, "seed": seed,
+                                                               "training_set_id": ts_id, **record})
+            curves[seed] = record["loss_curve"]
+            rows.append({"checkpoint_id": ckpt_id, "seed": seed, "path": str(path), **record})
+        with storage.catalog.transaction() as con:
+            con.execute("DELETE FROM checkpoints WHERE recipe = ?", [recipe.name])
+            for r in rows:
+                con.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                            [r["checkpoint_id"], recipe.name, r["seed"], ts_id, r["path"], tr.config_hash(),
+                             r["tokens_seen"], r["samples_seen"], r["wall_seconds"], r["final_loss"],
+                             json.dumps({k: r[k] for k in ("phases", "learning_curve", "steps", "train_samples")})])
+                write_lineage(con, LineageRow("clip_checkpoint", f"{recipe.name}/seed{r['seed']}",
+                                              [f"training_set/{recipe.name}", f"training_set_id:{ts_id}"],
+                                              context.run.run_id, version, tr.config_hash()))
+        summary = [{"seed": r["seed"], "checkpoint": r["checkpoint_id"][:12], "tokens_seen": r["tokens_seen"],
+                    "samples_seen": r["samples_seen"], "steps": r["steps"], "wall_s": round(r["wall_seconds"], 1),
+                    "step_s": " / ".join(f"{p['step_seconds']:.3f}" for p in r["phases"]),
+                    "final_loss": round(r["final_loss"], 3)} for r in rows]
+        return MaterializeResult(metadata={
+            "recipe": recipe.name, "training_set_id": ts_id, "seeds": len(rows),
+            "tokens_seen": rows[0]["tokens_seen"], "samples_seen": rows[0]["samples_seen"],
+            "runs": MetadataValue.md(markdown_table(summary)),
+            "loss_curve": MetadataValue.md(png_markdown(line_chart(curves[tr.seeds[0]], title=f"{recipe.name} loss, seed {tr.seeds[0]}")))})
+
+    @asset(partitions_def=recipe_partitions, deps=[clip_checkpoint, eval_sets], group_name="training",
+           code_version="benchmark_scores-1", kinds={"duckdb"},
+           description="Image↔text retrieval R@1/5/10 and zero-shot top-1/top-5 of each checkpoint on the "
+                       "held-out sets.")
+    def benchmark_scores(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        recipe = context.partition_key
+        wh = storage.warehouse
+        ckpts = storage.catalog.query("SELECT checkpoint_id, seed, path FROM checkpoints WHERE recipe = ? ORDER BY seed",
+                                      [recipe])
+        if ckpts.empty:
+            raise FileNotFoundError(f"no checkpoint of recipe {recipe}: materialise clip_checkpoint[{recipe}] first")
+        tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
+        ev = _eval_set(wh, tokenizer, cfg, vocab)
+        rows = []
+        for c in ckpts.itertuples():
+            fm = load_world_clip(c.path, cfg.device)
+            if fm.model_id != c.checkpoint_id:
+                raise ValueError(f"checkpoint file {c.path} changed since it was recorded ({fm.model_id[:12]} != "
+                                 f"{c.checkpoint_id[:12]}): re-materialise clip_checkpoint[{recipe}]")
+            scores = evaluate_student(fm.model, tokenizer, ev, cfg.device)
+            rows += [{"score_id": f"{c.checkpoint_id}:{m}", "checkpoint_id": c.checkpoint_id, "recipe": recipe,
+                      "seed": c.seed, "metric": m, "value": v} for m, v in scores.items()]
+        df = pd.DataFrame(rows)  # small: lives in the catalog table of the same name, not in Parquet
+        with storage.catalog.transaction() as con:
+            con.execute("DELETE FROM benchmark_scores WHERE recipe = ?", [recipe])
+            con.register("scores_df", df.assign(eval_set="world-heldout"))
+            con.execute("INSERT INTO benchmark_scores SELECT score_id, checkpoint_id, recipe, seed, metric, value, "
+                        "eval_set, now() FROM scores_df")
+            write_lineage(con, LineageRow("benchmark_scores", recipe,
+                                          [f"checkpoint:{c}" for c in ckpts.checkpoint_id] + ["eval_sets"],
+                                          context.run.run_id, "benchmark_scores-1", tr.config_hash()))
+        table = df.pivot_table(index="seed", columns="metric", values="value").reset_index()
+        return MaterializeResult(metadata={"recipe": recipe, "checkpoints": len(ckpts), "scores": MetadataValue.md(
+            markdown_table(table[["seed", *[m for m in HEADLINE if m in table]]].round(4).to_dict("records")))})
+
+    @asset(deps=[AssetDep(benchmark_scores, partition_mapping=AllPartitionMapping())], group_name="training",
+           code_version="recipe_comparison-1", kinds={"duckdb"},
+           description="All recipes side by side: mean ± spread over seeds, tokens and samples seen, step time.")
+    def recipe_comparison(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        table = comparison_table(storage)
+        wh = storage.warehouse
+        out = wh.tables_dir / "recipe_comparison"
+        out.mkdir(parents=True, exist_ok=True)
+        chart = bar_chart(list(table.recipe), [round(v, 3) for v in table["t2i_r@1_mean"]], width=520,
+                          title="text→image R@1 (mean over seeds)")
+        with atomic_path(out / "comparison.png") as tmp:
+            chart.save(tmp, "PNG")
+        wh.write_table("recipe_comparison", "latest", pa.Table.from_pandas(table, preserve_index=False))
+        with storage.catalog.transaction() as con:
+            write_lineage(con, LineageRow("recipe_comparison", None, [f"benchmark_scores/{r}" for r in table.recipe],
+                                          context.run.run_id, "recipe_comparison-1", tr.config_hash()))
+        storage.catalog.refresh_views(wh.tables_dir)
+        return MaterializeResult(metadata={"table": MetadataValue.md(format_comparison(table)),
+                                           "chart": MetadataValue.md(png_markdown(chart, "comparison")),
+                                           "chart_path": MetadataValue.path(str(out / "comparison.png"))})
+
+    return [eval_sets, training_set, clip_checkpoint, benchmark_scores, recipe_comparison]
+
+
+def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig) -> TrainData:
+    """Images of the members (decoded once, uint8) in member order, tokenised captions, kept sets."""
+    position = {sid: i for i, sid in enumerate(members.sample_id)}
+    size = cfg.arch.image_size
+    images = torch.zeros((len(members), 3, size, size), dtype=torch.uint8)
+    for drop in sorted(set(members.drop_id)):
+        wanted = list(members.sample_id[members.drop_id == drop])
+        raw = pq.read_table(wh.partition_path("raw_samples", drop), columns=["sample_id", "image"],
+                            filters=[("sample_id", "in", wanted)])
+        for sid, data in zip(raw.column("sample_id").to_pylist(), raw.column("image").to_pylist()):
+            img = load_rgb(data)
+            if img.size != (size, size):
+                img = img.resize((size, size))
+            images[position[sid]] = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    tokens = SimpleTokenizer(context_length=cfg.arch.context_length)(list(members.train_caption))
+    kept = None
+    if patches == "saliency":
+        kept = torch.tensor(np.stack([np.asarray(k, dtype=np.int16) for k in members.kept]))
+    return TrainData(images, tokens, kept, patches)
+
+
+def _eval_set(wh, tokenizer, cfg: StudentConfig, vocab):
+    return load_eval_set(wh.partition_path("eval_sets", "retrieval"), wh.partition_path("eval_sets", "classification"),
+                         tokenizer, cfg.arch.image_size, vocab.shapes, vocab.colour_names)
+
+
+def comparison_table(storage: StorageResource) -> pd.DataFrame:
+    scores = storage.catalog.query("SELECT recipe, seed, metric, value FROM benchmark_scores")
+    ckpts = storage.catalog.query("SELECT recipe, seed, tokens_seen, samples_seen, wall_seconds, record FROM checkpoints")
+    if scores.empty:
+        raise FileNotFoundError("no benchmark scores yet: materialise benchmark_scores for some recipes first")
+    ckpts["step_seconds"] = ckpts.record.map(lambda r: json.loads(r)["phases"][0]["step_seconds"])
+    rows = []
+    for recipe in [r for r in RECIPE_NAMES if r in set(scores.recipe)]:
+        s = scores[scores.recipe == recipe]
+        c = ckpts[ckpts.recipe == recipe]
+        row = {"recipe": recipe, "seeds": s.seed.nunique(), "tokens_seen": int(c.tokens_seen.mean()),
+               "samples_seen": int(c.samples_seen.mean()), "step_seconds": float(c.step_seconds.mean()),
+               "wall_seconds": float(c.wall_seconds.mean())}
+        for m in HEADLINE:
+            v = s[s.metric == m].value
+            row[f"{m}_mean"], row[f"{m}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_comparison(table: pd.DataFrame) -> str:
+    rows = []
+    for r in table.to_dict("records"):
+        row = {"recipe": r["recipe"], "seeds": r["seeds"], "tokens": r["tokens_seen"], "samples": r["samples_seen"],
+               "step s": f"{r['step_seconds']:.3f}", "wall s": f"{r['wall_seconds']:.0f}"}
+        row.update({m: f"{100 * r[f'{m}_mean']:.1f} ± {100 * r[f'{m}_std']:.1f}" for m in HEADLINE})
+        rows.append(row)
+    return markdown_table(rows, max_chars=20)

@@ -1,0 +1,86 @@
+"""The cross-drop training assets end to end, at a tiny budget, with a tiny governor."""
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from juicer_pipeline.definitions import COMPARE_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
+from juicer_pipeline.models.loader import save_world_clip
+from juicer_pipeline.models.world_clip import build_clip, tiny_arch
+from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSettings, TrainingSettings
+from juicer_pipeline.storage import Catalog
+from juicer_pipeline.world import DropConfig, generate_drop, generate_eval_set
+
+from .helpers import run_drop, write_folder_drop
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+RECIPES = ("raw", "flip", "sieve_then_juice")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from dagster import instance_for_test
+
+    root = tmp_path_factory.mktemp("train") / "data"
+    torch.manual_seed(0)
+    arch = tiny_arch(image_size=64, conv_stem=True)
+    save_world_clip(build_clip(arch), arch, root / "tiny.safetensors", {"note": "random init"})
+    for kind in ("retrieval", "classification"):
+        generate_eval_set(root / "world" / "evalsets" / kind, kind, 120)
+    generate_drop(root / "drops" / "d1", DropConfig(n_samples=160, seed=1))
+    # a drop that carries an evaluation image again: it must never reach a training set
+    eval_image = sorted((root / "world" / "evalsets" / "retrieval" / "images").iterdir())[0]
+    write_folder_drop(root / "drops" / "leak", {"x.png": eval_image.read_bytes()},
+                      [{"image": "x.png", "caption": "a red star", "sample_id": "x"}])
+    settings = JuicerSettings(
+        governor=GovernorSettings(source=f"file:{root / 'tiny.safetensors'}", batch_size=64),
+        classes=ClassSettings(calibration_images=20),
+        training=TrainingSettings(seeds=[0, 1], budget_full_steps=4, batch_size=32, vision_width=32,
+                                  vision_layers=1, text_width=32, text_layers=1, eval_points=1))
+    defs = build_definitions(settings, root)
+    with instance_for_test() as inst:
+        assert defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=inst, run_config=QUIET).success
+        for drop in ("d1", "leak"):
+            assert run_drop(root, inst, drop, settings, assets=None).success
+        for recipe in RECIPES:
+            assert defs.resolve_job_def(RECIPES_JOB_NAME).execute_in_process(
+                instance=inst, partition_key=recipe, run_config=QUIET).success
+        result = defs.resolve_job_def(COMPARE_JOB_NAME).execute_in_process(instance=inst, run_config=QUIET)
+    yield root, result
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_evaluation_image_dropped_again_is_held_out(trained):
+    root, _ = trained
+    cat = Catalog(root / "catalog.duckdb")
+    members = cat.query("SELECT sample_id FROM training_set_members")
+    assert "leak/x" not in set(members.sample_id)
+    excluded = pd.read_parquet(root / "warehouse" / "training_set_excluded")
+    assert set(excluded[excluded.sample_id == "leak/x"].reason) == {"held_out"}
+
+
+def test_equal_token_budget_and_catalog_records(trained):
+    root, _ = trained
+    cat = Catalog(root / "catalog.duckdb")
+    ck = cat.query("SELECT recipe, seed, tokens_seen, samples_seen FROM checkpoints ORDER BY recipe, seed")
+    assert len(ck) == len(RECIPES) * 2
+    assert ck.tokens_seen.max() - ck.tokens_seen.min() <= 32 * 64  # within one batch of full patches
+    samples = ck.groupby("recipe").samples_seen.first()
+    assert samples["flip"] > samples["raw"] and samples["sieve_then_juice"] > samples["raw"]
+    scores = cat.query("SELECT recipe, metric, count(*) AS n FROM benchmark_scores GROUP BY ALL")
+    assert set(scores.recipe) == set(RECIPES) and (scores.n == 2).all()
+    assert {"i2t_r@1", "t2i_r@10", "top1", "top5"} <= set(scores.metric)
+    sets = cat.query("SELECT recipe, n_members FROM training_sets").set_index("recipe").n_members
+    assert sets["sieve_then_juice"] < sets["raw"]
+    kept = cat.query("SELECT DISTINCT kept_patches FROM training_set_members WHERE recipe = 'sieve_then_juice'")
+    assert all(len(k.split(",")) == 32 for k in kept.kept_patches)
+
+
+def test_comparison_table_and_chart(trained):
+    root, result = trained
+    meta = result.asset_materializations_for_node("recipe_comparison")[0].metadata
+    table = meta["table"].value
+    for recipe in RECIPES:
+        assert f"| {recipe} |" in table
+    assert (root / "warehouse" / "recipe_comparison" / "comparison.png").stat().st_size > 500
