@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=1500, help="samples per demo drop (default 1500)")
     demo.add_argument("--eval-samples", type=int, default=2000, help="images per held-out set (default 2000)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--skip-training", action="store_true", help="juice the drops but train no recipe")
     demo.set_defaults(func=cmd_demo)
 
     world = sub.add_parser("world", help="generate synthetic-world data").add_subparsers(required=True, metavar="what")
@@ -166,18 +167,20 @@ def dagster_instance(data_dir: Path):
 
 
 def cmd_demo(a) -> int:
-    from .definitions import DROP_JOB_NAME, GOVERNOR_JOB_NAME, build_definitions
+    from .definitions import COMPARE_JOB_NAME, DROP_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
+    from .governance.recipes import RECIPE_NAMES
 
     data_dir = default_data_dir()
     wh = Warehouse(data_dir)
     t0 = time.perf_counter()
     names = ensure_demo_world(wh, a.drops, a.samples, a.eval_samples, a.seed)
+    ensure_demo_settings(data_dir)
     instance = dagster_instance(data_dir)
     defs = build_definitions(data_dir=data_dir)
     known = set(instance.get_dynamic_partitions("drops"))
     instance.add_dynamic_partitions("drops", [n for n in names if n not in known])
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    log.info("resolving the governor")
+    log.info("resolving the governor and ingesting the held-out evaluation sets")
     if not defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False,
                                                                       run_config=quiet).success:
         print("juicer: the governor run failed; see the run in the UI (make ui)", file=sys.stderr)
@@ -189,11 +192,40 @@ def cmd_demo(a) -> int:
         if not result.success:
             print(f"juicer: demo run for drop {name} failed; see the run in the UI (make ui)", file=sys.stderr)
             return 1
-    _print_summary(wh, names, time.perf_counter() - t0)
+    if not a.skip_training:
+        recipes_job = defs.resolve_job_def(RECIPES_JOB_NAME)
+        for recipe in RECIPE_NAMES:
+            log.info("training recipe %s", recipe)
+            if not recipes_job.execute_in_process(partition_key=recipe, instance=instance, raise_on_error=False,
+                                                  run_config=quiet).success:
+                print(f"juicer: demo run for recipe {recipe} failed; see the run in the UI", file=sys.stderr)
+                return 1
+        if not defs.resolve_job_def(COMPARE_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False,
+                                                                         run_config=quiet).success:
+            print("juicer: recipe comparison failed; see the run in the UI", file=sys.stderr)
+            return 1
+    _print_summary(wh, names, time.perf_counter() - t0, trained=not a.skip_training)
     return 0
 
 
-def _print_summary(wh: Warehouse, names: list[str], seconds: float) -> None:
+DEMO_SETTINGS = """# Written by `juicer demo` (edit freely; delete to return to the defaults).
+# A training budget small enough for the demo's 15-minute target on 2 CPU cores;
+# benchmarks/recipes.py uses the full CPU preset.
+[training]
+seeds = [0, 1, 2]
+budget_full_steps = 60
+"""
+
+
+def ensure_demo_settings(data_dir: Path) -> None:
+    path = data_dir / "juicer.toml"
+    if not path.exists() and not os.environ.get("JUICER_CONFIG"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(DEMO_SETTINGS)
+        log.info("wrote demo settings to %s", path)
+
+
+def _print_summary(wh: Warehouse, names: list[str], seconds: float, trained: bool = True) -> None:
     cat = Catalog(wh.catalog_path)
     quoted = ", ".join(f"'{n}'" for n in names)
     counts = cat.query(f"SELECT drop_id, n_samples, n_valid, n_quarantined FROM drops WHERE drop_id IN ({quoted}) ORDER BY 1")
@@ -211,6 +243,16 @@ def _print_summary(wh: Warehouse, names: list[str], seconds: float) -> None:
     rho = load_settings(data_dir=wh.root).saliency.rho
     for name in names:
         print(truth_report(wh, name, rho))
+    if trained:
+        from .assets.resources import StorageResource
+        from .assets.training import comparison_table
+
+        table = comparison_table(StorageResource(data_dir=str(wh.root)))
+        print("recipes (held-out scores, % mean ± std over seeds; equal vision-token budget):")
+        print(table[["recipe", "seeds", "tokens_seen", "samples_seen"]].assign(
+            **{m: [f"{100 * r[m + '_mean']:.1f} ± {100 * r[m + '_std']:.1f}" for r in table.to_dict("records")]
+               for m in ("i2t_r@1", "t2i_r@1", "top1")}).to_string(index=False))
+        print(f"chart:    {wh.tables_dir}/recipe_comparison/comparison.png")
     print(f"outputs:  {wh.tables_dir}/<asset>/<drop>.parquet")
     print(f"catalog:  {wh.catalog_path}")
     print("query:    .venv/bin/python -c \"import duckdb; print(duckdb.connect('data/catalog.duckdb', read_only=True)"

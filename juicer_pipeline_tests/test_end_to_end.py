@@ -20,9 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_generates_world_juices_drops_and_prints_summary(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    assert main(["demo", "--drops", "2", "--samples", "150", "--eval-samples", "50"]) == 0
+    args = ["demo", "--drops", "2", "--samples", "150", "--eval-samples", "50", "--skip-training"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "juicer demo summary" in out and "quarantined by reason" in out
+    assert "saliency vs truth on demo-00" in out and "classes vs truth" in out
+    assert (data_dir / "juicer.toml").exists()  # the demo's settings, shared with `make ui`
     drops = Catalog(data_dir / "catalog.duckdb").query("SELECT * FROM drops ORDER BY drop_id")
     assert list(drops.drop_id) == ["demo-00", "demo-01"] and list(drops.format) == ["folder", "wds"]
     assert (drops.n_samples == 150).all() and (drops.n_valid + drops.n_quarantined == 150).all()
@@ -30,7 +33,7 @@ def test_demo_generates_world_juices_drops_and_prints_summary(data_dir, tmp_path
     for kind in ("retrieval", "classification"):
         assert (data_dir / "world" / "evalsets" / kind / "captions.parquet").exists()
     # a second run reuses the world and replaces rows instead of adding them
-    assert main(["demo", "--drops", "2", "--samples", "150", "--eval-samples", "50"]) == 0
+    assert main(args) == 0
     assert Catalog(data_dir / "catalog.duckdb").query("SELECT count(*) AS n FROM samples").n[0] == 300
 
 
