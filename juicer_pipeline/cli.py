@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     truth.add_argument("--rho", type=float, default=None, help="ρ to evaluate (default: the configured one)")
     truth.set_defaults(func=cmd_truth)
 
+    lineage = sub.add_parser("lineage", help="trace a score/checkpoint to its samples, or a sample forward")
+    lineage.add_argument("ident", nargs="?", help="checkpoint id (or prefix) or score id '<checkpoint>:<metric>'")
+    lineage.add_argument("--sample", help="trace this sample id forward instead")
+    lineage.add_argument("--limit", type=int, default=10, help="member rows to print")
+    lineage.set_defaults(func=cmd_lineage)
+
     status = sub.add_parser("status", help="drops, sample counts and quarantine reasons from the catalog")
     status.set_defaults(func=cmd_status)
     return p
@@ -291,6 +297,37 @@ def cmd_truth(a) -> None:
     data_dir = default_data_dir()
     rho = a.rho if a.rho is not None else load_settings(data_dir=data_dir).saliency.rho
     print(truth_report(Warehouse(data_dir), a.drop, rho))
+
+
+def cmd_lineage(a) -> None:
+    from .storage.lineage import trace_back, trace_forward
+
+    cat = Catalog(Warehouse(default_data_dir()).catalog_path)
+    try:
+        if a.sample:
+            out = trace_forward(cat, a.sample)
+            print("sample:", out["sample"])
+            arts = out["artifacts"]
+            print(arts.to_string(index=False) if len(arts) else "in no training set")
+            if out["excluded"] is not None and len(out["excluded"]):
+                print("left out of:")
+                print(out["excluded"].to_string(index=False))
+            return
+        if not a.ident:
+            raise ValueError("give a checkpoint or score id, or --sample <sample id>")
+        out = trace_back(cat, a.ident)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from exc
+    m = out["members"]
+    print(f"checkpoint {out['checkpoint_id']} (recipe {out['recipe']}, seed {out['seed']})")
+    print(f"training set {out['training_set_id']}: {len(m)} samples from drops {', '.join(out['drops'])}")
+    print("caption versions:", m.caption_version.value_counts().to_dict(),
+          " governor:", ", ".join(sorted(set(m.governor_id.dropna()))) or "n/a")
+    print(m[["sample_id", "caption_version", "kept_patches", "caption"]].head(a.limit).to_string(index=False))
+    print("artifacts (code version, config hash, governor, Dagster run):")
+    print(out["lineage"].to_string(index=False))
+    if len(out["scores"]):
+        print("scores:", {r.metric: round(r.value, 4) for r in out["scores"].itertuples()})
 
 
 def cmd_status(a) -> None:

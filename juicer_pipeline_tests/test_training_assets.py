@@ -84,3 +84,25 @@ def test_comparison_table_and_chart(trained):
     for recipe in RECIPES:
         assert f"| {recipe} |" in table
     assert (root / "warehouse" / "recipe_comparison" / "comparison.png").stat().st_size > 500
+
+
+def test_lineage_both_directions(trained):
+    from juicer_pipeline.storage.lineage import trace_back, trace_forward
+
+    root, _ = trained
+    cat = Catalog(root / "catalog.duckdb")
+    score_id = cat.query("SELECT score_id FROM benchmark_scores WHERE recipe = 'sieve_then_juice' LIMIT 1").score_id[0]
+    back = trace_back(cat, score_id)
+    assert back["recipe"] == "sieve_then_juice" and back["drops"] == ["d1", "leak"]
+    members = back["members"]
+    assert (members.caption_version == "enriched").all() and members.governor_id.notna().all()
+    assert {"governor", "training_set/sieve_then_juice", "pruned_images/d1"} <= set(back["lineage"].artifact)
+    assert back["lineage"].run_id.notna().all()
+    member = members.sample_id.iloc[0]
+    forward = trace_forward(cat, member)
+    assert "sieve_then_juice" in set(forward["artifacts"].recipe)
+    assert forward["artifacts"].scores.gt(0).all()
+    held = trace_forward(cat, "leak/x")
+    assert held["artifacts"].empty and set(held["excluded"].reason) == {"held_out"}
+    with pytest.raises(KeyError):
+        trace_back(cat, "no-such-checkpoint")
