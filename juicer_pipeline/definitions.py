@@ -5,6 +5,7 @@ from pathlib import Path
 
 from dagster import AssetSelection, Definitions, define_asset_job
 
+from .assets.checks import build_checks
 from .assets.ingest import build_ingest_assets
 from .assets.text import build_text_assets
 from .assets.training import build_training_assets
@@ -45,6 +46,7 @@ def build_definitions(settings: JuicerSettings | None = None, data_dir: Path | N
                                                 "ingest the held-out evaluation sets.")
     return Definitions(
         assets=all_assets,
+        asset_checks=build_checks(settings),
         jobs=[drop_job, governor_job, recipes_job, compare_job],
         sensors=[build_drop_sensor(drop_job)],
         resources={"storage": StorageResource(data_dir=str(data_dir))},

@@ -50,4 +50,5 @@ def run_drop(data_dir: Path, instance, drop: str, settings: JuicerSettings | Non
 def run_governor(data_dir: Path, instance, settings: JuicerSettings):
     defs = build_definitions(settings=settings, data_dir=data_dir)
     return defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(
-        instance=instance, run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+        instance=instance, asset_selection=[AssetKey("governor")],
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})

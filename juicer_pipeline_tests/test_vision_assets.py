@@ -84,7 +84,7 @@ def test_changing_rho_changes_only_the_decision_stages(data_dir, tiny_settings):
     versions = lambda d: {k.to_user_string(): v for ad in d.assets for k, v in ad.code_versions_by_key.items()}  # noqa
     va, vb = versions(a), versions(b)
     changed = {k for k in va if va[k] != vb[k]}
-    assert changed == {"pruned_images"}
+    assert changed == {"pruned_images", "clip_checkpoint"}  # flip's random K follows ρ too
     c = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(method="attention_rollout")}),
                           data_dir)
     vc = versions(c)
@@ -115,10 +115,21 @@ def test_enriched_captions_and_truth_report(data_dir, juiced):
     assert len(captions) == meta["captions"] == _meta(result, "raw_samples")["valid"]
     assert captions.enriched_caption.str.len().gt(0).all()
     assert not captions.enriched_caption.str.contains("<|http|IMG_", regex=True).any()
-    check = result.get_asset_check_evaluations()[0]
-    assert check.check_name == "similarity_not_worse"
-    assert check.passed == (meta["mean_similarity_after"] >= meta["mean_similarity_before"])
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["similarity_not_worse"].passed == (meta["mean_similarity_after"] >= meta["mean_similarity_before"])
+    assert checks["coverage"].passed and checks["retention"].passed and checks["no_empty_caption"].passed
     report = truth_report(Warehouse(data_dir), "v1", 0.5)
     for word in ("cls_attention", "attention_rollout", "global_similarity", "random", "classes vs truth",
                  "captions mentioning every true object"):
         assert word in report
+
+
+def test_failing_check_names_the_offending_samples(data_dir, instance, juiced, tiny_settings):
+    path = data_dir / "warehouse" / "extracted_classes" / "v1.parquet"
+    table = pq.read_table(path).to_pandas()
+    victim = table.sample_id[2]
+    pq.write_table(pa.Table.from_pandas(table.drop(index=2), preserve_index=False), path)
+    result = run_drop(data_dir, instance, "v1", tiny_settings, assets=("enriched_captions",))
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["coverage"].passed
+    assert victim in checks["coverage"].metadata["missing_extracted_classes"].value
