@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import (AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions,
+                     define_asset_job)
 
 from .assets.checks import build_checks
 from .assets.ingest import build_ingest_assets
@@ -12,6 +13,7 @@ from .assets.training import build_training_assets
 from .assets.vision import build_vision_assets
 from .assets.partitions import drops_partitions
 from .assets.resources import StorageResource
+from .automation.schedules import build_retrain_schedule
 from .automation.sensors import build_drop_sensor
 from .settings import JuicerSettings, load_settings
 from .storage import default_data_dir
@@ -48,7 +50,12 @@ def build_definitions(settings: JuicerSettings | None = None, data_dir: Path | N
         assets=all_assets,
         asset_checks=build_checks(settings),
         jobs=[drop_job, governor_job, recipes_job, compare_job],
-        sensors=[build_drop_sensor(drop_job)],
+        sensors=[build_drop_sensor(drop_job),
+                 AutomationConditionSensorDefinition(
+                     "automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING,
+                     description="Re-materialises stale or missing per-drop partitions and shared assets "
+                                 "(see juicer_pipeline/automation/conditions.py).")],
+        schedules=[build_retrain_schedule(recipes_job, settings.training.schedule_cron)],
         resources={"storage": StorageResource(data_dir=str(data_dir))},
     )
 

@@ -96,6 +96,7 @@ class TrainingSettings(_Section):
     eval_points: int = Field(3, ge=1, description="learning-curve evaluations over the budget")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     threads: int = Field(2, ge=1)
+    schedule_cron: str = Field("0 2 * * *", description="when the retraining schedule runs (stale recipes only)")
 
 
 class JuicerSettings(_Section):

@@ -39,3 +39,22 @@ def test_incomplete_hidden_and_oddly_named_folders_are_not_drops(data_dir, insta
     instance.add_dynamic_partitions("drops", ["good"])
     result = _evaluate(data_dir, instance)
     assert [r.partition_key for r in result.run_requests] == ["half"]
+
+
+def test_retrain_schedule_requests_stale_recipes_only_and_automation_runs(data_dir, instance):
+    from datetime import datetime, timezone
+
+    from dagster import DefaultSensorStatus, build_schedule_context
+
+    from juicer_pipeline.governance.recipes import RECIPE_NAMES
+
+    defs = build_definitions(data_dir=data_dir)
+    schedule = defs.resolve_schedule_def("retrain_recipes")
+    assert schedule.cron_schedule == "0 2 * * *"
+    ctx = build_schedule_context(instance=instance, repository_def=defs.get_repository_def(),
+                                 scheduled_execution_time=datetime(2026, 11, 29, 2, tzinfo=timezone.utc))
+    requests = schedule.evaluate_tick(ctx).run_requests
+    assert [r.partition_key for r in requests] == RECIPE_NAMES
+    assert all(r.stale_assets_only and r.run_key.endswith("2026-11-29") for r in requests)
+    automation = defs.resolve_sensor_def("automation")
+    assert automation.default_status == DefaultSensorStatus.RUNNING

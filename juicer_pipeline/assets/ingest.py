@@ -8,6 +8,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from ..governance.drop_sources import open_drop
 from ..governance.images import ImageLimits, load_rgb
 from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
+from ..automation.conditions import RERUN_ON_SETTINGS
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, replace_drop, write_lineage
 from .partitions import drops_partitions
@@ -25,7 +26,7 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
 
     @asset(
         partitions_def=drops_partitions, code_version=version, group_name="ingest",
-        kinds={"parquet", "duckdb"},
+        kinds={"parquet", "duckdb"}, automation_condition=RERUN_ON_SETTINGS,
         description="Every sample of a drop, decoded and verified: valid with its image bytes, or "
                     "quarantined with a precise reason. Catalog rows in `samples` and `drops`.",
     )

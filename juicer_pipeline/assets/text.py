@@ -10,6 +10,7 @@ from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Ma
 from ..governance.caption_refiner import ObjectVocabulary, RulesRefiner, TransformersRefiner
 from ..governance.vision import stored_vectors
 from ..models.loader import cached_foundation_model, model_fingerprint
+from ..automation.conditions import PER_DROP
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, write_lineage
 from ..world.vocabulary import load_vocabulary
@@ -41,7 +42,7 @@ def build_text_assets(settings: JuicerSettings) -> list:
     fingerprint = model_fingerprint(gov.source)
     model_part = model_fingerprint(f"file:{cap.model_path}") if cap.backend == "transformers" else "rules"
 
-    @asset(partitions_def=drops_partitions, deps=["raw_samples", "extracted_classes", "patch_saliency"],
+    @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=["raw_samples", "extracted_classes", "patch_saliency"],
            group_name="text", code_version=code_version("enriched_captions-1", cap, fingerprint, model_part),
            kinds={"parquet"},
            check_specs=[AssetCheckSpec("similarity_not_worse", asset="enriched_captions",

@@ -23,6 +23,7 @@ from ..governance.recipes import RECIPE_NAMES, RECIPES
 from ..governance.training_set import assemble_training_set
 from ..models.loader import load_world_clip, save_world_clip
 from ..models.world_clip import ClipArch
+from ..automation.conditions import FOLLOW_UPSTREAM, SHARED
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, atomic_path, write_lineage
 from ..world.vocabulary import load_vocabulary
@@ -85,7 +86,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
     cfg = student_config(settings)
     vocab = load_vocabulary()
 
-    @asset(group_name="evaluation", code_version="eval_sets-1", kinds={"parquet"},
+    @asset(group_name="evaluation", code_version="eval_sets-1", kinds={"parquet"}, automation_condition=SHARED,
            description="The clean held-out evaluation sets (retrieval pairs; single-object images for zero-shot "
                        "classification), ingested like drops. Their content hashes can never enter a training set.")
     def eval_sets(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
@@ -231,7 +232,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
             markdown_table(table[["seed", *[m for m in HEADLINE if m in table]]].round(4).to_dict("records")))})
 
     @asset(deps=[AssetDep(benchmark_scores, partition_mapping=AllPartitionMapping())], group_name="training",
-           code_version="recipe_comparison-1", kinds={"duckdb"},
+           code_version="recipe_comparison-1", kinds={"duckdb"}, automation_condition=FOLLOW_UPSTREAM,
            description="All recipes side by side: mean ± spread over seeds, tokens and samples seen, step time.")
     def recipe_comparison(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         table = comparison_table(storage)

@@ -18,6 +18,7 @@ from ..governance.saliency import VisionPass
 from ..governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_record_batch, score_batch,
                                  stored_vectors)
 from ..models.loader import cached_foundation_model, model_fingerprint
+from ..automation.conditions import PER_DROP, SHARED
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, atomic_path, upsert_model, write_lineage
 from ..world.vocabulary import load_vocabulary
@@ -62,7 +63,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
     load = lambda: cached_foundation_model(gov.source, gov.device)  # noqa: E731
 
     @asset(code_version=code_version("governor-1", gov, fingerprint, cls, sal.method), group_name="vision",
-           kinds={"pytorch", "duckdb"},
+           kinds={"pytorch", "duckdb"}, automation_condition=SHARED,
            description="The foundation model every stage uses (settings `governor.source`), its held-out "
                        "scores and its calibrated class threshold τ. Catalog row in `models`.")
     def governor(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
@@ -98,7 +99,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             meta["loss_curve"] = MetadataValue.md(png_markdown(line_chart(fm.info["loss_curve"], title="training loss")))
         return MaterializeResult(metadata=meta)
 
-    @asset(partitions_def=drops_partitions, deps=["raw_samples", governor], group_name="vision",
+    @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=["raw_samples", governor], group_name="vision",
            code_version=code_version("patch_saliency-1", fingerprint), kinds={"pytorch", "parquet"},
            description="One governor pass per valid image: pooled normalised embedding and the patch "
                        "saliency grid of every method (so a method or ρ change never re-runs the model).")
@@ -126,7 +127,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             "images_per_second": round(n / max(seconds, 1e-9), 1), "grid": f"{fm.grid[0]}x{fm.grid[1]}",
             "governor_id": fm.model_id})
 
-    @asset(partitions_def=drops_partitions, deps=[patch_saliency], group_name="vision",
+    @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=[patch_saliency], group_name="vision",
            code_version=code_version("pruned_images-1", fingerprint, sal), kinds={"parquet"},
            description="Top ⌈ρ·N⌉ patches per image by the configured saliency method: the kept indices "
                        "that training feeds to the vision tower.")
@@ -154,7 +155,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             meta["preview"] = MetadataValue.md(_previews(wh, drop, table, scores, kept))
         return MaterializeResult(metadata=meta)
 
-    @asset(partitions_def=drops_partitions, deps=[patch_saliency, governor], group_name="vision",
+    @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=[patch_saliency, governor], group_name="vision",
            code_version=code_version("extracted_classes-1", fingerprint, cls, sal.method), kinds={"pytorch", "parquet"},
            description="At most k object classes per image with probability ≥ τ (calibrated), from zero-shot "
                        "classification of crops around connected salient regions (a second, small FM pass).")
@@ -199,7 +200,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             "note": "classes come from a second FM pass over crops of salient regions; the full-image pass "
                     "is not repeated"})
 
-    @asset(partitions_def=drops_partitions, deps=[patch_saliency, "raw_samples"], group_name="vision",
+    @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=[patch_saliency, "raw_samples"], group_name="vision",
            code_version=code_version("sieve_scores-1", fingerprint), kinds={"pytorch", "parquet"},
            description="Governor image-text cosine per sample from the stored image embedding and the "
                        "caption embedding: the sample-level sieve's (DataSieve baseline) input.")
