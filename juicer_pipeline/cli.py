@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("--limit", type=int, default=10, help="member rows to print")
     lineage.set_defaults(func=cmd_lineage)
 
+    report = sub.add_parser("report", help="write one static HTML page of the latest recipe comparison")
+    report.add_argument("--out", type=Path, default=None, help="default: <data dir>/report.html")
+    report.set_defaults(func=cmd_report)
+
     status = sub.add_parser("status", help="drops, sample counts and quarantine reasons from the catalog")
     status.set_defaults(func=cmd_status)
     return p
@@ -328,6 +332,12 @@ def cmd_lineage(a) -> None:
     print(out["lineage"].to_string(index=False))
     if len(out["scores"]):
         print("scores:", {r.metric: round(r.value, 4) for r in out["scores"].itertuples()})
+
+
+def cmd_report(a) -> None:
+    from .report import write_report
+
+    print(f"wrote {write_report(Warehouse(default_data_dir()), a.out)}")
 
 
 def cmd_status(a) -> None:

@@ -106,3 +106,14 @@ def test_lineage_both_directions(trained):
     assert held["artifacts"].empty and set(held["excluded"].reason) == {"held_out"}
     with pytest.raises(KeyError):
         trace_back(cat, "no-such-checkpoint")
+
+
+def test_static_report(trained):
+    from juicer_pipeline.report import write_report
+    from juicer_pipeline.storage import Warehouse
+
+    root, _ = trained
+    page = write_report(Warehouse(root)).read_text()
+    assert "Recipe comparison" in page and "data:image/png;base64" in page
+    for recipe in RECIPES:
+        assert f"<td>{recipe}</td>" in page
