@@ -224,6 +224,7 @@ DEMO_SETTINGS = """# Written by `juicer demo` (edit freely; delete to return to 
 [training]
 seeds = [0, 1, 2]
 budget_full_steps = 60
+eval_points = 1
 """
 
 

@@ -133,3 +133,24 @@ def test_failing_check_names_the_offending_samples(data_dir, instance, juiced, t
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert not checks["coverage"].passed
     assert victim in checks["coverage"].metadata["missing_extracted_classes"].value
+
+
+def test_rho_change_makes_automation_rerun_only_pruned_images(data_dir, instance, juiced, tiny_settings):
+    """Declarative automation after a juiced drop: nothing to do; after ρ changes, exactly the
+    pruned_images partition is requested (saliency, classes, captions are not recomputed)."""
+    from dagster import AssetKey, AssetSelection, evaluate_automation_conditions
+
+    from juicer_pipeline.definitions import build_definitions
+
+    per_drop = ["raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "sieve_scores",
+                "enriched_captions"]
+    selection = AssetSelection.assets(*per_drop)
+    before = build_definitions(tiny_settings, data_dir)
+    first = evaluate_automation_conditions(before, instance, asset_selection=selection)
+    again = evaluate_automation_conditions(before, instance, asset_selection=selection, cursor=first.cursor)
+    assert again.total_requested == 0  # nothing changed: nothing recomputed
+    after = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(rho=0.25)}), data_dir)
+    changed = evaluate_automation_conditions(after, instance, asset_selection=selection, cursor=again.cursor)
+    requested = {a: changed.get_requested_partitions(AssetKey(a)) for a in per_drop}
+    assert requested["pruned_images"] == {"v1"}
+    assert all(not v for a, v in requested.items() if a != "pruned_images")
