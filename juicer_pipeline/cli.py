@@ -285,6 +285,7 @@ def truth_report(wh: Warehouse, drop: str, rho: float) -> str:
         c = class_table(drop_dir, classes_path, drop)
         lines.append(f"classes vs truth: precision {c['precision']:.3f}, recall {c['recall']:.3f} "
                      f"({c['true_positives']} correct, {c['false_positives']} wrong, {c['missed']} missed)")
+        lines.append(_pooled_baseline_line(wh, drop_dir, drop))
     captions_path = wh.partition_path("enriched_captions", drop)
     if captions_path.exists():
         from .world.truth_metrics import caption_table
@@ -294,6 +295,25 @@ def truth_report(wh: Warehouse, drop: str, rho: float) -> str:
                      f"{t['all_objects_mentioned_after']:.3f} after enrichment; mentioning an object not in the "
                      f"image: {t['foreign_object_before']:.3f} before, {t['foreign_object_after']:.3f} after")
     return "\n".join(lines)
+
+
+def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str) -> str:
+    """Region crops (the pipeline's choice) vs the pooled-embedding alternative, same τ and k."""
+    import json as _json
+
+    from .assets.vision import _class_embeddings, _vocabulary
+    from .models.loader import cached_foundation_model
+    from .settings import load_settings
+    from .world.truth_metrics import pooled_class_baseline
+
+    settings = load_settings(data_dir=wh.root)
+    record = _json.loads((wh.tables_dir / "governor" / "governor.json").read_text())
+    fm = cached_foundation_model(settings.governor.source, settings.governor.device)
+    names, _ = _vocabulary()
+    b = pooled_class_baseline(drop_dir, wh.partition_path("patch_saliency", drop), drop, _class_embeddings(fm),
+                              names, record["tau"], settings.classes.k)
+    return (f"  pooled-embedding alternative at the same τ={record['tau']:.2f}: precision {b['precision']:.3f}, "
+            f"recall {b['recall']:.3f}")
 
 
 def cmd_truth(a) -> None:

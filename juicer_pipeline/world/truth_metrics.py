@@ -116,3 +116,24 @@ def caption_table(drop_dir: Path, captions_parquet: Path, drop_id: str, vocab=No
     return {"captions": len(caps), "all_objects_mentioned_before": full_before / n,
             "all_objects_mentioned_after": full_after / n, "foreign_object_before": hallucinated_before / n,
             "foreign_object_after": hallucinated_after / n}
+
+
+def pooled_class_baseline(drop_dir: Path, saliency_parquet: Path, drop_id: str, class_emb, names: list[str],
+                          tau: float, k: int = 3) -> dict:
+    """The one-embedding alternative to region crops: zero-shot softmax of the stored pooled image
+    embedding, same k and τ, scored against truth like `class_table`."""
+    import torch
+
+    from ..governance.classes import decide_classes, zero_shot_probs
+
+    truth = load_truth(drop_dir, drop_id)
+    table = pq.read_table(saliency_parquet, columns=["sample_id", "embedding"]).to_pandas()
+    table = table[table.sample_id.isin(truth.index)]
+    emb = torch.tensor(np.stack(table.embedding.to_numpy()))
+    probs = zero_shot_probs(emb, class_emb).numpy()
+    tp = fp = fn = 0
+    for sid, p in zip(table.sample_id, probs):
+        pred = {c for c, _ in decide_classes(p, names, k, tau)}
+        true = set(truth.loc[sid, "classes"])
+        tp, fp, fn = tp + len(pred & true), fp + len(pred - true), fn + len(true - pred)
+    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "images": len(table)}
