@@ -271,7 +271,7 @@ def _print_summary(wh: Warehouse, names: list[str], seconds: float, trained: boo
     print("UI:       make ui   (then open http://127.0.0.1:3000)")
 
 
-def truth_report(wh: Warehouse, drop: str, rho: float) -> str:
+def truth_report(wh: Warehouse, drop: str, rho: float, settings=None) -> str:
     from .world.truth_metrics import class_table, saliency_table
 
     drop_dir = wh.drops_dir / drop
@@ -285,7 +285,7 @@ def truth_report(wh: Warehouse, drop: str, rho: float) -> str:
         c = class_table(drop_dir, classes_path, drop)
         lines.append(f"classes vs truth: precision {c['precision']:.3f}, recall {c['recall']:.3f} "
                      f"({c['true_positives']} correct, {c['false_positives']} wrong, {c['missed']} missed)")
-        lines.append(_pooled_baseline_line(wh, drop_dir, drop))
+        lines.append(_pooled_baseline_line(wh, drop_dir, drop, settings))
     captions_path = wh.partition_path("enriched_captions", drop)
     if captions_path.exists():
         from .world.truth_metrics import caption_table
@@ -297,7 +297,7 @@ def truth_report(wh: Warehouse, drop: str, rho: float) -> str:
     return "\n".join(lines)
 
 
-def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str) -> str:
+def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=None) -> str:
     """Region crops (the pipeline's choice) vs the pooled-embedding alternative, same τ and k."""
     import json as _json
 
@@ -306,7 +306,7 @@ def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str) -> str:
     from .settings import load_settings
     from .world.truth_metrics import pooled_class_baseline
 
-    settings = load_settings(data_dir=wh.root)
+    settings = settings or load_settings(data_dir=wh.root)
     record = _json.loads((wh.tables_dir / "governor" / "governor.json").read_text())
     fm = cached_foundation_model(settings.governor.source, settings.governor.device)
     names, _ = _vocabulary()

@@ -105,7 +105,7 @@ def test_corrupt_stored_embedding_fails_the_stage_loudly(data_dir, instance, jui
     assert "embedding of sample" in text and "has 5 values" in text
 
 
-def test_enriched_captions_and_truth_report(data_dir, juiced):
+def test_enriched_captions_and_truth_report(data_dir, juiced, tiny_settings):
     from juicer_pipeline.cli import truth_report
     from juicer_pipeline.storage import Warehouse
 
@@ -118,9 +118,9 @@ def test_enriched_captions_and_truth_report(data_dir, juiced):
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["similarity_not_worse"].passed == (meta["mean_similarity_after"] >= meta["mean_similarity_before"])
     assert checks["coverage"].passed and checks["retention"].passed and checks["no_empty_caption"].passed
-    report = truth_report(Warehouse(data_dir), "v1", 0.5)
+    report = truth_report(Warehouse(data_dir), "v1", 0.5, tiny_settings)
     for word in ("cls_attention", "attention_rollout", "global_similarity", "random", "classes vs truth",
-                 "captions mentioning every true object"):
+                 "captions mentioning every true object", "pooled-embedding alternative"):
         assert word in report
 
 
