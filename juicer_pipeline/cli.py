@@ -310,8 +310,10 @@ def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=Non
     record = _json.loads((wh.tables_dir / "governor" / "governor.json").read_text())
     fm = cached_foundation_model(settings.governor.source, settings.governor.device)
     names, _ = _vocabulary()
+    from .governance.classes import model_temperature
+
     b = pooled_class_baseline(drop_dir, wh.partition_path("patch_saliency", drop), drop, _class_embeddings(fm),
-                              names, record["tau"], settings.classes.k)
+                              names, record["tau"], settings.classes.k, model_temperature(fm))
     return (f"  pooled-embedding alternative at the same τ={record['tau']:.2f}: precision {b['precision']:.3f}, "
             f"recall {b['recall']:.3f}")
 

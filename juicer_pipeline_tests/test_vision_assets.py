@@ -85,7 +85,7 @@ def test_changing_rho_changes_only_the_decision_stages(data_dir, tiny_settings):
     va, vb = versions(a), versions(b)
     changed = {k for k in va if va[k] != vb[k]}
     assert changed == {"pruned_images", "clip_checkpoint"}  # flip's random K follows ρ too
-    c = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(method="attention_rollout")}),
+    c = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(method="cls_attention")}),
                           data_dir)
     vc = versions(c)
     assert {k for k in va if va[k] != vc[k]} == {"pruned_images", "extracted_classes", "governor"}

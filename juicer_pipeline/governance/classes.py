@@ -69,7 +69,15 @@ def crop(image: Image.Image, region: Region, grid: tuple[int, int], margin: int 
 
 
 def zero_shot_probs(embeddings: torch.Tensor, class_emb: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """Softmax over classes at the model's own temperature (`scale` = exp(logit_scale))."""
     return torch.softmax(scale * embeddings.float() @ class_emb.float().T, dim=-1)
+
+
+def model_temperature(fm) -> float:
+    """The CLIP's learned logit scale: its probabilities are calibrated at that temperature, not at
+    an arbitrary 100 (measured on the world governor: precision at the best τ 0.87 vs 0.75)."""
+    scale = getattr(fm.model, "logit_scale", None)
+    return float(scale.exp()) if scale is not None else 100.0
 
 
 def decide_classes(scores: np.ndarray, names: list[str], k: int, tau: float) -> list[tuple[str, float]]:
@@ -125,7 +133,7 @@ def region_class_scores(fm, images: list[Image.Image], saliency: np.ndarray, gri
         x = torch.stack([fm.preprocess(c) for c in crops[start:start + batch_size]]).to(fm.device)
         with torch.inference_mode():
             emb = torch.nn.functional.normalize(fm.model.encode_image(x).float(), dim=-1)
-        probs = zero_shot_probs(emb, class_emb.to(emb.device)).cpu().numpy()
+        probs = zero_shot_probs(emb, class_emb.to(emb.device), model_temperature(fm)).cpu().numpy()
         for j, p in enumerate(probs):
             i = owner[start + j]
             scores[i] = np.maximum(scores[i], p)

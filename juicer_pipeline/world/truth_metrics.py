@@ -119,7 +119,7 @@ def caption_table(drop_dir: Path, captions_parquet: Path, drop_id: str, vocab=No
 
 
 def pooled_class_baseline(drop_dir: Path, saliency_parquet: Path, drop_id: str, class_emb, names: list[str],
-                          tau: float, k: int = 3) -> dict:
+                          tau: float, k: int = 3, scale: float = 100.0) -> dict:
     """The one-embedding alternative to region crops: zero-shot softmax of the stored pooled image
     embedding, same k and τ, scored against truth like `class_table`."""
     import torch
@@ -130,7 +130,7 @@ def pooled_class_baseline(drop_dir: Path, saliency_parquet: Path, drop_id: str, 
     table = pq.read_table(saliency_parquet, columns=["sample_id", "embedding"]).to_pandas()
     table = table[table.sample_id.isin(truth.index)]
     emb = torch.tensor(np.stack(table.embedding.to_numpy()))
-    probs = zero_shot_probs(emb, class_emb).numpy()
+    probs = zero_shot_probs(emb, class_emb, scale).numpy()
     tp = fp = fn = 0
     for sid, p in zip(table.sample_id, probs):
         pred = {c for c, _ in decide_classes(p, names, k, tau)}
