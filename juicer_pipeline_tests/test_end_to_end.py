@@ -179,8 +179,13 @@ def test_browser_renders_the_asset_graph_and_an_asset_page(dagster_dev, tmp_path
     shots.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{dagster_dev.port}"
     graph = _chromium(f"{base}/asset-groups", shots / "asset_graph.png", tmp_path / "profile1")
-    for name in ("raw_samples", "patch_saliency", "enriched_captions", "clip_checkpoint"):
-        assert name in graph, f"{name} not rendered in the asset graph"
+    assert "Global asset lineage" in graph
+    for group in ("ingest", "vision", "text", "training", "evaluation"):
+        assert f">{group}<" in graph, f"group {group} not rendered in the asset graph"
+    vision = _chromium(f"{base}/locations/juicer_pipeline.definitions/asset-groups/vision",
+                       shots / "asset_group_vision.png", tmp_path / "profile3")
+    for name in ("governor", "patch_saliency", "pruned_images", "extracted_classes", "sieve_scores"):
+        assert name in vision, f"{name} not rendered in the vision group graph"
     page = _chromium(f"{base}/assets/pruned_images", shots / "asset_pruned_images.png", tmp_path / "profile2")
     assert "pruned_images" in page and "Top ⌈ρ·N⌉ patches" in page
     assert (shots / "asset_graph.png").stat().st_size > 10_000
