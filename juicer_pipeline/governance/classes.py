@@ -77,7 +77,7 @@ def model_temperature(fm) -> float:
     """The CLIP's learned logit scale: its probabilities are calibrated at that temperature, not at
     an arbitrary 100 (measured on the world governor: precision at the best τ 0.87 vs 0.75)."""
     scale = getattr(fm.model, "logit_scale", None)
-    return float(scale.exp()) if scale is not None else 100.0
+    return float(scale.detach().exp()) if scale is not None else 100.0
 
 
 def decide_classes(scores: np.ndarray, names: list[str], k: int, tau: float) -> list[tuple[str, float]]:
