@@ -1,7 +1,5 @@
 """raw_samples through Dagster: catalog rows, lineage, idempotent re-materialisation, errors."""
 import pandas as pd
-import pytest
-from dagster import DagsterExecutionStepExecutionError
 
 from juicer_pipeline.settings import IngestSettings, JuicerSettings
 from juicer_pipeline.storage import Catalog, Warehouse

@@ -1,5 +1,4 @@
 """The vision assets through Dagster, with a tiny governor built from config (no download)."""
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

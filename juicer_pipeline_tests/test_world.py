@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from juicer_pipeline.world import (CaptionCorruption, DropConfig, generate_corpus, generate_drop, generate_eval_set,
                                    load_vocabulary)

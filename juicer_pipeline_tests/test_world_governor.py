@@ -1,9 +1,7 @@
 """The committed world governor: it loads offline and its saliency finds objects."""
-import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from juicer_pipeline.governance.pruning import keep_top

@@ -1,7 +1,6 @@
 """Across drops: held-out eval sets, training sets per recipe, student checkpoints, scores, comparison."""
 import hashlib
 import json
-import time
 from collections import Counter
 
 import duckdb
@@ -17,7 +16,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from ..governance.clip_training import StudentConfig, TrainData, evaluate_student, train_student
 from ..governance.drop_sources import open_drop
 from ..governance.eval_data import load_eval_set
-from ..governance.images import ImageLimits, load_rgb
+from ..governance.images import ImageLimits, load_rgb, to_uint8_chw
 from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
 from ..governance.recipes import RECIPE_NAMES, RECIPES
 from ..governance.training_set import assemble_training_set
@@ -265,10 +264,7 @@ def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig) -> 
         raw = pq.read_table(wh.partition_path("raw_samples", drop), columns=["sample_id", "image"],
                             filters=[("sample_id", "in", wanted)])
         for sid, data in zip(raw.column("sample_id").to_pylist(), raw.column("image").to_pylist()):
-            img = load_rgb(data)
-            if img.size != (size, size):
-                img = img.resize((size, size))
-            images[position[sid]] = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+            images[position[sid]] = to_uint8_chw(load_rgb(data), size)
     tokens = SimpleTokenizer(context_length=cfg.arch.context_length)(list(members.train_caption))
     kept = None
     if patches == "saliency":

@@ -34,14 +34,20 @@ def _vocabulary() -> tuple[list[str], tuple[str, ...]]:
     return list(vocab.shapes), vocab.colour_names
 
 
+_CLASS_EMBEDDINGS: dict[str, torch.Tensor] = {}
+
+
 def _class_embeddings(fm) -> torch.Tensor:
-    names, attributes = _vocabulary()
-    return class_embeddings(fm.encode_text, names, attributes)
+    """The vocabulary's prompt-ensembled text embeddings, computed once per model and process (the
+    world vocabulary is fixed, so the model id is the whole key)."""
+    if fm.model_id not in _CLASS_EMBEDDINGS:
+        names, attributes = _vocabulary()
+        _CLASS_EMBEDDINGS[fm.model_id] = class_embeddings(fm.encode_text, names, attributes)
+    return _CLASS_EMBEDDINGS[fm.model_id]
 
 
-def _record(storage: StorageResource, context, asset_name: str, partition: str | None, inputs: list[str],
-            version: str, config_hash: str, governor_id: str | None) -> LineageRow:
-    return LineageRow(asset_name, partition, inputs, context.run.run_id, version, config_hash, governor_id)
+def _version(context) -> str:
+    return context.assets_def.code_versions_by_key[context.asset_key]
 
 
 def _commit_lineage(storage: StorageResource, row: LineageRow) -> None:
@@ -82,8 +88,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             upsert_model(con, fm.model_id, "governor", fm.source, fm.info.get("arch", {}), record,
                          calibration["tau"], calibration)
             write_lineage(con, LineageRow("governor", None, [f"model:{fm.source}"], context.run.run_id,
-                                          context.assets_def.code_versions_by_key[context.asset_key],
-                                          gov.config_hash(), fm.model_id))
+                                          _version(context), gov.config_hash(), fm.model_id))
         out = storage.warehouse.tables_dir / "governor" / "governor.json"
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps({"model_id": fm.model_id, "source": fm.source, "tau": calibration["tau"],
@@ -119,8 +124,8 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         finally:
             vision.close()
         seconds = time.perf_counter() - t0
-        _commit_lineage(storage, _record(storage, context, "patch_saliency", drop, [f"raw_samples/{drop}", "governor"],
-                                         context.assets_def.code_versions_by_key[context.asset_key],
+        _commit_lineage(storage, LineageRow("patch_saliency", drop, [f"raw_samples/{drop}", "governor"],
+                                         context.run.run_id, _version(context),
                                          gov.config_hash(), fm.model_id))
         return MaterializeResult(metadata={
             "images": n, "full_image_forward_passes": vision.forward_calls, "seconds": round(seconds, 2),
@@ -145,8 +150,8 @@ def build_vision_assets(settings: JuicerSettings) -> list:
                         "method": pa.array([sal.method] * len(kept)), "rho": pa.array([sal.rho] * len(kept))})
         wh.write_table("pruned_images", drop, out)
         info = read_governor_record(storage)
-        _commit_lineage(storage, _record(storage, context, "pruned_images", drop, [f"patch_saliency/{drop}"],
-                                         context.assets_def.code_versions_by_key[context.asset_key],
+        _commit_lineage(storage, LineageRow("pruned_images", drop, [f"patch_saliency/{drop}"],
+                                         context.run.run_id, _version(context),
                                          sal.config_hash(), info["model_id"]))
         tokens_before, tokens_after = n_patches * len(kept), sum(len(k) for k in kept)
         meta = {"images": len(kept), "rho": sal.rho, "method": sal.method, "tokens_before": tokens_before,
@@ -184,9 +189,9 @@ def build_vision_assets(settings: JuicerSettings) -> list:
                             ("probs", pa.list_(pa.float32())), ("scores", pa.list_(pa.float32())),
                             ("n_regions", pa.int16())])
         wh.write_table("extracted_classes", drop, pa.Table.from_pylist(rows, schema=schema))
-        _commit_lineage(storage, _record(storage, context, "extracted_classes", drop,
+        _commit_lineage(storage, LineageRow("extracted_classes", drop,
                                          [f"patch_saliency/{drop}", f"raw_samples/{drop}", "governor"],
-                                         context.assets_def.code_versions_by_key[context.asset_key],
+                                         context.run.run_id, _version(context),
                                          cls.config_hash(), info["model_id"]))
         hist = Counter(c for r in rows for c in r["classes"])
         labels = [c for c, _ in hist.most_common()]
@@ -217,9 +222,9 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         cos = (emb * text).sum(-1) if len(ids) else np.zeros(0, np.float32)
         wh.write_table("sieve_scores", drop, pa.table({"sample_id": ids, "sieve_score": pa.array(cos, pa.float32())}))
         info = read_governor_record(storage)
-        _commit_lineage(storage, _record(storage, context, "sieve_scores", drop,
+        _commit_lineage(storage, LineageRow("sieve_scores", drop,
                                          [f"patch_saliency/{drop}", f"raw_samples/{drop}"],
-                                         context.assets_def.code_versions_by_key[context.asset_key],
+                                         context.run.run_id, _version(context),
                                          gov.config_hash(), info["model_id"]))
         q = np.quantile(cos, [0.1, 0.5, 0.9]).round(4).tolist() if len(cos) else []
         return MaterializeResult(metadata={"samples": len(ids), "mean_cosine": float(np.mean(cos)) if len(cos) else 0.0,

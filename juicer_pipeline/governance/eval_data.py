@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .clip_training import EvalSet
-from .images import load_rgb
+from .images import load_rgb, to_uint8_chw
 
 _NUMBER = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 
@@ -26,13 +26,7 @@ def caption_key(caption: str, names: tuple[str, ...], attributes: tuple[str, ...
 
 
 def _images_u8(column, size: int) -> torch.Tensor:
-    out = []
-    for data in column:
-        img = load_rgb(data)
-        if img.size != (size, size):
-            img = img.resize((size, size))
-        out.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
-    return torch.stack(out)
+    return torch.stack([to_uint8_chw(load_rgb(data), size) for data in column])
 
 
 def load_eval_set(retrieval_parquet, classification_parquet, tokenizer, image_size: int,

@@ -26,6 +26,7 @@ from ..models.world_clip import ClipArch, build_clip
 from ..world.captions import join_phrases, object_phrases, plural
 from ..world.generate import (SPLIT_CORPUS, SPLIT_CORPUS_SINGLE, corpus_spec, eval_spec, iter_clean_samples)
 from ..world.vocabulary import Vocabulary, load_vocabulary
+from .images import to_uint8_chw
 from .metrics import retrieval_recall, zero_shot_accuracy
 from .prompts import class_embeddings
 
@@ -55,10 +56,6 @@ class CorpusTensors:
     positives: torch.Tensor  # int32 [N, V, L] caption variants
     shape_negatives: torch.Tensor  # int32 [N, L]
     colour_negatives: torch.Tensor  # int32 [N, L]
-
-
-def _to_uint8_chw(img) -> torch.Tensor:
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def _caption(objects, rng, shape_only: bool) -> str:
@@ -96,7 +93,7 @@ def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3)
     t0 = time.perf_counter()
     for split, spec, n in sources:
         for scene, rendered, _ in iter_clean_samples(split, spec, n, cfg.seed, vocab):
-            images.append(_to_uint8_chw(rendered.image))
+            images.append(to_uint8_chw(rendered.image))
             objs = scene.objects
             pos.append([_caption(objs, rng, rng.random() < cfg.shape_only_caption_rate) for _ in range(variants)])
             neg_s.append(_caption(_swap(objs, rng, vocab, "shape"), rng, False))
@@ -127,13 +124,13 @@ def build_held_out(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 0) -
     ims, caps, keys = [], [], []
     split, spec = eval_spec("retrieval", cfg.arch.image_size)
     for scene, rendered, caption in iter_clean_samples(split, spec, cfg.eval_samples, seed, vocab):
-        ims.append(_to_uint8_chw(rendered.image))
+        ims.append(to_uint8_chw(rendered.image))
         caps.append(caption)
         keys.append(tuple(sorted((o.colour, o.shape) for o in scene.objects)))
     cims, labels = [], []
     split, spec = eval_spec("classification", cfg.arch.image_size)
     for scene, rendered, _ in iter_clean_samples(split, spec, cfg.eval_samples, seed, vocab):
-        cims.append(_to_uint8_chw(rendered.image))
+        cims.append(to_uint8_chw(rendered.image))
         labels.append(vocab.shapes.index(scene.objects[0].shape))
     return HeldOut(torch.stack(ims), caps, keys, torch.stack(cims), np.array(labels))
 

@@ -91,3 +91,15 @@ def load_rgb(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
     return to_rgb(img)
+
+
+def to_uint8_chw(img: Image.Image, size: int | None = None):
+    """A PIL image as a uint8 [3, H, W] tensor (resized to size×size when given): the compact form
+    in which training and evaluation keep decoded images in memory."""
+    import numpy as np
+    import torch
+
+    img = to_rgb(img)
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
