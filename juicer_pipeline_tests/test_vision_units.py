@@ -107,3 +107,18 @@ def test_missing_weights_give_a_clear_error(tmp_path):
         load_foundation_model(f"hf:{tmp_path}")
     with pytest.raises(ValueError, match="unknown governor source"):
         load_foundation_model("ftp://model")
+
+
+def test_vision_pass_attention_equals_recomputed_attention_and_is_removed_on_close():
+    torch.manual_seed(1)
+    model = build_clip(tiny_arch()).eval()
+    captured = []
+    hook = model.visual.transformer.resblocks[-1].register_forward_pre_hook(lambda m, a, kw=None: captured.append(a[0]))
+    vp = VisionPass(model)
+    out = vp.run(torch.randn(2, 3, 32, 32))
+    with torch.inference_mode():
+        ref = _block_attention(model.visual.transformer.resblocks[-1], captured[0])
+    assert torch.allclose(out.saliency["cls_attention"], ref[:, 0, 1:], atol=1e-6)
+    vp.close()
+    hook.remove()
+    assert all("attention" not in blk.__dict__ for blk in model.visual.transformer.resblocks)
