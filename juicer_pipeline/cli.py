@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--warmup", type=int, default=None)
+    train.add_argument("--eval-every", type=int, default=None)
+    train.add_argument("--crop-scenes", type=int, default=None,
+                       help="drop-like corpus scenes whose object and background crops join the corpus")
+    train.add_argument("--init", default=None, help="warm start from these weights (a world CLIP file)")
+    train.add_argument("--jpeg-rate", type=float, default=None, help="share of images re-encoded as JPEG")
     train.set_defaults(func=cmd_governor_train)
 
     truth = sub.add_parser("truth", help="truth metrics of a juiced world drop (saliency and classes)")
@@ -134,7 +141,9 @@ def cmd_governor_train(a) -> None:
     from .models.model_card import write_model_card
 
     cfg = GovernorTrainConfig(seed=a.seed, threads=a.threads)
-    cfg = _replace(cfg, **{k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size)) if v is not None})
+    given = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "eval_every": a.eval_every,
+             "crop_scenes": a.crop_scenes, "init": a.init, "jpeg_rate": a.jpeg_rate}
+    cfg = _replace(cfg, **{k: v for k, v in given.items() if v is not None})
     out = a.out or WORLD_GOVERNOR
     command = "juicer governor train " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
     save = lambda model, record: save_world_clip(model, cfg.arch, out, {**record, "command": command.strip()})  # noqa: E731

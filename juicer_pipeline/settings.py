@@ -63,6 +63,8 @@ class ClassSettings(_Section):
     target_precision: float = Field(0.9, gt=0.0, le=1.0, description="τ is calibrated to reach this precision")
     region_fraction: float = Field(0.35, gt=0.0, le=1.0, description="share of most salient patches forming regions")
     max_regions: int = Field(4, ge=1)
+    abstain: bool = Field(True, description="classify each crop against a 'background' prompt too: a crop "
+                                            "whose best match is the background names no class")
     fallback_tau: float = Field(0.9, gt=0.0, le=1.0, description="τ when the governor has no calibration set")
     calibration_images: int = Field(600, ge=10, description="world-corpus validation images used to calibrate τ")
 

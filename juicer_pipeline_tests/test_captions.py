@@ -4,7 +4,8 @@ import math
 import pytest
 
 from juicer_pipeline.assets.text import object_vocabulary
-from juicer_pipeline.governance.caption_refiner import RulesRefiner, TransformersRefiner, clean_caption, validate
+from juicer_pipeline.governance.caption_refiner import (RulesRefiner, TransformersRefiner, caption_version,
+                                                       clean_caption, validate)
 
 VOCAB = object_vocabulary()
 
@@ -34,6 +35,15 @@ RULES_TABLE = [
 @pytest.mark.parametrize("raw,classes,expected", RULES_TABLE)
 def test_rules_table(raw, classes, expected):
     assert RulesRefiner(VOCAB).refine_one(raw, classes).text == expected
+
+
+def test_caption_version_says_what_happened():
+    refiner = RulesRefiner(VOCAB)
+    cases = {"A red star.": ([], "original"), "<p>a red star</p>": ([], "cleaned"),
+             "A red star, really.": (["star"], "original"),  # the class is already there: nothing added
+             "A red thing.": (["star"], "enriched"), "<p>IMG_1.JPG</p>": (["heart"], "enriched")}
+    for raw, (classes, version) in cases.items():
+        assert caption_version(raw, refiner.refine_one(raw, classes)) == version, raw
 
 
 def test_caption_empty_after_cleaning_without_classes_is_counted():

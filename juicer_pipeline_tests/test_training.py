@@ -47,7 +47,17 @@ def test_equal_budget_within_one_batch(rho):
     assert abs(full[0].steps * 32 * 64 - cfg.budget_tokens) <= 32 * 64
 
 
-def test_training_counts_tokens_and_samples():
+def test_training_counts_tokens_and_samples(monkeypatch):
+    from juicer_pipeline.governance import clip_training
+
+    fed = []  # patch tokens that really entered the vision transformer, per forward (CLS excluded)
+    install = clip_training.install_kept_tokens
+
+    def spying(model):
+        model.visual.transformer.register_forward_pre_hook(lambda m, args: fed.append(args[0].shape[0] * (args[0].shape[1] - 1)))
+        return install(model)
+
+    monkeypatch.setattr(clip_training, "install_kept_tokens", spying)
     arch = tiny_arch()
     n = 64
     data = TrainData(images=torch.randint(0, 255, (n, 3, 32, 32), dtype=torch.uint8),
@@ -56,7 +66,7 @@ def test_training_counts_tokens_and_samples():
     cfg = StudentConfig(arch=arch, batch_size=16, budget_tokens=16 * 16 * 6, rho=0.5, eval_points=1, warmup_steps=2)
     _, rec = train_student(data, cfg, seed=0)
     assert [p["tokens_per_image"] for p in rec["phases"]] == [8, 16]
-    assert rec["tokens_seen"] == sum(p["steps"] * 16 * p["tokens_per_image"] for p in rec["phases"])
+    assert rec["tokens_seen"] == sum(fed) and len(fed) == rec["steps"]  # counted = fed (no evaluation here)
     assert abs(rec["tokens_seen"] - cfg.budget_tokens) <= 16 * 16
     assert rec["samples_seen"] == rec["steps"] * 16
     _, rec_full = train_student(TrainData(data.images, data.tokens, None, "all"), cfg, seed=0)
@@ -82,7 +92,7 @@ def test_retrieval_and_zero_shot_match_hand_computed_cases():
 def _samples(eval_hash):
     return pd.DataFrame([
         {"sample_id": "d1/a", "drop_id": "d1", "content_hash": "h1", "status": "valid", "caption": "a",
-         "enriched_caption": "A.", "kept": [1, 2], "sieve_score": 0.9},
+         "enriched_caption": "A, with a star.", "enriched_version": "enriched", "kept": [1, 2], "sieve_score": 0.9},
         {"sample_id": "d1/b", "drop_id": "d1", "content_hash": eval_hash, "status": "valid", "caption": "b",
          "enriched_caption": "B.", "kept": [1, 2], "sieve_score": 0.8},
         {"sample_id": "d1/c", "drop_id": "d1", "content_hash": None, "status": "quarantined", "caption": None,
@@ -92,7 +102,7 @@ def _samples(eval_hash):
         {"sample_id": "d2/e", "drop_id": "d2", "content_hash": eval_hash, "status": "valid", "caption": "e",
          "enriched_caption": "E.", "kept": [0, 1], "sieve_score": 0.95},  # the evaluation image again
         {"sample_id": "d2/f", "drop_id": "d2", "content_hash": "h6", "status": "valid", "caption": "f",
-         "enriched_caption": "F.", "kept": [5, 6], "sieve_score": 0.1},
+         "enriched_caption": "F.", "enriched_version": "cleaned", "kept": [5, 6], "sieve_score": 0.1},
     ])
 
 
@@ -107,8 +117,12 @@ def test_evaluation_images_never_enter_a_training_set_even_when_dropped_again():
 
 def test_recipes_choose_captions_patches_and_samples():
     members, excluded = assemble_training_set(RECIPES["sieve_then_juice"], _samples("EVAL"), {"EVAL"}, 0.5)
-    assert list(members.sample_id) == ["d1/a"] and members.train_caption[0] == "A." and list(members.kept[0]) == [1, 2]
+    assert list(members.sample_id) == ["d1/a"] and members.train_caption[0] == "A, with a star."
+    assert list(members.kept[0]) == [1, 2] and members.caption_version[0] == "enriched"
     assert dict(zip(excluded.sample_id, excluded.reason))["d2/f"] == "sieved_out"
     raw, _ = assemble_training_set(RECIPES["raw"], _samples("EVAL"), {"EVAL"}, 0.5)
     assert list(raw.sample_id) == ["d1/a", "d2/f"] and raw.train_caption.tolist() == ["a", "f"]
-    assert raw.kept.isna().all()
+    assert raw.kept.isna().all() and set(raw.caption_version) == {"original"}
+    juiced, _ = assemble_training_set(RECIPES["datajuicer"], _samples("EVAL"), {"EVAL"}, 0.5)
+    # each sample says what enrichment really did: a caption that was only cleaned is not "enriched"
+    assert dict(zip(juiced.sample_id, juiced.caption_version)) == {"d1/a": "enriched", "d2/f": "cleaned"}

@@ -61,8 +61,7 @@ def test_outputs_and_catalog(data_dir, juiced):
     assert meta["tokens_after"] == 32 * len(pruned) and meta["preview"].count("data:image/png;base64") == 4
     classes = pq.read_table(wh / "extracted_classes" / "v1.parquet").to_pandas()
     tau = _meta(result, "extracted_classes")["tau"]
-    assert classes.classes.map(len).le(3).all()
-    assert all(p >= tau for probs in classes.probs for p in probs)
+    assert classes.classes.map(len).le(3).all()  # what gets extracted, and τ: test_class_extraction.py
     cat = Catalog(data_dir / "catalog.duckdb")
     models = cat.query("SELECT * FROM models")
     assert len(models) == 1 and models.role[0] == "governor" and models.tau[0] == tau
@@ -115,7 +114,6 @@ def test_enriched_captions_and_truth_report(data_dir, juiced, tiny_settings):
     assert captions.enriched_caption.str.len().gt(0).all()
     assert not captions.enriched_caption.str.contains("<|http|IMG_", regex=True).any()
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-    assert checks["similarity_not_worse"].passed == (meta["mean_similarity_after"] >= meta["mean_similarity_before"])
     assert checks["coverage"].passed and checks["retention"].passed and checks["no_empty_caption"].passed
     report = truth_report(Warehouse(data_dir), "v1", 0.5, tiny_settings)
     for word in ("cls_attention", "attention_rollout", "global_similarity", "random", "classes vs truth",

@@ -6,7 +6,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from juicer_pipeline.governance.classes import calibrate_tau, decide_classes, region_mask, salient_regions
+from juicer_pipeline.governance.classes import (NEVER, calibrate_tau, calibrate_tau_per_class, crop_probs,
+                                                decide_classes, image_regions, region_mask, salient_regions,
+                                                square_box)
 from juicer_pipeline.governance.pruning import keep_random, keep_top, kept_count
 from juicer_pipeline.governance.saliency import VisionPass, _block_attention
 from juicer_pipeline.governance.vision import CorruptStoredRow, stored_vectors
@@ -63,6 +65,64 @@ def test_salient_regions_are_connected_components_largest_first():
     regions = salient_regions(mask)
     assert [(g.r0, g.c0, g.r1, g.c1, g.size) for g in regions] == [(4, 3, 6, 6, 6), (0, 0, 2, 2, 4)]
     assert region_mask(np.arange(16.0), (4, 4), 0.25).sum() == 4
+
+
+def test_square_boxes_keep_the_aspect_ratio_and_stay_inside():
+    # a wide box becomes a square around its centre, with the margin on its longer side
+    assert square_box((20, 30, 40, 34), 64, 64, margin=0.25) == (15, 17, 45, 47)
+    # near an edge the square moves inside instead of being cut (which would stretch the object)
+    x0, y0, x1, y1 = square_box((0, 0, 10, 10), 64, 64, margin=0.5)
+    assert (x0, y0) == (0, 0) and x1 - x0 == y1 - y0 == 20
+    # larger than the image: centred, padded (PIL pads outside with black)
+    x0, y0, x1, y1 = square_box((0, 0, 64, 40), 64, 64, margin=0.5)
+    assert x1 - x0 == y1 - y0 == 128 and x0 == y0 == -32
+
+
+def test_regions_at_several_shares_are_merged_without_repeats():
+    sal = np.zeros(16)
+    sal[[0, 1]] = [0.9, 0.8]  # a strong region top-left
+    sal[[14, 15]] = [0.5, 0.4]  # a weaker one bottom-right: only the larger share finds it
+    small = image_regions(sal, (4, 4), 0.125, 4)
+    both = image_regions(sal, (4, 4), (0.125, 0.25), 4)
+    assert len(small) == 1 and len(both) == 2
+    assert image_regions(sal, (4, 4), (0.25, 0.25), 4) == image_regions(sal, (4, 4), 0.25, 4)
+
+
+def test_the_abstain_class_takes_mass_from_clutter_crops():
+    from PIL import Image
+    from types import SimpleNamespace
+
+    class Encoder(torch.nn.Module):  # a "model" whose image embedding is the crop's mean colour
+        logit_scale = torch.tensor(math.log(10.0))
+
+        def encode_image(self, x):
+            return x.mean(dim=(2, 3))
+
+    fm = SimpleNamespace(model=Encoder(), device="cpu",
+                         preprocess=lambda im: torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1))
+    classes = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), dim=-1)
+    background = torch.nn.functional.normalize(torch.tensor([1.0, 1.0, 1.0]), dim=-1)
+    red, grey = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (128, 128, 128))
+    plain, abstaining = crop_probs(fm, [red, grey], classes), crop_probs(fm, [red, grey], classes, background)
+    assert plain.shape == abstaining.shape == (2, 2)
+    assert plain[1].max() == pytest.approx(0.5)  # a grey crop still gives half its mass to a class
+    assert abstaining[1].max() < 0.3 and abstaining[0, 0] > 0.5  # with abstain it names nothing; red stays red
+
+
+def test_per_class_tau_reaches_the_target_per_class():
+    rng = np.random.default_rng(0)
+    truth = [{int(rng.integers(3))} for _ in range(600)]
+    scores = rng.random((600, 3)) * 0.5
+    for s, t in zip(scores, truth):
+        s[list(t)] = rng.uniform(0.3, 1.0)
+    scores[:, 2] = np.where([2 in t for t in truth], 0.2, 0.9)  # class 2 is anti-correlated: never reachable
+    taus = calibrate_tau_per_class(scores, truth, 0.9)
+    for c in (0, 1):
+        pred = scores[:, c] >= taus[c]
+        assert np.mean([c in t for t, p in zip(truth, pred) if p]) >= 0.9 and taus[c] < 1.0
+    assert taus[2] == NEVER
+    assert decide_classes(np.array([0.95, 0.5, 0.99]), ["a", "b", "c"], 3, np.array([0.9, 0.4, NEVER])) == [
+        ("a", pytest.approx(0.95)), ("b", pytest.approx(0.5))]
 
 
 def test_classes_respect_k_and_tau():

@@ -7,7 +7,7 @@ import pyarrow as pa
 from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue,
                      asset)
 
-from ..governance.caption_refiner import ObjectVocabulary, RulesRefiner, TransformersRefiner
+from ..governance.caption_refiner import ObjectVocabulary, RulesRefiner, TransformersRefiner, caption_version
 from ..governance.vision import stored_vectors
 from ..models.loader import cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP
@@ -20,7 +20,8 @@ from .ui import markdown_table
 
 _PAIRS = 8
 SCHEMA = pa.schema([("sample_id", pa.string()), ("raw_caption", pa.string()), ("enriched_caption", pa.string()),
-                    ("backend", pa.string()), ("classes_used", pa.list_(pa.string())),
+                    ("backend", pa.string()), ("caption_version", pa.string()),
+                    ("classes_used", pa.list_(pa.string())),
                     ("fallback_reason", pa.string()), ("sim_before", pa.float32()), ("sim_after", pa.float32())])
 
 
@@ -67,11 +68,13 @@ def build_text_assets(settings: JuicerSettings) -> list:
         refined = refiner.refine(before, [classes.get(s, []) for s in ids])
         refine_seconds = time.perf_counter() - t0
         after = [r.text for r in refined]
+        versions = [caption_version(b, r) for b, r in zip(before, refined)]
         sim_before = (image_emb * fm.encode_text(before, gov.batch_size).numpy()).sum(-1) if ids else np.zeros(0)
         sim_after = (image_emb * fm.encode_text(after, gov.batch_size).numpy()).sum(-1) if ids else np.zeros(0)
         table = pa.Table.from_pydict({
             "sample_id": ids, "raw_caption": before, "enriched_caption": after,
-            "backend": [r.backend for r in refined], "classes_used": [r.classes_used for r in refined],
+            "backend": [r.backend for r in refined], "caption_version": versions,
+            "classes_used": [r.classes_used for r in refined],
             "fallback_reason": [r.fallback_reason for r in refined],
             "sim_before": sim_before.astype(np.float32), "sim_after": sim_after.astype(np.float32)}, schema=SCHEMA)
         version = context.assets_def.code_versions_by_key[context.asset_key]
@@ -84,10 +87,15 @@ def build_text_assets(settings: JuicerSettings) -> list:
         mean_before = float(np.mean(sim_before)) if ids else 0.0
         mean_after = float(np.mean(sim_after)) if ids else 0.0
         fallbacks = Counter(r.fallback_reason for r in refined if r.fallback_reason)
-        pairs = [{"sample_id": s, "before": b, "after": a} for s, b, a in list(zip(ids, before, after))[:_PAIRS]]
+        # the table shows enriched captions first: the ones where visual evidence reached the text
+        order = sorted(range(len(ids)), key=lambda i: (versions[i] != "enriched", i))[:_PAIRS]
+        pairs = [{"sample_id": ids[i], "version": versions[i], "added": ", ".join(refined[i].classes_used),
+                  "before": before[i], "after": after[i]} for i in order]
         yield MaterializeResult(metadata={
             "captions": len(ids), "backend": cap.backend, "mean_similarity_before": round(mean_before, 4),
-            "mean_similarity_after": round(mean_after, 4), "enriched": sum(1 for r in refined if r.classes_used),
+            "mean_similarity_after": round(mean_after, 4), "enriched": versions.count("enriched"),
+            "cleaned": versions.count("cleaned"), "original": versions.count("original"),
+            "classes_added": sum(len(r.classes_used) for r in refined),
             "captions_per_second": round(len(ids) / max(refine_seconds, 1e-9), 1),
             "fallbacks_by_reason": MetadataValue.md(markdown_table(
                 [{"reason": k, "count": v} for k, v in fallbacks.most_common()])),

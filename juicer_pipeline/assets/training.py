@@ -63,7 +63,7 @@ def _samples_frame(storage: StorageResource, drops: list[str]) -> pd.DataFrame:
     try:
         return con.execute("""
             SELECT r.sample_id, r.drop_id, r.content_hash, r.status, r.caption,
-                   c.enriched_caption, p.kept, s.sieve_score
+                   c.enriched_caption, c.caption_version AS enriched_version, p.kept, s.sieve_score
             FROM read_parquet(?) r
             LEFT JOIN read_parquet(?) p USING (sample_id)
             LEFT JOIN read_parquet(?) c USING (sample_id)

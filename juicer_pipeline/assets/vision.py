@@ -12,7 +12,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from ..governance.calibration import calibrate_world_governor
 from ..governance.classes import decide_classes, region_class_scores
 from ..governance.images import load_rgb
-from ..governance.prompts import class_embeddings
+from ..governance.prompts import abstain_embedding, class_embeddings
 from ..governance.pruning import keep_top
 from ..governance.saliency import VisionPass
 from ..governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_record_batch, score_batch,
@@ -44,6 +44,10 @@ def _class_embeddings(fm) -> torch.Tensor:
         names, attributes = _vocabulary()
         _CLASS_EMBEDDINGS[fm.model_id] = class_embeddings(fm.encode_text, names, attributes)
     return _CLASS_EMBEDDINGS[fm.model_id]
+
+
+def _abstain_embedding(fm, enabled: bool) -> torch.Tensor | None:
+    return abstain_embedding(fm.encode_text) if enabled else None
 
 
 def _version(context) -> str:
@@ -79,7 +83,8 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             context.log.info("calibrating τ on the world corpus validation split")
             calibration = calibrate_world_governor(fm, class_emb, sal.method, cls.region_fraction, cls.max_regions,
                                                    cls.target_precision, cls.k, n_images=cls.calibration_images,
-                                                   batch_size=gov.batch_size)
+                                                   batch_size=gov.batch_size,
+                                                   abstain_emb=_abstain_embedding(fm, cls.abstain))
         else:
             calibration = {"calibrated": False, "tau": cls.fallback_tau,
                            "reason": "no labelled validation split for this governor; fallback τ used"}
@@ -172,6 +177,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         tau = float(info["tau"])
         names, _ = _vocabulary()
         class_emb = _class_embeddings(fm)
+        abstain = _abstain_embedding(fm, cls.abstain)
         table = wh.read_table("patch_saliency", drop, ["sample_id", sal.method])
         saliency = stored_vectors(table, sal.method, fm.grid[0] * fm.grid[1])
         position = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
@@ -179,7 +185,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size):
             idx = [position[s] for s in ids]
             scores, n_regions = region_class_scores(fm, images, saliency[idx], fm.grid, class_emb,
-                                                    cls.region_fraction, cls.max_regions, gov.batch_size)
+                                                    cls.region_fraction, cls.max_regions, gov.batch_size, abstain)
             crops += sum(n_regions)
             for sid, s, nr in zip(ids, scores, n_regions):
                 chosen = decide_classes(s, names, cls.k, tau)

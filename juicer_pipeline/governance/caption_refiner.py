@@ -45,6 +45,14 @@ class Refined:
     fallback_reason: str | None = None
 
 
+def caption_version(raw: str, refined: Refined) -> str:
+    """What happened to a caption: `enriched` (at least one extracted class added), `cleaned`
+    (the text changed, no class added) or `original` (unchanged)."""
+    if refined.classes_used:
+        return "enriched"
+    return "original" if refined.text == raw else "cleaned"
+
+
 # --- rules --------------------------------------------------------------------------
 
 _TAG = re.compile(r"<[^>]*>")

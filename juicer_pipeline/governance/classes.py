@@ -17,6 +17,8 @@ from PIL import Image
 
 
 NEVER = 1.01  # a threshold no probability reaches
+# Fine steps near 1: a confident classifier's useful thresholds sit there.
+TAU_GRID = np.round(np.concatenate([np.arange(0.05, 0.99, 0.01), [0.99, 0.995, 0.998, 0.999]]), 3)
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,37 @@ def region_mask(saliency: np.ndarray, grid: tuple[int, int], fraction: float) ->
     return mask.reshape(grid)
 
 
-def crop(image: Image.Image, region: Region, grid: tuple[int, int], margin: int = 1) -> Image.Image:
-    ph, pw = image.height / grid[0], image.width / grid[1]
-    box = (max(0, (region.c0 - margin) * pw), max(0, (region.r0 - margin) * ph),
-           min(image.width, (region.c1 + margin) * pw), min(image.height, (region.r1 + margin) * ph))
-    return image.crop(tuple(int(round(v)) for v in box))
+def square_box(box: tuple[float, float, float, float], width: int, height: int, margin: float,
+               shift: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, int, int]:
+    """A square around a box, `margin` of its longer side added on each side, moved inside the image
+    where it fits. Square, so resizing to the model's input never stretches the object: the crop
+    keeps the aspect ratio the governor was trained on (a stretched star is not a star)."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2 + shift[0] * side, (y0 + y1) / 2 + shift[1] * side
+
+    def place(centre: float, extent: int) -> float:
+        lo = centre - side / 2
+        return min(max(lo, 0.0), extent - side) if side <= extent else (extent - side) / 2
+
+    left, top = place(cx, width), place(cy, height)
+    return tuple(int(round(v)) for v in (left, top, left + side, top + side))
+
+
+def square_crop(image: Image.Image, box, margin: float, shift=(0.0, 0.0)) -> Image.Image:
+    """The square crop of `square_box`; outside the image (only when the square is larger than it)
+    PIL pads with black."""
+    return image.crop(square_box(box, image.width, image.height, margin, shift))
+
+
+def region_box(region: Region, grid: tuple[int, int], width: int, height: int) -> tuple[float, float, float, float]:
+    """A region's pixel box."""
+    ph, pw = height / grid[0], width / grid[1]
+    return region.c0 * pw, region.r0 * ph, region.c1 * pw, region.r1 * ph
+
+
+def crop(image: Image.Image, region: Region, grid: tuple[int, int], margin: float = 0.15) -> Image.Image:
+    return square_crop(image, region_box(region, grid, image.width, image.height), margin)
 
 
 def zero_shot_probs(embeddings: torch.Tensor, class_emb: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
@@ -80,14 +108,15 @@ def model_temperature(fm) -> float:
     return float(scale.detach().exp()) if scale is not None else 100.0
 
 
-def decide_classes(scores: np.ndarray, names: list[str], k: int, tau: float) -> list[tuple[str, float]]:
-    """At most k classes whose score is ≥ τ, best first."""
+def decide_classes(scores: np.ndarray, names: list[str], k: int, tau) -> list[tuple[str, float]]:
+    """At most k classes whose score is ≥ τ (one τ, or one per class), best first."""
+    tau = np.broadcast_to(np.asarray(tau, dtype=np.float64), np.shape(scores))
     order = np.argsort(-scores, kind="stable")[:k]
-    return [(names[i], float(scores[i])) for i in order if scores[i] >= tau]
+    return [(names[i], float(scores[i])) for i in order if scores[i] >= tau[i]]
 
 
 def calibrate_tau(scores: np.ndarray, truth: list[set[int]], target_precision: float,
-                  grid=np.round(np.arange(0.05, 1.0, 0.01), 2), k: int = 3) -> dict:
+                  grid=TAU_GRID, k: int = 3) -> dict:
     """Smallest τ whose predictions reach the target precision on labelled validation images.
 
     scores: [N, C] per-image class scores; truth: the true class ids of each image.
@@ -113,28 +142,77 @@ def calibrate_tau(scores: np.ndarray, truth: list[set[int]], target_precision: f
     return {**best, "best_tau_seen": best["tau"], "tau": NEVER}
 
 
-def region_class_scores(fm, images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int],
-                        class_emb: torch.Tensor, region_fraction: float, max_regions: int,
-                        batch_size: int = 256) -> tuple[np.ndarray, list[int]]:
-    """[N, C] class scores (best region per image) and the number of regions of each image.
+def calibrate_tau_per_class(scores: np.ndarray, truth: list[set[int]], target_precision: float,
+                            grid=TAU_GRID, min_support: int = 20) -> np.ndarray:
+    """One τ per class: the smallest whose predictions of that class reach the target precision on
+    the validation images (ignoring k). A class with too few validation positives, or that never
+    reaches the target, gets NEVER."""
+    taus = np.full(scores.shape[1], NEVER)
+    for c in range(scores.shape[1]):
+        positive = np.array([c in t for t in truth])
+        if positive.sum() < min_support:
+            continue
+        for tau in grid:
+            pred = scores[:, c] >= tau
+            if pred.any() and positive[pred].mean() >= target_precision:
+                taus[c] = float(tau)
+                break
+    return taus
 
-    The crops go through the governor in batches: the one extra FM pass this stage makes.
-    """
-    crops, owner = [], []
-    n_regions = []
+
+def image_regions(saliency: np.ndarray, grid: tuple[int, int], region_fractions, max_regions: int) -> list[Region]:
+    """Connected salient regions at each share of top patches, without repeats. A small share splits
+    objects that touch at a larger one; a larger share catches objects the small one misses."""
+    if isinstance(region_fractions, (int, float)):
+        region_fractions = (region_fractions,)
+    regions: list[Region] = []
+    for fraction in region_fractions:
+        for g in salient_regions(region_mask(saliency, grid, fraction), max_regions):
+            if (g.r0, g.c0, g.r1, g.c1) not in {(o.r0, o.c0, o.r1, o.c1) for o in regions}:
+                regions.append(g)
+    return regions
+
+
+def region_crops(images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int], region_fractions,
+                 max_regions: int) -> tuple[list[Image.Image], list[int], list[int]]:
+    """Square crops around each image's connected salient regions, the image each crop belongs to,
+    and the number of regions per image."""
+    crops, owner, n_regions = [], [], []
     for i, (img, sal) in enumerate(zip(images, saliency)):
-        regions = salient_regions(region_mask(sal, grid, region_fraction), max_regions)
+        regions = image_regions(sal, grid, region_fractions, max_regions)
         n_regions.append(len(regions))
         for g in regions:
             crops.append(crop(img, g, grid))
             owner.append(i)
-    scores = np.zeros((len(images), class_emb.shape[0]), dtype=np.float32)
+    return crops, owner, n_regions
+
+
+def crop_probs(fm, crops: list[Image.Image], class_emb: torch.Tensor, abstain_emb: torch.Tensor | None = None,
+               batch_size: int = 256) -> np.ndarray:
+    """[n_crops, C] class probabilities of each crop (one batched FM pass). With an abstain
+    embedding (the `background` prompt) the softmax runs over the classes *and* the abstain option,
+    whose column is then dropped: a crop of clutter puts its mass on abstain instead of on whichever
+    shape it resembles most, so it names nothing."""
+    rows = class_emb if abstain_emb is None else torch.cat([class_emb, abstain_emb.reshape(1, -1)])
+    out = []
     for start in range(0, len(crops), batch_size):
         x = torch.stack([fm.preprocess(c) for c in crops[start:start + batch_size]]).to(fm.device)
         with torch.inference_mode():
             emb = torch.nn.functional.normalize(fm.model.encode_image(x).float(), dim=-1)
-        probs = zero_shot_probs(emb, class_emb.to(emb.device), model_temperature(fm)).cpu().numpy()
-        for j, p in enumerate(probs):
-            i = owner[start + j]
-            scores[i] = np.maximum(scores[i], p)
+        out.append(zero_shot_probs(emb, rows.to(emb.device), model_temperature(fm))[:, :len(class_emb)].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(class_emb)), np.float32)
+
+
+def region_class_scores(fm, images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int],
+                        class_emb: torch.Tensor, region_fraction: float, max_regions: int,
+                        batch_size: int = 256, abstain_emb: torch.Tensor | None = None) -> tuple[np.ndarray, list[int]]:
+    """[N, C] class scores (best region per image) and the number of regions of each image.
+
+    The crops go through the governor in batches: the one extra FM pass this stage makes.
+    """
+    crops, owner, n_regions = region_crops(images, saliency, grid, region_fraction, max_regions)
+    probs = crop_probs(fm, crops, class_emb, abstain_emb, batch_size)
+    scores = np.zeros((len(images), class_emb.shape[0]), dtype=np.float32)
+    for i, p in zip(owner, probs):
+        scores[i] = np.maximum(scores[i], p)
     return scores, n_regions

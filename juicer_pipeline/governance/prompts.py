@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 
 TEMPLATES = ("a photo of {}.", "{}.", "an image showing {}.", "a picture of {}.")
+# The abstain class: a crop of clutter with no object. The world governor is trained with it; a
+# crop whose best class is the background names nothing.
+BACKGROUND_CLASS = "background"
 
 
 def with_article(phrase: str) -> str:
@@ -24,3 +27,8 @@ def class_embeddings(encode_text, class_names: list[str], attributes: tuple[str,
         emb = encode_text(class_prompts(name, attributes))
         rows.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
     return torch.stack(rows)
+
+
+def abstain_embedding(encode_text) -> torch.Tensor:
+    """The normalised embedding of the abstain class (`background`), prompt-ensembled like a class."""
+    return class_embeddings(encode_text, [BACKGROUND_CLASS])[0]

@@ -12,7 +12,8 @@ def assemble_training_set(recipe: Recipe, samples: pd.DataFrame, eval_hashes: se
     """(members, excluded) for one recipe.
 
     `samples`: one row per ingested sample of every drop, with columns sample_id, drop_id,
-    content_hash, status, caption, enriched_caption, kept (list or None), sieve_score.
+    content_hash, status, caption, enriched_caption, enriched_version (what enrichment did:
+    original | cleaned | enriched), kept (list or None), sieve_score.
     Members carry the caption and kept-patch set the recipe trains on; excluded rows say why a
     sample is out: quarantined, held_out (its image is an evaluation image), duplicate (same bytes
     in an earlier drop), missing_juice (a stage output is missing) or sieved_out.
@@ -34,7 +35,7 @@ def assemble_training_set(recipe: Recipe, samples: pd.DataFrame, eval_hashes: se
         ranked = df[pool].sort_values(["sieve_score", "sample_id"], ascending=[False, True])
         reason[ranked.index[n_keep:]] = "sieved_out"
     members = df[reason.isna()].copy()
-    members["caption_version"] = recipe.caption
+    members["caption_version"] = members.enriched_version if recipe.caption == "enriched" else "original"
     members["train_caption"] = members.enriched_caption if recipe.caption == "enriched" else members.caption
     if recipe.patches != "saliency":
         members["kept"] = None

@@ -88,7 +88,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         training_set_id VARCHAR NOT NULL,
         recipe VARCHAR NOT NULL,
         sample_id VARCHAR NOT NULL,
-        caption_version VARCHAR NOT NULL,     -- 'original' | 'enriched'
+        caption_version VARCHAR NOT NULL,     -- 'original' | 'cleaned' | 'enriched'
         caption VARCHAR NOT NULL,
         kept_patches VARCHAR NOT NULL         -- 'all', 'random', or the kept indices
     );

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # Disjoint seed spaces: a drop can never reproduce a corpus or evaluation image by chance.
 SPLIT_DROP, SPLIT_RETRIEVAL, SPLIT_CLASSIFICATION, SPLIT_CORPUS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION = 1, 2, 3, 4, 5, 6
+SPLIT_CORPUS_CROPS = 7  # drop-like corpus scenes whose object crops train the governor's shape naming
 BROKEN_KINDS = ("zero_byte", "truncated", "not_image", "missing_file")
 
 
@@ -72,11 +73,25 @@ def _rng(seed: int, split: int, drop_index: int, i: int, stream: int) -> np.rand
 def encode_image(image, fmt: str) -> bytes:
     buf = io.BytesIO()
     if fmt == "jpg":
-        image.save(buf, "JPEG", quality=92)
+        return _jpeg_bytes(image, 92)
     elif fmt == "png":
         image.save(buf, "PNG")
     else:
         raise ValueError(f"image_format must be jpg or png, not {fmt!r}")
+    return buf.getvalue()
+
+
+def jpeg_roundtrip(image, quality: int):
+    """The image as a web JPEG of this quality would decode: drops arrive as JPEGs, whose chroma
+    subsampling and block artefacts change a small object's edges and colours."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(_jpeg_bytes(image, quality))).convert("RGB")
+
+
+def _jpeg_bytes(image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=int(quality))
     return buf.getvalue()
 
 
@@ -207,6 +222,13 @@ def corpus_spec(image_size: int = 64, single_object: bool = False) -> SceneSpec:
     """The governor's corpus: other backgrounds, larger and more varied objects."""
     return SceneSpec(image_size=image_size, backgrounds=CORPUS_BACKGROUNDS, object_coverage=0.35,
                      size_jitter=(0.6, 1.4), max_objects=1 if single_object else 3)
+
+
+def drop_like_corpus_spec(image_size: int = 64, object_coverage: float = 0.25) -> SceneSpec:
+    """Scenes with the drops' object sizes and counts but the corpus's own backgrounds: what the
+    governor's crop training, its validation and τ calibration use, so that a crop of a drop object
+    is in distribution without the governor ever seeing the drops' distribution itself."""
+    return SceneSpec(image_size=image_size, backgrounds=CORPUS_BACKGROUNDS, object_coverage=object_coverage)
 
 
 def _generate_clean(out_dir, split, spec, n_samples, seed, vocab, with_label) -> GenerationReport:
