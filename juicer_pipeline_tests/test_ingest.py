@@ -104,8 +104,9 @@ def test_every_quarantine_reason(tmp_path, monkeypatch):
     reasons = {}
     for r in got.values():
         reasons[r["local_id"]] = r["quarantine_reason"]
-    # 'ok' appears twice: the second row is the duplicate id, and keeps the first row's id as key
-    assert got["ok"]["quarantine_reason"] == "duplicate_sample_id"
+    # 'ok' appears twice: the second row is the duplicate id, under an id of its own
+    assert got["ok"]["status"] == "valid"
+    assert got["ok#dup1"]["quarantine_reason"] == "duplicate_sample_id"
     expected = {
         "zero": "empty_file", "text": "not_an_image", "trunc": "truncated_image", "tiny": "too_small",
         "huge": "too_large", "missing": "missing_file", "escape": "path_escapes_drop",

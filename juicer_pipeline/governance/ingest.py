@@ -59,7 +59,7 @@ def sample_id_for(drop_id: str, local_id: str) -> str:
 def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_caption_chars: int,
                    stats: IngestStats, batch_rows: int = 512) -> Iterator[pa.RecordBatch]:
     seen_hashes: set[str] = set()
-    seen_ids: set[str] = set()
+    seen_ids: dict[str, int] = {}  # local id -> how many later duplicates it has had
     batch: list[dict] = []
     for rec in iter_records(source):
         row = _row(rec, drop_id, limits, max_caption_chars, seen_hashes, seen_ids)
@@ -78,8 +78,9 @@ def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_ca
 
 
 def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: int,
-         seen_hashes: set[str], seen_ids: set[str]) -> dict:
+         seen_hashes: set[str], seen_ids: dict[str, int]) -> dict:
     data = rec.image_bytes
+    repeated_id = _claim_id(rec, seen_ids)
     row = {
         "sample_id": sample_id_for(drop_id, rec.local_id), "drop_id": drop_id, "local_id": rec.local_id,
         "path": rec.path, "content_hash": hashlib.sha256(data).hexdigest() if data is not None else None,
@@ -89,9 +90,8 @@ def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: i
         "image": None,
     }
     try:
-        if rec.local_id in seen_ids:
-            raise ImageRejected("duplicate_sample_id", f"{rec.local_id!r} appears earlier in the drop")
-        seen_ids.add(rec.local_id)
+        if repeated_id is not None:
+            raise ImageRejected("duplicate_sample_id", f"{repeated_id!r} appears earlier in the drop")
         if rec.fetch_error:
             raise ImageRejected(rec.fetch_error, rec.path)
         decoded = decode_image(data, limits)
@@ -104,3 +104,25 @@ def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: i
     except (ImageRejected, CaptionRejected) as exc:
         row.update(status="quarantined", quarantine_reason=exc.reason, quarantine_detail=str(exc), caption=None)
     return row
+
+
+def _claim_id(rec: RawRecord, seen_ids: dict[str, int]) -> str | None:
+    """Register the record's id. A later duplicate gets a fresh id (sample_id is the catalog's
+    primary key, and every input row keeps a row of its own: rows in = rows out); the id it
+    repeats is returned so the row can be quarantined."""
+    repeated = rec.local_id
+    if repeated not in seen_ids:
+        seen_ids[repeated] = 0
+        return None
+    rec.local_id = _unused_id(repeated, seen_ids)
+    seen_ids[rec.local_id] = 0
+    return repeated
+
+
+def _unused_id(local_id: str, seen_ids: dict[str, int]) -> str:
+    """`<id>#dup<n>` not taken yet; the count kept per id makes many copies of one id linear."""
+    n = seen_ids[local_id] + 1
+    while f"{local_id}#dup{n}" in seen_ids:
+        n += 1
+    seen_ids[local_id] = n
+    return f"{local_id}#dup{n}"
