@@ -34,6 +34,8 @@ class IngestSettings(_Section):
     max_side: int = Field(8192, ge=1, description="images with a longer side are quarantined as too_large")
     max_pixels: int = Field(40_000_000, ge=1, description="width*height above this is too_large")
     max_caption_chars: int = Field(4000, ge=1, description="longer captions are quarantined")
+    max_file_bytes: int = Field(50_000_000, ge=1, description="files and tar members larger than this are "
+                                                              "quarantined as too_large before being read")
     batch_rows: int = Field(512, ge=1, description="rows per Parquet row group while streaming")
 
     @model_validator(mode="after")

@@ -49,3 +49,53 @@ def test_duplicate_sample_ids_do_not_fail_the_drop(data_dir, instance):
     samples = Catalog(Warehouse(data_dir).catalog_path).query("SELECT * FROM samples ORDER BY sample_id")
     assert list(samples.sample_id) == ["dups/same", "dups/same#dup1", "dups/same#dup2"]
     assert list(samples.status) == ["valid", "quarantined", "quarantined"]
+
+
+def _cap_between(small: bytes, big: bytes) -> int:
+    assert len(small) < len(big)
+    return len(small)
+
+
+def test_files_over_max_file_bytes_are_quarantined_unread(tmp_path, monkeypatch):
+    import juicer_pipeline.governance.drop_sources as drop_sources
+
+    small, big = png_bytes(colour=(1, 1, 1)), png_bytes((64, 64), colour=(2, 2, 2)) + b"\0" * 4096
+    opened: list[str] = []
+    monkeypatch.setattr(drop_sources, "open", lambda p, *a, **k: opened.append(str(p)) or io.open(p, *a, **k),
+                        raising=False)
+    drop = write_folder_drop(tmp_path / "d", {"small.png": small, "big.png": big},
+                             [{"image": "small.png", "caption": "x"}, {"image": "big.png", "caption": "x"}])
+    got, _ = ingest_rows(drop, ImageLimits(max_file_bytes=_cap_between(small, big)))
+    rows = by_id(got)
+    assert rows["small.png"]["status"] == "valid"
+    assert rows["big.png"]["quarantine_reason"] == "too_large"
+    assert "max_file_bytes" in rows["big.png"]["quarantine_detail"]
+    assert not any(p.endswith("big.png") for p in opened)
+
+
+def test_tar_members_over_max_file_bytes_are_quarantined_unread(tmp_path, monkeypatch):
+    small, big = png_bytes(colour=(1, 1, 1)), png_bytes((64, 64), colour=(2, 2, 2)) + b"\0" * 4096
+    (tmp_path / "d").mkdir()
+    write_tar(tmp_path / "d" / "s.tar", [("0.png", small), ("0.txt", b"x"), ("1.png", big), ("1.txt", b"y"),
+                                          ("2.png", png_bytes(colour=(3, 3, 3))), ("2.txt", b"z" * len(big))])
+    extracted: list[str] = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, m: extracted.append(getattr(m, "name", m)) or real(self, m))
+    got, _ = ingest_rows(tmp_path / "d", ImageLimits(max_file_bytes=_cap_between(small, big)))
+    rows = by_id(got)
+    assert rows["0"]["status"] == "valid"
+    assert rows["1"]["quarantine_reason"] == rows["2"]["quarantine_reason"] == "too_large"
+    assert "1.png" not in extracted and "2.txt" not in extracted
+
+
+def test_max_file_bytes_is_an_ingest_setting(data_dir, instance):
+    from juicer_pipeline.settings import IngestSettings, JuicerSettings
+
+    assert IngestSettings().max_file_bytes == 50_000_000
+    big = png_bytes((64, 64)) + b"\0" * 4096
+    write_folder_drop(data_dir / "drops" / "capped", {"big.png": big}, [{"image": "big.png", "caption": "x"}])
+    settings = JuicerSettings(ingest=IngestSettings(max_file_bytes=1000))
+    assert run_drop(data_dir, instance, "capped", settings=settings).success
+    samples = Catalog(Warehouse(data_dir).catalog_path).query("SELECT * FROM samples")
+    assert list(samples.quarantine_reason) == ["too_large"]

@@ -22,7 +22,8 @@ _THUMBNAILS = 12
 def build_ingest_assets(settings: JuicerSettings) -> list:
     cfg = settings.ingest
     version = code_version("ingest-1", cfg)
-    limits = ImageLimits(min_side=cfg.min_side, max_side=cfg.max_side, max_pixels=cfg.max_pixels)
+    limits = ImageLimits(min_side=cfg.min_side, max_side=cfg.max_side, max_pixels=cfg.max_pixels,
+                         max_file_bytes=cfg.max_file_bytes)
 
     @asset(
         partitions_def=drops_partitions, code_version=version, group_name="ingest",

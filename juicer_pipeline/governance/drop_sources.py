@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,6 +22,7 @@ MANIFEST_NAMES = ("captions.parquet", "captions.csv", "captions.jsonl")
 REQUIRED_COLUMNS = ("image", "caption")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 READY_MARKER = "_READY"
+DEFAULT_MAX_FILE_BYTES = 50_000_000
 _CHUNK_ROWS = 1024
 
 
@@ -47,6 +49,7 @@ class RawRecord:
     url: str | None = None
     label: str | None = None
     fetch_error: str | None = None  # quarantine reason found while locating the file
+    fetch_detail: str | None = None  # what exactly was wrong (the path when not given)
     extra: dict = field(default_factory=dict)
 
 
@@ -76,12 +79,13 @@ def open_drop(path: Path) -> DropSource:
     raise DropError(f"drop {root} has no manifest ({', '.join(MANIFEST_NAMES)}) and no .tar shards")
 
 
-def iter_records(source: DropSource) -> Iterator[RawRecord]:
+def iter_records(source: DropSource, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[RawRecord]:
+    """Every record of the drop; a file or tar member over `max_file_bytes` is never read."""
     if source.format == "folder":
-        yield from _iter_folder(source.root, source.files[0])
+        yield from _iter_folder(source.root, source.files[0], max_file_bytes)
     else:
         for shard in source.files:
-            yield from _iter_shard(source.root, shard)
+            yield from _iter_shard(source.root, shard, max_file_bytes)
 
 
 # --- folder + manifest ----------------------------------------------------------
@@ -121,7 +125,7 @@ def _check_columns(manifest: Path, columns: list[str]) -> None:
                         f"found columns: {', '.join(map(str, columns)) or 'none'}")
 
 
-def _iter_folder(root: Path, manifest: Path) -> Iterator[RawRecord]:
+def _iter_folder(root: Path, manifest: Path, max_file_bytes: int) -> Iterator[RawRecord]:
     row_number = 0
     for chunk in _manifest_chunks(manifest):
         for row in chunk.to_dict("records"):
@@ -129,12 +133,12 @@ def _iter_folder(root: Path, manifest: Path) -> Iterator[RawRecord]:
             local_id = _clean_str(row.get("sample_id")) or _clean_str(image_ref) or f"row{row_number}"
             rec = RawRecord(local_id=local_id, path=str(image_ref), image_bytes=None, caption=row.get("caption"),
                             url=_clean_str(row.get("url")), label=_clean_str(row.get("label")))
-            _resolve_file(root, image_ref, rec)
+            _resolve_file(root, image_ref, rec, max_file_bytes)
             row_number += 1
             yield rec
 
 
-def _resolve_file(root: Path, image_ref, rec: RawRecord) -> None:
+def _resolve_file(root: Path, image_ref, rec: RawRecord, max_file_bytes: int) -> None:
     ref = _clean_str(image_ref)
     if not ref:
         rec.fetch_error = "missing_file"
@@ -151,11 +155,30 @@ def _resolve_file(root: Path, image_ref, rec: RawRecord) -> None:
     if not Path(real).is_relative_to(root):
         rec.fetch_error = "path_escapes_drop"
         return
-    if not os.path.isfile(real):
+    _read_capped(real, rec, max_file_bytes)
+
+
+def _read_capped(real: str, rec: RawRecord, max_file_bytes: int) -> None:
+    try:
+        st = os.stat(real)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         rec.fetch_error = "missing_file"
         return
+    if st.st_size > max_file_bytes:
+        rec.fetch_error, rec.fetch_detail = "too_large", _over_cap(rec.path, st.st_size, max_file_bytes)
+        return
     with open(real, "rb") as fh:
-        rec.image_bytes = fh.read()
+        data = fh.read(max_file_bytes + 1)  # the file may have grown since stat: never read past the cap
+    if len(data) > max_file_bytes:
+        rec.fetch_error, rec.fetch_detail = "too_large", _over_cap(rec.path, len(data), max_file_bytes)
+        return
+    rec.image_bytes = data
+
+
+def _over_cap(name: str, size: int, max_file_bytes: int) -> str:
+    return f"{name} is {size} bytes, over max_file_bytes={max_file_bytes}"
 
 
 @lru_cache(maxsize=4096)
@@ -172,7 +195,7 @@ def _clean_str(value) -> str | None:
 
 # --- WebDataset shards ---------------------------------------------------------
 
-def _iter_shard(root: Path, shard: Path) -> Iterator[RawRecord]:
+def _iter_shard(root: Path, shard: Path, max_file_bytes: int) -> Iterator[RawRecord]:
     """Group consecutive members by key (img2dataset writes a sample's files together)."""
     try:
         with tarfile.open(shard, "r") as tar:
@@ -187,7 +210,7 @@ def _iter_shard(root: Path, shard: Path) -> Iterator[RawRecord]:
                     yield _wds_record(root, shard, key, members)
                     members = {}
                 key = member_key
-                members[ext] = (info.name, tar.extractfile(info).read())
+                members[ext] = (info.name, _member_bytes(tar, info, max_file_bytes))
             if key is not None:
                 yield _wds_record(root, shard, key, members)
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -200,7 +223,7 @@ def _wds_record(root: Path, shard: Path, key: str, members: dict) -> RawRecord:
     if "json" in members:
         try:
             meta = json.loads(members["json"][1])
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, TypeError):
             meta = {}
     if not isinstance(meta, dict):
         meta = {}
@@ -212,6 +235,14 @@ def _wds_record(root: Path, shard: Path, key: str, members: dict) -> RawRecord:
         image_bytes=members[image_ext][1] if image_ext else None,
         caption=caption, url=_clean_str(meta.get("url")), label=_clean_str(meta.get("label")),
     )
-    if image_ext is None:
+    oversized = [name for name, data in members.values() if data is None]
+    if oversized:
+        rec.fetch_error, rec.fetch_detail = "too_large", f"member {oversized[0]!r} is over max_file_bytes"
+    elif image_ext is None:
         rec.fetch_error = "missing_file"
     return rec
+
+
+def _member_bytes(tar: tarfile.TarFile, info: tarfile.TarInfo, max_file_bytes: int) -> bytes | None:
+    """None for a member over the cap: its size is in the header, so it is never read."""
+    return None if info.size > max_file_bytes else tar.extractfile(info).read()

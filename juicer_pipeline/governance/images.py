@@ -13,6 +13,7 @@ class ImageLimits:
     min_side: int = 16
     max_side: int = 8192
     max_pixels: int = 40_000_000
+    max_file_bytes: int = 50_000_000  # checked by the drop readers before a file is read
 
 
 @dataclass(frozen=True)

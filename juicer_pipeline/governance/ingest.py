@@ -61,7 +61,7 @@ def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_ca
     seen_hashes: set[str] = set()
     seen_ids: dict[str, int] = {}  # local id -> how many later duplicates it has had
     batch: list[dict] = []
-    for rec in iter_records(source):
+    for rec in iter_records(source, limits.max_file_bytes):
         row = _row(rec, drop_id, limits, max_caption_chars, seen_hashes, seen_ids)
         stats.n_samples += 1
         stats.bytes += row["n_bytes"] or 0
@@ -93,7 +93,7 @@ def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: i
         if repeated_id is not None:
             raise ImageRejected("duplicate_sample_id", f"{repeated_id!r} appears earlier in the drop")
         if rec.fetch_error:
-            raise ImageRejected(rec.fetch_error, rec.path)
+            raise ImageRejected(rec.fetch_error, rec.fetch_detail or rec.path)
         decoded = decode_image(data, limits)
         row.update(width=decoded.width, height=decoded.height, mode=decoded.mode, format=decoded.format)
         row["caption"] = normalise_caption(rec.caption, max_caption_chars)
