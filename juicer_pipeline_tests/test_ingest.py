@@ -159,14 +159,14 @@ def test_empty_csv_manifest_is_an_error(tmp_path):
         ingest(drop)
 
 
-def test_truncated_shard_fails_naming_the_shard(tmp_path):
+def test_truncated_shard_is_quarantined_naming_the_shard(tmp_path):
     drop = tmp_path / "d"
     drop.mkdir()
     _tar(drop / "s.tar", {"0.png": png_bytes(), "0.txt": b"x", "1.png": png_bytes(colour=(1, 1, 1))})
     data = (drop / "s.tar").read_bytes()
     (drop / "s.tar").write_bytes(data[:700])
-    with pytest.raises(DropError, match=r"s\.tar is unreadable"):
-        ingest(drop)
+    rows, stats = ingest(drop)
+    assert rows["s.tar"]["quarantine_reason"] == "truncated_shard" and stats.n_samples == 2
 
 
 def test_ambiguous_or_empty_drop_is_an_error(tmp_path):

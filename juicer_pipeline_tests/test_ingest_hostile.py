@@ -99,3 +99,111 @@ def test_max_file_bytes_is_an_ingest_setting(data_dir, instance):
     assert run_drop(data_dir, instance, "capped", settings=settings).success
     samples = Catalog(Warehouse(data_dir).catalog_path).query("SELECT * FROM samples")
     assert list(samples.quarantine_reason) == ["too_large"]
+
+
+def _good_shard(path, keys=("0", "1")) -> None:
+    # distinct colours across shards too, so no sample is a duplicate_content of another
+    write_tar(path, [m for k in keys
+                     for m in ((f"{k}.png", png_bytes(colour=(ord(k[0]), ord(k[-1]), len(k)))),
+                               (f"{k}.txt", b"a caption"))])
+
+
+def test_truncated_shard_keeps_readable_members_and_records_the_offset(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    _good_shard(drop / "a.tar", ("a0", "a1"))
+    _good_shard(drop / "b.tar", ("b0", "b1", "b2"))
+    data = (drop / "b.tar").read_bytes()
+    with tarfile.open(drop / "b.tar") as tar:
+        cut_member = tar.getmember("b1.txt")
+    (drop / "b.tar").write_bytes(data[:cut_member.offset_data + 3])  # b1's caption is cut short
+    got, stats = ingest_rows(drop)
+    rows = by_id(got)
+    assert [rows[k]["status"] for k in ("a0", "a1", "b0")] == ["valid"] * 3
+    assert rows["b1"]["quarantine_reason"] == "missing_caption"  # its image was read, its caption cut
+    shard = rows["b.tar"]
+    assert shard["quarantine_reason"] == "truncated_shard" and shard["path"] == "b.tar"
+    assert f"byte {cut_member.offset}" in shard["quarantine_detail"]
+    assert "b2" not in rows  # wholly after the cut: the shard row stands for it
+    assert stats.n_samples == len(got) == 5
+
+
+def test_corrupt_header_mid_shard_is_a_truncated_shard(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    _good_shard(drop / "s.tar", ("0", "1"))
+    data = bytearray((drop / "s.tar").read_bytes())
+    with tarfile.open(drop / "s.tar") as tar:
+        bad = tar.getmember("1.png").offset
+    data[bad:bad + 512] = b"\xff" * 512  # a garbage header: tarfile alone would read this as the end
+    (drop / "s.tar").write_bytes(bytes(data))
+    rows = by_id(ingest_rows(drop)[0])
+    assert rows["0"]["status"] == "valid" and "1" not in rows
+    assert rows["s.tar"]["quarantine_reason"] == "truncated_shard"
+    assert f"byte {bad}" in rows["s.tar"]["quarantine_detail"]
+
+
+def test_shard_that_is_not_a_tar_is_one_quarantine_row(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    _good_shard(drop / "a.tar")
+    (drop / "b.tar").write_bytes(b"not a tar at all" * 100)
+    rows = by_id(ingest_rows(drop)[0])
+    assert rows["0"]["status"] == rows["1"]["status"] == "valid"
+    assert rows["b.tar"]["quarantine_reason"] == "truncated_shard"
+    assert "byte 0" in rows["b.tar"]["quarantine_detail"]
+
+
+def test_unsafe_member_names_are_quarantined(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    write_tar(drop / "s.tar", [
+        ("../escape.png", png_bytes(colour=(1, 1, 1))), ("../escape.txt", b"x"),
+        ("/abs/key.png", png_bytes(colour=(2, 2, 2))), ("/abs/key.txt", b"x"),
+        ("dir/../../up.png", png_bytes(colour=(3, 3, 3))), ("dir/../../up.txt", b"x"),
+        ("ok.png", png_bytes(colour=(4, 4, 4))), ("ok.txt", b"x"),
+    ])
+    got, stats = ingest_rows(drop)
+    assert stats.n_valid == 1 and by_id(got)["ok"]["status"] == "valid"
+    unsafe = [r for r in got if r["local_id"] != "ok"]
+    assert len(unsafe) == 3
+    assert {r["quarantine_reason"] for r in unsafe} == {"path_escapes_drop"}
+    assert all(r["image"] is None for r in unsafe)
+
+
+def test_members_of_a_key_are_grouped_wherever_they_sit(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    write_tar(drop / "s.tar", [
+        ("0.png", png_bytes(colour=(1, 1, 1))), ("1.png", png_bytes(colour=(2, 2, 2))),
+        ("1.txt", b"one"), ("0.txt", b"zero"), ("0.json", b'{"url": "u0"}'),
+    ])
+    got, stats = ingest_rows(drop)
+    assert [r["local_id"] for r in got] == ["0", "1"] and stats.n_valid == 2
+    assert by_id(got)["0"]["caption"] == "zero" and by_id(got)["0"]["url"] == "u0"
+
+
+def test_broken_metadata_json_is_quarantined(tmp_path):
+    drop = tmp_path / "d"
+    drop.mkdir()
+    write_tar(drop / "s.tar", [
+        ("0.png", png_bytes(colour=(1, 1, 1))), ("0.txt", b"x"), ("0.json", b'{"sample_id": "ab'),
+        ("1.png", png_bytes(colour=(2, 2, 2))), ("1.txt", b"x"), ("1.json", b"[1, 2]"),
+        ("2.png", png_bytes(colour=(3, 3, 3))), ("2.txt", b"x"), ("2.json", b'{"sample_id": "two"}'),
+    ])
+    rows = by_id(ingest_rows(drop)[0])
+    assert rows["0"]["quarantine_reason"] == rows["1"]["quarantine_reason"] == "bad_metadata"
+    assert "not valid JSON" in rows["0"]["quarantine_detail"]
+    assert rows["two"]["status"] == "valid"
+
+
+def test_truncated_shard_drop_is_ingested_through_dagster(data_dir, instance):
+    drop = data_dir / "drops" / "cut"
+    drop.mkdir()
+    _good_shard(drop / "a.tar")
+    _good_shard(drop / "b.tar", ("2", "3"))
+    (drop / "b.tar").write_bytes((drop / "b.tar").read_bytes()[:700])  # inside 2.png's block padding
+    assert run_drop(data_dir, instance, "cut").success
+    samples = Catalog(Warehouse(data_dir).catalog_path).query("SELECT * FROM samples ORDER BY sample_id")
+    assert list(samples.sample_id) == ["cut/0", "cut/1", "cut/2", "cut/b.tar"]
+    assert list(samples.quarantine_reason.fillna("")) == ["", "", "missing_caption", "truncated_shard"]
