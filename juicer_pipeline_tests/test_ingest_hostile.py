@@ -2,8 +2,10 @@
 import io
 import tarfile
 
+from PIL import Image
+
 from juicer_pipeline.governance.drop_sources import open_drop
-from juicer_pipeline.governance.images import ImageLimits
+from juicer_pipeline.governance.images import ImageLimits, decode_image
 from juicer_pipeline.governance.ingest import IngestStats, ingest_batches
 from juicer_pipeline.storage import Catalog, Warehouse
 
@@ -207,3 +209,45 @@ def test_truncated_shard_drop_is_ingested_through_dagster(data_dir, instance):
     samples = Catalog(Warehouse(data_dir).catalog_path).query("SELECT * FROM samples ORDER BY sample_id")
     assert list(samples.sample_id) == ["cut/0", "cut/1", "cut/2", "cut/b.tar"]
     assert list(samples.quarantine_reason.fillna("")) == ["", "", "missing_caption", "truncated_shard"]
+
+
+def _frames_bytes(fmt: str, colours=((200, 0, 0), (0, 0, 200)), size=(24, 20)) -> bytes:
+    """An image file in `fmt`; multi-frame (animated GIF, multi-page TIFF) when more colours."""
+    frames = [Image.new("RGB", size, c) for c in colours]
+    buf = io.BytesIO()
+    if len(frames) > 1:
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+    else:
+        frames[0].save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_gif_bmp_tiff_decode_to_their_first_frame_in_folders_and_shards(tmp_path):
+    files = {"anim.gif": _frames_bytes("GIF"), "pic.bmp": _frames_bytes("BMP", ((0, 200, 0),)),
+             "pages.tiff": _frames_bytes("TIFF", ((0, 0, 200), (200, 0, 0)))}
+    folder = write_folder_drop(tmp_path / "f", files, [{"image": n, "caption": "x"} for n in files])
+    (tmp_path / "w").mkdir()
+    write_tar(tmp_path / "w" / "s.tar", [("anim.gif", files["anim.gif"]), ("anim.txt", b"x"),
+                                          ("pic.bmp", files["pic.bmp"]), ("pic.txt", b"x"),
+                                          ("pages.tif", files["pages.tiff"]), ("pages.txt", b"x")])
+    folder_rows, shard_rows = by_id(ingest_rows(folder)[0]), by_id(ingest_rows(tmp_path / "w")[0])
+    for name, fmt, colour in (("anim.gif", "GIF", (200, 0, 0)), ("pic.bmp", "BMP", (0, 200, 0)),
+                              ("pages.tiff", "TIFF", (0, 0, 200))):
+        for row in (folder_rows[name], shard_rows[name.split(".")[0]]):
+            assert row["status"] == "valid", row["quarantine_detail"]
+            assert (row["format"], row["width"], row["height"]) == (fmt, 24, 20)
+            first = decode_image(row["image"]).image
+            assert first.mode == "RGB" and first.getpixel((5, 5)) == colour
+
+
+def test_other_formats_are_unsupported_format(tmp_path):
+    files = {"a.ppm": _frames_bytes("PPM", ((1, 2, 3),)), "b.ico": _frames_bytes("ICO", ((4, 5, 6),), (32, 32)),
+             "ok.png": png_bytes(colour=(7, 8, 9))}
+    folder = write_folder_drop(tmp_path / "f", files, [{"image": n, "caption": "x"} for n in files])
+    (tmp_path / "w").mkdir()
+    write_tar(tmp_path / "w" / "s.tar", [("0.heic", b"\0\0\0\x18ftypheic"), ("0.txt", b"x"),
+                                          ("1.ppm", files["a.ppm"]), ("1.txt", b"x")])
+    rows = by_id(ingest_rows(folder)[0]) | by_id(ingest_rows(tmp_path / "w")[0])
+    for local_id in ("a.ppm", "b.ico", "0", "1"):
+        assert rows[local_id]["quarantine_reason"] == "unsupported_format", local_id
+    assert rows["ok.png"]["status"] == "valid"

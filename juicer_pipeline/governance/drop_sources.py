@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 MANIFEST_NAMES = ("captions.parquet", "captions.csv", "captions.jsonl")
 REQUIRED_COLUMNS = ("image", "caption")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 READY_MARKER = "_READY"
 DEFAULT_MAX_FILE_BYTES = 50_000_000
 _CHUNK_ROWS = 1024

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 
+# What a drop may hold. Multi-frame files (animated GIF, multi-page TIFF) count by their first
+# frame. Anything else PIL happens to open is quarantined: later stages and the README promise these.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     min_side: int = 16
@@ -49,6 +54,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
             raise ImageRejected("not_an_image", "no known image format") from exc
         except Exception as exc:  # noqa: BLE001 - any parser failure is a corrupt file
             raise _parse_failure(exc) from exc
+        if img.format not in SUPPORTED_FORMATS:
+            raise ImageRejected("unsupported_format", f"{img.format or 'unknown'} is not one of "
+                                                      f"{', '.join(sorted(SUPPORTED_FORMATS))}")
         w, h = img.size
         if w * h > limits.max_pixels or max(w, h) > limits.max_side:
             raise ImageRejected("too_large", f"{w}x{h} exceeds max_side={limits.max_side}/max_pixels={limits.max_pixels}")
@@ -63,7 +71,10 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
 
 
 def _parse_failure(exc: Exception) -> ImageRejected:
-    reason = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
+    message = str(exc).lower()
+    if "not available" in message or "unsupported" in message:  # e.g. a TIFF codec PIL was built without
+        return ImageRejected("unsupported_format", f"{type(exc).__name__}: {exc}")
+    reason = "truncated_image" if "truncated" in message else "corrupt_image"
     return ImageRejected(reason, f"{type(exc).__name__}: {exc}")
 
 
