@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -26,6 +27,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 READY_MARKER = "_READY"
 DEFAULT_MAX_FILE_BYTES = 50_000_000
 _CHUNK_ROWS = 1024
+# What reading a broken (or gzip-compressed and broken) shard raises.
+_SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
 class DropError(ValueError):
@@ -204,7 +207,7 @@ def _iter_shard(root: Path, shard: Path, max_file_bytes: int) -> Iterator[RawRec
     shard_name = str(shard.relative_to(root))
     try:
         tar = tarfile.open(shard, "r")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except _SHARD_ERRORS as exc:
         yield _broken_shard(shard_name, 0, f"{type(exc).__name__}: {exc}")
         return
     with tar:
@@ -212,7 +215,7 @@ def _iter_shard(root: Path, shard: Path, max_file_bytes: int) -> Iterator[RawRec
         try:
             for key, group in _group_by_key(members).items():
                 yield _wds_record(tar, shard_name, key, group, max_file_bytes)
-        except (tarfile.TarError, EOFError, OSError) as exc:  # the scan checked every member: an I/O fault
+        except _SHARD_ERRORS as exc:  # the scan checked every member: an I/O fault
             raise DropError(f"shard {shard} is unreadable: {type(exc).__name__}: {exc}") from exc
     if stop is not None:
         yield _broken_shard(shard_name, *stop)
@@ -229,7 +232,7 @@ def _scan_members(tar: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], tuple[in
             if not _data_complete(tar, info):
                 return members, (info.offset, f"member {info.name!r} is cut short")
             members.append(info)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except _SHARD_ERRORS as exc:
         return members, (tar.offset, f"{type(exc).__name__}: {exc}")
     if _garbage_at(tar, tar.offset):
         # tarfile reads an unparseable header after the first as the end of the archive
@@ -336,4 +339,5 @@ def _parse_metadata(raw: bytes | None) -> tuple[dict, tuple[str, str] | None]:
 
 def _broken_shard(shard_name: str, offset: int, why: str) -> RawRecord:
     return RawRecord(local_id=shard_name, path=shard_name, image_bytes=None, caption=None,
-                     fetch_error="truncated_shard", fetch_detail=f"{shard_name}: reading stopped at byte {offset}: {why}")
+                     fetch_error="truncated_shard",
+                     fetch_detail=f"{shard_name}: reading stopped at byte {offset}: {why}")

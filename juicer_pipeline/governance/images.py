@@ -54,9 +54,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
             raise ImageRejected("not_an_image", "no known image format") from exc
         except Exception as exc:  # noqa: BLE001 - any parser failure is a corrupt file
             raise _parse_failure(exc) from exc
-        if img.format not in SUPPORTED_FORMATS:
-            raise ImageRejected("unsupported_format", f"{img.format or 'unknown'} is not one of "
-                                                      f"{', '.join(sorted(SUPPORTED_FORMATS))}")
+        _check_format(img)
         w, h = img.size
         if w * h > limits.max_pixels or max(w, h) > limits.max_side:
             raise ImageRejected("too_large", f"{w}x{h} exceeds max_side={limits.max_side}/max_pixels={limits.max_pixels}")
@@ -68,6 +66,12 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
             raise _parse_failure(exc) from exc
     mode, fmt = img.mode, img.format or "unknown"
     return DecodedImage(image=to_rgb(img), width=w, height=h, mode=mode, format=fmt)
+
+
+def _check_format(img: Image.Image) -> None:
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageRejected("unsupported_format",
+                            f"{img.format or 'unknown'} is not one of {', '.join(sorted(SUPPORTED_FORMATS))}")
 
 
 def _parse_failure(exc: Exception) -> ImageRejected:
