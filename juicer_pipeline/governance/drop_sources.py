@@ -319,7 +319,8 @@ def _fill_record(rec: RawRecord, data: dict[str, bytes], image_ext: str | None,
     if image_ext is None:
         others = sorted(e for e in group if e not in ("txt", "json"))
         if others:
-            return "unsupported_format", f"no {'/'.join(IMAGE_EXTENSIONS)} member; found {', '.join(others)}"
+            found = ", ".join(group[e].name for e in others)
+            return "unsupported_format", f"no {'/'.join(IMAGE_EXTENSIONS)} member; found {found}"
         return "missing_file", f"no image member for key {rec.local_id!r}"
     return None
 
