@@ -66,17 +66,19 @@ def main() -> None:
     ap.add_argument("--calibration-images", type=int, default=600)
     ap.add_argument("--target-precision", type=float, default=0.9)
     ap.add_argument("--method", default="attention_rollout")
-    ap.add_argument("--region-fractions", default="0.35", help="comma-separated shares of top patches")
+    ap.add_argument("--region-fractions", default="0.2", help="comma-separated shares of top patches")
     ap.add_argument("--max-regions", type=int, default=4)
+    ap.add_argument("--margin", type=float, default=0.3, help="crop margin around a region")
     a = ap.parse_args()
     a.region_fraction = tuple(float(v) for v in a.region_fractions.split(","))
 
     import torch
 
-    from juicer_pipeline.governance.calibration import validation_scores, world_validation_set
+    from juicer_pipeline.governance.calibration import world_validation_set
+    from juicer_pipeline.governance.classes import image_regions
     from juicer_pipeline.governance.classes import (calibrate_tau, calibrate_tau_per_class, crop_probs,
-                                                    image_regions, square_crop)
-    from juicer_pipeline.governance.classes import crop as region_crop
+                                                    square_crop)
+    from juicer_pipeline.governance.classes import CropPlan, region_crops
     from juicer_pipeline.governance.images import load_rgb
     from juicer_pipeline.governance.prompts import abstain_embedding, class_embeddings
     from juicer_pipeline.governance.saliency import VisionPass
@@ -111,39 +113,56 @@ def main() -> None:
     print(f"drop: {len(images)} decodable images, coverage {a.coverage}, governor {fm.model_id[:12]} ({a.source})")
 
     vision = VisionPass(fm.model)
-    saliency = np.concatenate([score_batch(fm, vision, images[i:i + 256]).saliency[a.method].numpy()
-                               for i in range(0, len(images), 256)])
+
+    def saliency_of(imgs):
+        return np.concatenate([score_batch(fm, vision, imgs[i:i + 256]).saliency[a.method].numpy()
+                               for i in range(0, len(imgs), 256)])
+
+    val_images, val_truth = world_validation_set(64, a.calibration_images)
+    saliency, val_saliency = saliency_of(images), saliency_of(val_images)
     vision.close()
 
-    def per_image(probs, owner):
-        out = np.zeros((len(images), len(class_emb)), np.float32)
+    def per_image(probs, owner, n):
+        out = np.zeros((n, len(class_emb)), np.float32)
         for i, p in zip(owner, probs):
             out[i] = np.maximum(out[i], p)
         return out
 
-    regions = [image_regions(s, fm.grid, a.region_fraction, a.max_regions) for s in saliency]
-    owner = [i for i, rs in enumerate(regions) for _ in rs]
-    square = [region_crop(images[i], g, fm.grid) for i, rs in enumerate(regions) for g in rs]
-    stretched = [stretched_crop(images[i], g, fm.grid) for i, rs in enumerate(regions) for g in rs]
+    plan = CropPlan(a.region_fraction, a.max_regions, a.margin)
+    old_plan = CropPlan((0.35,), 4)  # what class extraction did before: one share, stretched crops
+
+    def stretched(imgs, sal):
+        regions = [image_regions(s, fm.grid, old_plan.fractions, old_plan.max_regions) for s in sal]
+        return ([stretched_crop(imgs[i], g, fm.grid) for i, rs in enumerate(regions) for g in rs],
+                [i for i, rs in enumerate(regions) for _ in rs])
+
+    def square(imgs, sal, p=plan):
+        crops, owner, _ = region_crops(imgs, sal, fm.grid, p)
+        return crops, owner
+
     true_owner = [i for i, bs in enumerate(boxes) for _ in bs]
     true_crops = [square_crop(images[i], b, 0.25) for i, bs in enumerate(boxes) for _, b in bs]
     true_labels = np.array([vocab.shapes.index(s) for bs in boxes for s, _ in bs])
-
-    val_images, val_truth = world_validation_set(64, a.calibration_images)
+    levers = [("before: share 0.35, stretched crops, no abstain", stretched, False),
+              ("square crops (margin 0.15, share 0.35), no abstain", lambda i, s: square(i, s, CropPlan((0.35,), 4, 0.15)), False),
+              (f"square crops (margin {a.margin}, shares {a.region_fractions}), no abstain", square, False),
+              (f"square crops (margin {a.margin}, shares {a.region_fractions}) + background abstain", square, True)]
     rows = []
-    for name, crops, own, use_abstain in (("stretched crops, no abstain", stretched, owner, False),
-                                          ("square crops, no abstain", square, owner, False),
-                                          ("square crops + background abstain", square, owner, True),
-                                          ("true-box crops + abstain (perfect localisation)", true_crops,
-                                           true_owner, True)):
+    for name, cut, use_abstain in levers + [("true-box crops + abstain (perfect localisation)", None, True)]:
         ab = abstain if use_abstain else None
+        if cut is None:
+            crops, own = true_crops, true_owner
+            val_cut = square  # calibration has no truth boxes either: the pipeline's own crops
+        else:
+            crops, own = cut(images, saliency)
+            val_cut = cut
         probs = crop_probs(fm, crops, class_emb, ab)
-        scores = per_image(probs, own)
+        scores = per_image(probs, own, len(images))
+        vc, vo = val_cut(val_images, val_saliency)
+        val = per_image(crop_probs(fm, vc, class_emb, ab), vo, len(val_images))
         row = {"lever": name, "crops": len(crops)}
-        if crops is true_crops:
+        if cut is None:
             row["crop_shape_top1"] = float((probs.argmax(1) == true_labels).mean())
-        val = validation_scores(fm, val_images, class_emb, a.method, a.region_fraction, a.max_regions,
-                                abstain_emb=ab)
         cal = calibrate_tau(val, val_truth, a.target_precision)
         row["tau"] = cal["tau"]
         row["precision"], row["recall"] = micro_pr(scores, truth, cal["tau"])

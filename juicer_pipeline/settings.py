@@ -56,19 +56,27 @@ class GovernorSettings(_Section):
 
 class SaliencySettings(_Section):
     # attention_rollout: best object-patch recall and ROC-AUC of the three on world drops (README table)
-    method: Literal["cls_attention", "attention_rollout", "global_similarity"] = "attention_rollout"
+    method: Literal["cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness"] = "attention_rollout"
     rho: float = Field(0.5, gt=0.0, le=1.0, description="share of patches kept per image")
 
 
 class ClassSettings(_Section):
     k: int = Field(3, ge=1, description="at most k classes per image")
     target_precision: float = Field(0.9, gt=0.0, le=1.0, description="τ is calibrated to reach this precision")
-    region_fraction: float = Field(0.35, gt=0.0, le=1.0, description="share of most salient patches forming regions")
-    max_regions: int = Field(4, ge=1)
+    region_fractions: list[float] = Field(default_factory=lambda: [0.2], min_length=1,
+                                          description="shares of most salient patches whose connected regions are cropped")
+    max_regions: int = Field(4, ge=1, description="at most this many regions per share")
+    crop_margin: float = Field(0.3, ge=0.0, le=2.0, description="margin around a region, share of its longer side")
     abstain: bool = Field(True, description="classify each crop against a 'background' prompt too: a crop "
                                             "whose best match is the background names no class")
     fallback_tau: float = Field(0.9, gt=0.0, le=1.0, description="τ when the governor has no calibration set")
     calibration_images: int = Field(600, ge=10, description="world-corpus validation images used to calibrate τ")
+
+    @model_validator(mode="after")
+    def _fractions_are_shares(self):
+        if not all(0.0 < f <= 1.0 for f in self.region_fractions):
+            raise ValueError(f"region_fractions must lie in (0, 1], got {self.region_fractions}")
+        return self
 
 
 class CaptionSettings(_Section):

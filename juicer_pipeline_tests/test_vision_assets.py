@@ -116,7 +116,7 @@ def test_enriched_captions_and_truth_report(data_dir, juiced, tiny_settings):
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["coverage"].passed and checks["retention"].passed and checks["no_empty_caption"].passed
     report = truth_report(Warehouse(data_dir), "v1", 0.5, tiny_settings)
-    for word in ("cls_attention", "attention_rollout", "global_similarity", "random", "classes vs truth",
+    for word in ("cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness", "random", "classes vs truth",
                  "captions mentioning every true object", "pooled-embedding alternative"):
         assert word in report
 

@@ -48,7 +48,7 @@ def test_vision_pass_gives_one_embedding_and_every_method_per_image():
     vp = VisionPass(model)
     out = vp.run(torch.randn(5, 3, 32, 32))
     assert out.embeddings.shape == (5, 32) and torch.allclose(out.embeddings.norm(dim=-1), torch.ones(5))
-    assert set(out.saliency) == {"cls_attention", "attention_rollout", "global_similarity"}
+    assert set(out.saliency) == {"cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness"}
     assert all(v.shape == (5, 16) for v in out.saliency.values())
     assert vp.forward_calls == 5
     # the pooled embedding is exactly the model's own image embedding
@@ -182,3 +182,15 @@ def test_vision_pass_attention_equals_recomputed_attention_and_is_removed_on_clo
     vp.close()
     hook.remove()
     assert all("attention" not in blk.__dict__ for blk in model.visual.transformer.resblocks)
+
+
+def test_smoothing_keeps_flat_maps_flat_and_spreads_a_peak_to_its_neighbours():
+    from juicer_pipeline.governance.saliency import _smooth
+
+    flat = torch.full((2, 16), 0.3)
+    assert torch.allclose(_smooth(flat, (4, 4)), flat)
+    peak = torch.zeros(1, 16)
+    peak[0, 5] = 1.0  # row 1, column 1 of a 4×4 grid
+    out = _smooth(peak, (4, 4)).reshape(4, 4)
+    assert out[1, 1] == pytest.approx(0.25) and out[0, 1] == pytest.approx(0.125) and out[0, 0] == pytest.approx(0.0625)
+    assert out[3, 3] == 0 and out.sum() == pytest.approx(1.0)

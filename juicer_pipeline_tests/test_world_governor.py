@@ -27,13 +27,7 @@ def _single_object(shape: str, colour, box, background=(128, 128, 128)) -> tuple
     return img, patches
 
 
-@pytest.mark.parametrize("method", [
-    "cls_attention", "attention_rollout",
-    # Measured: the world governor's projected patch tokens on a flat background are most similar to the
-    # pooled embedding *off* the object (2/37 kept patches on it), so this method fails here. Kept as a
-    # strict xfail so that a governor that fixes it turns this test red and the note gets updated.
-    pytest.param("global_similarity", marks=pytest.mark.xfail(strict=True, reason="inverted on flat backgrounds")),
-])
+@pytest.mark.parametrize("method", ["cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness"])
 def test_kept_patches_lie_on_the_object_on_a_flat_background(governor, method):
     vision = VisionPass(governor.model)
     hits = kept_total = obj_total = 0

@@ -10,7 +10,7 @@ import torch
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from ..governance.calibration import calibrate_world_governor
-from ..governance.classes import decide_classes, region_class_scores
+from ..governance.classes import CropPlan, decide_classes, region_class_scores
 from ..governance.images import load_rgb
 from ..governance.prompts import abstain_embedding, class_embeddings
 from ..governance.pruning import keep_top
@@ -44,6 +44,10 @@ def _class_embeddings(fm) -> torch.Tensor:
         names, attributes = _vocabulary()
         _CLASS_EMBEDDINGS[fm.model_id] = class_embeddings(fm.encode_text, names, attributes)
     return _CLASS_EMBEDDINGS[fm.model_id]
+
+
+def _crop_plan(cls) -> CropPlan:
+    return CropPlan(tuple(cls.region_fractions), cls.max_regions, cls.crop_margin)
 
 
 def _abstain_embedding(fm, enabled: bool) -> torch.Tensor | None:
@@ -81,7 +85,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         class_emb = _class_embeddings(fm)
         if gov.source == "world" or gov.source.startswith("file:"):
             context.log.info("calibrating τ on the world corpus validation split")
-            calibration = calibrate_world_governor(fm, class_emb, sal.method, cls.region_fraction, cls.max_regions,
+            calibration = calibrate_world_governor(fm, class_emb, sal.method, _crop_plan(cls),
                                                    cls.target_precision, cls.k, n_images=cls.calibration_images,
                                                    batch_size=gov.batch_size,
                                                    abstain_emb=_abstain_embedding(fm, cls.abstain))
@@ -110,7 +114,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         return MaterializeResult(metadata=meta)
 
     @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=["raw_samples", governor], group_name="vision",
-           code_version=code_version("patch_saliency-1", fingerprint), kinds={"pytorch", "parquet"},
+           code_version=code_version("patch_saliency-2", fingerprint), kinds={"pytorch", "parquet"},
            description="One governor pass per valid image: pooled normalised embedding and the patch "
                        "saliency grid of every method (so a method or ρ change never re-runs the model).")
     def patch_saliency(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
@@ -184,8 +188,8 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         rows, crops, t0 = [], 0, time.perf_counter()
         for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size):
             idx = [position[s] for s in ids]
-            scores, n_regions = region_class_scores(fm, images, saliency[idx], fm.grid, class_emb,
-                                                    cls.region_fraction, cls.max_regions, gov.batch_size, abstain)
+            scores, n_regions = region_class_scores(fm, images, saliency[idx], fm.grid, class_emb, _crop_plan(cls),
+                                                    gov.batch_size, abstain)
             crops += sum(n_regions)
             for sid, s, nr in zip(ids, scores, n_regions):
                 chosen = decide_classes(s, names, cls.k, tau)

@@ -13,7 +13,7 @@ import torch
 
 from ..world.generate import SPLIT_CORPUS_VALIDATION, drop_like_corpus_spec, iter_clean_samples, jpeg_roundtrip
 from ..world.vocabulary import load_vocabulary
-from .classes import calibrate_tau, region_class_scores
+from .classes import CropPlan, calibrate_tau, region_class_scores
 from .saliency import VisionPass
 from .vision import score_batch
 
@@ -36,7 +36,7 @@ def world_validation_set(image_size: int, n_images: int, seed: int = 0):
     return images[:n_images], truth[:n_images]
 
 
-def validation_scores(fm, images, class_emb: torch.Tensor, method: str, region_fraction: float, max_regions: int,
+def validation_scores(fm, images, class_emb: torch.Tensor, method: str, plan: CropPlan,
                       batch_size: int = 256, abstain_emb: torch.Tensor | None = None) -> np.ndarray:
     """[N, C] class scores of the images, computed exactly as `extracted_classes` computes them."""
     vision = VisionPass(fm.model)
@@ -45,20 +45,20 @@ def validation_scores(fm, images, class_emb: torch.Tensor, method: str, region_f
         for i in range(0, len(images), batch_size):
             batch = images[i:i + batch_size]
             out = score_batch(fm, vision, batch)
-            s, _ = region_class_scores(fm, batch, out.saliency[method].numpy(), fm.grid, class_emb,
-                                       region_fraction, max_regions, batch_size, abstain_emb)
+            s, _ = region_class_scores(fm, batch, out.saliency[method].numpy(), fm.grid, class_emb, plan,
+                                       batch_size, abstain_emb)
             scores.append(s)
     finally:
         vision.close()
     return np.concatenate(scores) if scores else np.zeros((0, len(class_emb)), np.float32)
 
 
-def calibrate_world_governor(fm, class_emb: torch.Tensor, method: str, region_fraction: float,
-                             max_regions: int, target_precision: float, k: int, n_images: int = 600,
-                             seed: int = 0, batch_size: int = 256, abstain_emb: torch.Tensor | None = None) -> dict:
+def calibrate_world_governor(fm, class_emb: torch.Tensor, method: str, plan: CropPlan, target_precision: float,
+                             k: int, n_images: int = 600, seed: int = 0, batch_size: int = 256,
+                             abstain_emb: torch.Tensor | None = None) -> dict:
     size = fm.model.visual.image_size
     images, truth = world_validation_set(size[0] if isinstance(size, tuple) else size, n_images, seed)
-    scores = validation_scores(fm, images, class_emb, method, region_fraction, max_regions, batch_size, abstain_emb)
+    scores = validation_scores(fm, images, class_emb, method, plan, batch_size, abstain_emb)
     result = calibrate_tau(scores, truth, target_precision, k=k)
     return {"calibrated": True, "split": "world corpus validation (own seed space, drop-like scenes)",
             "n_images": len(images), "target_precision": target_precision,

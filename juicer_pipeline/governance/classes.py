@@ -22,6 +22,17 @@ TAU_GRID = np.round(np.concatenate([np.arange(0.05, 0.99, 0.01), [0.99, 0.995, 0
 
 
 @dataclass(frozen=True)
+class CropPlan:
+    """Where class extraction crops: connected regions among the top `fractions` of patches by
+    saliency (each share in turn, repeats removed), at most `max_regions` per share, each cut as a
+    square with `margin` of its longer side around it."""
+
+    fractions: tuple[float, ...] = (0.2,)
+    max_regions: int = 4
+    margin: float = 0.3
+
+
+@dataclass(frozen=True)
 class Region:
     r0: int
     c0: int
@@ -92,7 +103,7 @@ def region_box(region: Region, grid: tuple[int, int], width: int, height: int) -
     return region.c0 * pw, region.r0 * ph, region.c1 * pw, region.r1 * ph
 
 
-def crop(image: Image.Image, region: Region, grid: tuple[int, int], margin: float = 0.15) -> Image.Image:
+def crop(image: Image.Image, region: Region, grid: tuple[int, int], margin: float) -> Image.Image:
     return square_crop(image, region_box(region, grid, image.width, image.height), margin)
 
 
@@ -173,16 +184,16 @@ def image_regions(saliency: np.ndarray, grid: tuple[int, int], region_fractions,
     return regions
 
 
-def region_crops(images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int], region_fractions,
-                 max_regions: int) -> tuple[list[Image.Image], list[int], list[int]]:
+def region_crops(images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int],
+                 plan: CropPlan) -> tuple[list[Image.Image], list[int], list[int]]:
     """Square crops around each image's connected salient regions, the image each crop belongs to,
     and the number of regions per image."""
     crops, owner, n_regions = [], [], []
     for i, (img, sal) in enumerate(zip(images, saliency)):
-        regions = image_regions(sal, grid, region_fractions, max_regions)
+        regions = image_regions(sal, grid, plan.fractions, plan.max_regions)
         n_regions.append(len(regions))
         for g in regions:
-            crops.append(crop(img, g, grid))
+            crops.append(crop(img, g, grid, plan.margin))
             owner.append(i)
     return crops, owner, n_regions
 
@@ -204,13 +215,13 @@ def crop_probs(fm, crops: list[Image.Image], class_emb: torch.Tensor, abstain_em
 
 
 def region_class_scores(fm, images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int],
-                        class_emb: torch.Tensor, region_fraction: float, max_regions: int,
-                        batch_size: int = 256, abstain_emb: torch.Tensor | None = None) -> tuple[np.ndarray, list[int]]:
+                        class_emb: torch.Tensor, plan: CropPlan, batch_size: int = 256,
+                        abstain_emb: torch.Tensor | None = None) -> tuple[np.ndarray, list[int]]:
     """[N, C] class scores (best region per image) and the number of regions of each image.
 
     The crops go through the governor in batches: the one extra FM pass this stage makes.
     """
-    crops, owner, n_regions = region_crops(images, saliency, grid, region_fraction, max_regions)
+    crops, owner, n_regions = region_crops(images, saliency, grid, plan)
     probs = crop_probs(fm, crops, class_emb, abstain_emb, batch_size)
     scores = np.zeros((len(images), class_emb.shape[0]), dtype=np.float32)
     for i, p in zip(owner, probs):

@@ -149,7 +149,11 @@ def object_crops(cfg: GovernorTrainConfig, vocab: Vocabulary, rng: np.random.Gen
         for scene, rendered, _ in iter_clean_samples(SPLIT_CORPUS_CROPS, spec, n, cfg.seed * 10 + c, vocab):
             image = maybe_jpeg(rendered.image, cfg, rng)  # the whole scene, then the crop: as drops are cut
             for obj, box in zip(scene.objects, rendered.boxes):
-                margin = rng.uniform(*cfg.crop_margin)
+                if rng.random() < 0.5:  # as class extraction cuts them: a box on the patch grid
+                    box = patch_aligned(box, cfg.arch.patch_size, rng)
+                    margin = rng.uniform(0.05, 0.4)
+                else:
+                    margin = rng.uniform(*cfg.crop_margin)
                 shift = tuple(rng.uniform(-0.1, 0.1, 2))
                 out.append((square_crop(image, box, margin, shift), [obj]))
             if rng.random() < cfg.background_crop_rate:
@@ -157,6 +161,15 @@ def object_crops(cfg: GovernorTrainConfig, vocab: Vocabulary, rng: np.random.Gen
                 if bg is not None:
                     out.append((bg, None))
     return out
+
+
+def patch_aligned(box, patch: int, rng: np.random.Generator):
+    """The object's box widened to the patch grid, sometimes by one more patch on a side: the boxes
+    of salient regions look like this, and a governor trained only on tight boxes names shapes in
+    them far less reliably (measured: recall 0.09 at margin 0 vs 0.57 at margin 0.3)."""
+    x0, y0, x1, y1 = (np.floor(box[0] / patch), np.floor(box[1] / patch), np.ceil(box[2] / patch), np.ceil(box[3] / patch))
+    grow = rng.random(4) < 0.2
+    return tuple(float(v * patch) for v in (x0 - grow[0], y0 - grow[1], x1 + grow[2], y1 + grow[3]))
 
 
 def background_crop(rendered, rng: np.random.Generator, image=None, tries: int = 20):

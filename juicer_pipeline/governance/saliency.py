@@ -8,7 +8,14 @@ change of method (or ρ) never re-runs the model:
   checks to 1e-6).
 - `attention_rollout` (Abnar & Zuidema 2020): the product over blocks of ½(A + I), heads averaged,
   row CLS — attention that reaches the output through the residual stream, not one block's view.
-- `global_similarity`: cosine of each projected patch token with the pooled image embedding.
+- `smoothed_rollout`: the rollout map blurred by a 3×3 binomial kernel over the patch grid. An
+  object spans several patches; the blur fills the low-scoring patches inside a shape and damps
+  isolated ones (distractor specks), so the top ⌈ρN⌉ follow whole objects.
+- `token_distinctiveness`: how far each output patch token lies from the image's mean patch token.
+  Background patches repeat one texture and sit near that mean; object patches do not. It replaces
+  `global_similarity` (cosine of projected patch tokens with the pooled embedding), which came out
+  inverted on the world governor (ROC-AUC 0.24 < random: background tokens sit closer to the pooled
+  embedding) and got worse, not better, with centred tokens (0.15).
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-METHODS = ("cls_attention", "attention_rollout", "global_similarity")
+METHODS = ("cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness")
 
 
 @dataclass
@@ -82,13 +89,25 @@ class VisionPass:
         self.forward_calls += len(images)
         emb = F.normalize(pooled.float(), dim=-1)
         attentions = [w.float() for w in self._weights]
-        patch_emb = F.normalize((tokens @ visual.proj).float() if visual.proj is not None else tokens.float(), dim=-1)
+        rollout = _rollout(attentions)[:, 0, 1:]
+        tokens = tokens.float()
         saliency = {
             "cls_attention": attentions[-1][:, 0, 1:],
-            "attention_rollout": _rollout(attentions)[:, 0, 1:],
-            "global_similarity": (patch_emb * emb[:, None, :]).sum(-1),
+            "attention_rollout": rollout,
+            "smoothed_rollout": _smooth(rollout, tuple(visual.grid_size)),
+            "token_distinctiveness": (tokens - tokens.mean(dim=1, keepdim=True)).norm(dim=-1),
         }
         return VisionOutput(emb, {k: v.float().cpu() for k, v in saliency.items()})
+
+
+_BINOMIAL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+
+
+def _smooth(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, N] patch scores blurred over the [h, w] grid (edges replicated, so border patches keep
+    their weight)."""
+    x = F.pad(scores.reshape(-1, 1, *grid), (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(x, _BINOMIAL.to(x).view(1, 1, 3, 3)).reshape(scores.shape)
 
 
 def _rollout(attentions: list[torch.Tensor]) -> torch.Tensor:

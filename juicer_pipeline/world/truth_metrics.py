@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from ..governance.saliency import METHODS as SALIENCY_METHODS  # the stored saliency columns
 from .writers import TRUTH_FILE
-
-SALIENCY_METHODS = ("cls_attention", "attention_rollout", "global_similarity")
 
 
 def object_patches(row, grid: tuple[int, int], min_cover: float = 0.1) -> np.ndarray:
