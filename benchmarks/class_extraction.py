@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--method", default="attention_rollout")
     ap.add_argument("--region-fractions", default="0.2", help="comma-separated shares of top patches")
     ap.add_argument("--max-regions", type=int, default=4)
-    ap.add_argument("--margin", type=float, default=0.3, help="crop margin around a region")
+    ap.add_argument("--margins", default="0.3", help="comma-separated crop margins around a region")
     a = ap.parse_args()
     a.region_fraction = tuple(float(v) for v in a.region_fractions.split(","))
 
@@ -128,7 +128,7 @@ def main() -> None:
             out[i] = np.maximum(out[i], p)
         return out
 
-    plan = CropPlan(a.region_fraction, a.max_regions, a.margin)
+    plan = CropPlan(a.region_fraction, a.max_regions, tuple(float(v) for v in a.margins.split(",")))
     old_plan = CropPlan((0.35,), 4)  # what class extraction did before: one share, stretched crops
 
     def stretched(imgs, sal):
@@ -144,9 +144,9 @@ def main() -> None:
     true_crops = [square_crop(images[i], b, 0.25) for i, bs in enumerate(boxes) for _, b in bs]
     true_labels = np.array([vocab.shapes.index(s) for bs in boxes for s, _ in bs])
     levers = [("before: share 0.35, stretched crops, no abstain", stretched, False),
-              ("square crops (margin 0.15, share 0.35), no abstain", lambda i, s: square(i, s, CropPlan((0.35,), 4, 0.15)), False),
-              (f"square crops (margin {a.margin}, shares {a.region_fractions}), no abstain", square, False),
-              (f"square crops (margin {a.margin}, shares {a.region_fractions}) + background abstain", square, True)]
+              ("square crops (margin 0.15, share 0.35), no abstain", lambda i, s: square(i, s, CropPlan((0.35,), 4, (0.15,))), False),
+              (f"square crops (margins {a.margins}, shares {a.region_fractions}), no abstain", square, False),
+              (f"square crops (margins {a.margins}, shares {a.region_fractions}) + background abstain", square, True)]
     rows = []
     for name, cut, use_abstain in levers + [("true-box crops + abstain (perfect localisation)", None, True)]:
         ab = abstain if use_abstain else None

@@ -66,7 +66,8 @@ class ClassSettings(_Section):
     region_fractions: list[float] = Field(default_factory=lambda: [0.2], min_length=1,
                                           description="shares of most salient patches whose connected regions are cropped")
     max_regions: int = Field(4, ge=1, description="at most this many regions per share")
-    crop_margin: float = Field(0.3, ge=0.0, le=2.0, description="margin around a region, share of its longer side")
+    crop_margins: list[float] = Field(default_factory=lambda: [0.3], min_length=1,
+                                      description="one crop per region and margin (share of its longer side)")
     abstain: bool = Field(True, description="classify each crop against a 'background' prompt too: a crop "
                                             "whose best match is the background names no class")
     fallback_tau: float = Field(0.9, gt=0.0, le=1.0, description="τ when the governor has no calibration set")
@@ -76,6 +77,8 @@ class ClassSettings(_Section):
     def _fractions_are_shares(self):
         if not all(0.0 < f <= 1.0 for f in self.region_fractions):
             raise ValueError(f"region_fractions must lie in (0, 1], got {self.region_fractions}")
+        if not all(0.0 <= m <= 2.0 for m in self.crop_margins):
+            raise ValueError(f"crop_margins must lie in [0, 2], got {self.crop_margins}")
         return self
 
 

@@ -47,7 +47,7 @@ def _class_embeddings(fm) -> torch.Tensor:
 
 
 def _crop_plan(cls) -> CropPlan:
-    return CropPlan(tuple(cls.region_fractions), cls.max_regions, cls.crop_margin)
+    return CropPlan(tuple(cls.region_fractions), cls.max_regions, tuple(cls.crop_margins))
 
 
 def _abstain_embedding(fm, enabled: bool) -> torch.Tensor | None:

@@ -25,11 +25,11 @@ TAU_GRID = np.round(np.concatenate([np.arange(0.05, 0.99, 0.01), [0.99, 0.995, 0
 class CropPlan:
     """Where class extraction crops: connected regions among the top `fractions` of patches by
     saliency (each share in turn, repeats removed), at most `max_regions` per share, each cut as a
-    square with `margin` of its longer side around it."""
+    square with each of `margins` (share of its longer side) around it."""
 
     fractions: tuple[float, ...] = (0.2,)
     max_regions: int = 4
-    margin: float = 0.3
+    margins: tuple[float, ...] = (0.3,)
 
 
 @dataclass(frozen=True)
@@ -193,8 +193,9 @@ def region_crops(images: list[Image.Image], saliency: np.ndarray, grid: tuple[in
         regions = image_regions(sal, grid, plan.fractions, plan.max_regions)
         n_regions.append(len(regions))
         for g in regions:
-            crops.append(crop(img, g, grid, plan.margin))
-            owner.append(i)
+            for margin in plan.margins:
+                crops.append(crop(img, g, grid, margin))
+                owner.append(i)
     return crops, owner, n_regions
 
 
