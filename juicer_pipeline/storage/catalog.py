@@ -2,10 +2,12 @@
 
 DuckDB allows one writing process at a time and Dagster runs steps in parallel processes, so
 every write opens a connection, does one short transaction and closes it; lock conflicts are
-retried with jittered exponential backoff. Bulk per-sample data stays in Parquet.
+retried with jittered exponential backoff for `lock_timeout_s`. Bulk per-sample data stays in
+Parquet.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -14,11 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import duckdb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Append-only: a released migration is never edited; a schema change is a new entry.
 MIGRATIONS: list[tuple[int, str]] = [
@@ -148,8 +151,9 @@ def _is_lock_error(exc: Exception) -> bool:
 @dataclass(frozen=True)
 class Catalog:
     path: Path
-    max_attempts: int = 12
+    lock_timeout_s: float = 120.0  # settings: [catalog] lock_timeout_s
     base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -161,59 +165,88 @@ class Catalog:
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(self.max_attempts):
+        return self._retry_locked(lambda: duckdb.connect(str(self.path), read_only=read_only))
+
+    def _retry_locked(self, attempt: Callable[[], T]) -> T:
+        """Run `attempt`, backing off (jittered, exponential, capped) while it fails on a lock or
+        write conflict, for at most lock_timeout_s: another process may hold the file briefly."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        for n in itertools.count():
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return attempt()
             except duckdb.Error as exc:
-                if not _is_lock_error(exc) or attempt == self.max_attempts - 1:
-                    if _is_lock_error(exc):
-                        raise CatalogLocked(f"catalog {self.path} stayed locked after "
-                                            f"{self.max_attempts} attempts: {exc}") from exc
+                left = deadline - time.monotonic()
+                if not _is_lock_error(exc):
                     raise
-                delay = self.base_delay_s * (2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
-                log.info("catalog locked (attempt %d), retrying in %.2fs", attempt + 1, delay)
-                time.sleep(delay)
+                if left <= 0:
+                    raise CatalogLocked(f"catalog {self.path} stayed locked for {self.lock_timeout_s:g} s "
+                                        f"(catalog.lock_timeout_s): {exc}") from exc
+                delay = min(self.base_delay_s * 2 ** min(n, 10), self.max_delay_s) * random.uniform(0.5, 1.5)
+                log.info("catalog locked (attempt %d), retrying in %.2fs", n + 1, delay)
+                time.sleep(min(delay, max(left, 0.001)))
         raise AssertionError("unreachable")
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One short read-write transaction; rolled back on any error."""
+        """One short read-write transaction; rolled back on any error. Backs off at connect and at
+        BEGIN; use `write` where a conflict later in the transaction should be retried too."""
         with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
+            self._retry_locked(lambda: con.execute("BEGIN TRANSACTION"))
             try:
                 yield con
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
+
+    def write(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run `work` in one transaction, re-running the whole transaction while it hits a lock or
+        write conflict anywhere (connect, a statement, COMMIT), within lock_timeout_s."""
+        def once() -> T:
+            with self.transaction() as con:
+                return work(con)
+        return self._retry_locked(once)
 
     def migrate(self) -> int:
         """Apply pending migrations; return the schema version."""
-        with self.transaction() as con:
-            con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP)")
-            current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-            for version, sql in MIGRATIONS:
-                if version > current:
-                    con.execute(sql)
-                    con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
-                    current = version
-        return current
+        return self.write(_migrate)
 
     def refresh_views(self, tables_dir: Path) -> list[str]:
         """A view per warehouse asset over all its partition files (read per query, never copied)."""
-        names = []
-        with self.transaction() as con:
-            for asset_dir in sorted(p for p in Path(tables_dir).glob("*") if p.is_dir()):
-                if any(asset_dir.glob("*.parquet")):
-                    glob = (asset_dir / "*.parquet").as_posix().replace("'", "''")
-                    con.execute(f"CREATE OR REPLACE VIEW {asset_dir.name} AS "
-                                f"SELECT * FROM read_parquet('{glob}', union_by_name = true)")
-                    names.append(asset_dir.name)
-        return names
+        return self.write(lambda con: _refresh_views(con, Path(tables_dir)))
 
     def query(self, sql: str, params: list | None = None):
         with self.connect(read_only=True) as con:
             return con.execute(sql, params or []).df()
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:  # a failed COMMIT has already ended the transaction
+        pass
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> int:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP)")
+    current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+    for version, sql in MIGRATIONS:
+        if version > current:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
+            current = version
+    return current
+
+
+def _refresh_views(con: duckdb.DuckDBPyConnection, tables_dir: Path) -> list[str]:
+    names = []
+    for asset_dir in sorted(p for p in tables_dir.glob("*") if p.is_dir()):
+        if any(asset_dir.glob("*.parquet")):
+            glob = (asset_dir / "*.parquet").as_posix().replace("'", "''")
+            con.execute(f"CREATE OR REPLACE VIEW {asset_dir.name} AS "
+                        f"SELECT * FROM read_parquet('{glob}', union_by_name = true)")
+            names.append(asset_dir.name)
+    return names
 
 
 def write_lineage(con: duckdb.DuckDBPyConnection, row: LineageRow) -> None:
