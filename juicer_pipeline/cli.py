@@ -275,8 +275,7 @@ def _print_summary(wh: Warehouse, names: list[str], seconds: float, trained: boo
         print(f"chart:    {wh.tables_dir}/recipe_comparison/comparison.png")
     print(f"outputs:  {wh.tables_dir}/<asset>/<drop>.parquet")
     print(f"catalog:  {wh.catalog_path}")
-    print("query:    .venv/bin/python -c \"import duckdb; print(duckdb.connect('data/catalog.duckdb', read_only=True)"
-          ".sql('SELECT status, quarantine_reason, count(*) FROM samples GROUP BY ALL'))\"")
+    print(reader_recipe(wh, cat.snapshot()))
     print("UI:       make ui   (then open http://127.0.0.1:3000)")
 
 
@@ -373,14 +372,30 @@ def cmd_report(a) -> None:
 
 
 def cmd_status(a) -> None:
+    from .settings import load_settings
+
     wh = Warehouse(default_data_dir())
     if not wh.catalog_path.exists():
         raise FileNotFoundError(f"no catalog at {wh.catalog_path}: run `make demo` or materialise a drop first")
-    cat = Catalog(wh.catalog_path)
+    timeout = load_settings(data_dir=wh.root).catalog.lock_timeout_s
+    snap = Catalog(wh.catalog_path, lock_timeout_s=timeout).snapshot()
+    cat = Catalog(snap)  # read the copy: no lock on the live catalog while printing
     print(cat.query("SELECT drop_id, format, n_samples, n_valid, n_quarantined, ingested_at FROM drops ORDER BY 1")
           .to_string(index=False))
     print(cat.query("SELECT drop_id, quarantine_reason, count(*) AS n FROM samples WHERE status = 'quarantined' "
                     "GROUP BY ALL ORDER BY 1, 3 DESC").to_string(index=False))
+    print(reader_recipe(wh, snap))
+
+
+def reader_recipe(wh: Warehouse, snap: Path) -> str:
+    """How to query the catalog from outside the pipeline without making its writers wait."""
+    return "\n".join([
+        f"snapshot: {snap}  (a copy of {wh.catalog_path}; `juicer status` refreshes it)",
+        "query it, never the live catalog (an open connection, even read-only, makes pipeline writers wait):",
+        f"  python -c \"import duckdb; print(duckdb.connect('{snap}', read_only=True)"
+        f".sql('SELECT status, quarantine_reason, count(*) FROM samples GROUP BY ALL'))\"",
+        f"or the Parquet files directly: duckdb.sql(\"SELECT * FROM read_parquet('{wh.tables_dir}/raw_samples/*.parquet')\")",
+    ])
 
 
 if __name__ == "__main__":

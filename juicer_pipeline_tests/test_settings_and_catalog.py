@@ -2,12 +2,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
 
 from juicer_pipeline.settings import IngestSettings, JuicerSettings, SettingsError, code_version, load_settings
-from juicer_pipeline.storage import Catalog, CatalogLocked, atomic_path
+from juicer_pipeline.storage import Catalog, CatalogLocked, LineageRow, atomic_path, write_lineage
 
 
 def test_settings_file_is_validated(tmp_path):
@@ -118,6 +119,50 @@ def test_write_conflict_inside_a_transaction_is_retried(tmp_path):
     releaser.join()
     other.close()
     assert len(attempts) > 1 and cat.query("SELECT v FROM t").v[0] == 11
+
+
+_READ_SNAPSHOT = """
+import duckdb, sys, time
+con = duckdb.connect(sys.argv[1], read_only=True)
+print(con.execute("SELECT count(*) FROM lineage").fetchone()[0], flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_outside_reader_of_the_snapshot_does_not_block_writers(tmp_path):
+    cat = Catalog(tmp_path / "c.duckdb", lock_timeout_s=0.5)
+    cat.migrate()
+    cat.write(lambda con: write_lineage(con, LineageRow("governor", None, [], "r1", "v", "h")))
+    snap = cat.snapshot()
+    assert snap == tmp_path / "catalog-snapshot.duckdb"
+    reader = subprocess.Popen([sys.executable, "-c", _READ_SNAPSHOT, str(snap), "10"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "1"
+        cat.write(lambda con: write_lineage(con, LineageRow("eval_sets", None, [], "r2", "v", "h")))  # no CatalogLocked
+        assert len(cat.query("SELECT * FROM lineage")) == 2
+        assert cat.snapshot() == snap  # refreshed in place while the reader still has the old copy open
+        assert len(Catalog(snap).query("SELECT * FROM lineage")) == 2
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_status_prints_the_snapshot_and_a_read_only_recipe(data_dir, capsys):
+    from juicer_pipeline.cli import main
+
+    Catalog(data_dir / "catalog.duckdb").migrate()
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    snap = data_dir / "catalog-snapshot.duckdb"
+    assert snap.exists() and f"snapshot: {snap}" in out
+    assert f"duckdb.connect('{snap}', read_only=True)" in out and "read_parquet(" in out
+    assert f"duckdb.connect('{data_dir / 'catalog.duckdb'}'" not in out
+
+
+def test_readme_no_longer_advises_read_only_connections_to_the_live_catalog():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "read_only=True` while the pipeline runs" not in readme
+    assert "catalog-snapshot.duckdb" in readme and "lock_timeout_s" in readme
 
 
 def test_atomic_path_leaves_old_file_on_failure(tmp_path):

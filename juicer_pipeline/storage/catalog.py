@@ -2,16 +2,19 @@
 
 DuckDB allows one writing process at a time and Dagster runs steps in parallel processes, so
 every write opens a connection, does one short transaction and closes it; lock conflicts are
-retried with jittered exponential backoff for `lock_timeout_s`. Bulk per-sample data stays in
-Parquet.
+retried with jittered exponential backoff for `lock_timeout_s`. Readers outside the pipeline use
+`snapshot()` (a copy) or the Parquet files, never a long-lived connection to this file. Bulk
+per-sample data stays in Parquet.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import logging
+import os
 import random
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +25,7 @@ import duckdb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SNAPSHOT_NAME = "catalog-snapshot.duckdb"
 
 # Append-only: a released migration is never edited; a schema change is a new entry.
 MIGRATIONS: list[tuple[int, str]] = [
@@ -143,6 +147,14 @@ class LineageRow:
         return f"{self.asset}/{self.partition_key}" if self.partition_key else self.asset
 
 
+def _sql_str(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _db_name(con: duckdb.DuckDBPyConnection) -> str:
+    return con.execute("SELECT current_database()").fetchone()[0]
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text or "conflict" in text
@@ -206,6 +218,22 @@ class Catalog:
             with self.transaction() as con:
                 return work(con)
         return self._retry_locked(once)
+
+    def snapshot(self, dest: Path | None = None) -> Path:
+        """Copy the catalog to `dest` (default: catalog-snapshot.duckdb beside it) for readers outside
+        the pipeline: they open the copy, so they never hold the lock that writers need. The copy
+        is written to a temporary file and renamed, so an open snapshot is never half-written."""
+        dest = Path(dest) if dest is not None else Path(self.path).with_name(SNAPSHOT_NAME)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with self.connect() as con:  # read-write: ATTACH needs it; held only for the copy
+                con.execute(f"ATTACH '{_sql_str(tmp)}' AS snapshot_copy")
+                con.execute(f"COPY FROM DATABASE \"{_db_name(con)}\" TO snapshot_copy")
+                con.execute("DETACH snapshot_copy")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
 
     def migrate(self) -> int:
         """Apply pending migrations; return the schema version."""
