@@ -125,6 +125,35 @@ MIGRATIONS: list[tuple[int, str]] = [
         created_at TIMESTAMP NOT NULL
     );
     """),
+    # Lineage becomes append-only (one row per materialisation, ordered by seq) so that a checkpoint
+    # can be traced to the versions it was trained on; lineage_current is the latest row per artifact.
+    # Rows from before this migration keep their order; overwritten history is not recoverable.
+    (4, """
+    CREATE SEQUENCE lineage_seq;
+    CREATE TABLE lineage_log (
+        seq BIGINT PRIMARY KEY DEFAULT nextval('lineage_seq'),
+        artifact VARCHAR NOT NULL,         -- '<asset>/<partition>'
+        asset VARCHAR NOT NULL,
+        partition_key VARCHAR,
+        inputs VARCHAR NOT NULL,           -- JSON list of upstream artifacts or files
+        run_id VARCHAR,                    -- Dagster run that materialised it
+        code_version VARCHAR NOT NULL,
+        config_hash VARCHAR NOT NULL,
+        governor_id VARCHAR,
+        created_at TIMESTAMP NOT NULL
+    );
+    INSERT INTO lineage_log (artifact, asset, partition_key, inputs, run_id, code_version, config_hash,
+                             governor_id, created_at)
+        SELECT * FROM lineage ORDER BY created_at, artifact;
+    DROP TABLE lineage;
+    ALTER TABLE lineage_log RENAME TO lineage;
+    CREATE INDEX lineage_artifact ON lineage (artifact);
+    CREATE VIEW lineage_current AS
+        SELECT * FROM lineage QUALIFY row_number() OVER (PARTITION BY artifact ORDER BY seq DESC) = 1;
+    -- the last lineage seq a checkpoint saw: its trace reads lineage as of then
+    ALTER TABLE checkpoints ADD COLUMN lineage_seq BIGINT;
+    UPDATE checkpoints SET lineage_seq = (SELECT max(seq) FROM lineage);
+    """),
 ]
 
 
@@ -277,14 +306,15 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, tables_dir: Path) -> list[str
     return names
 
 
-def write_lineage(con: duckdb.DuckDBPyConnection, row: LineageRow) -> None:
-    """Replace the lineage of one artifact; call inside the transaction that writes its data."""
-    con.execute("DELETE FROM lineage WHERE artifact = ?", [row.artifact])
-    con.execute(
-        "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+def write_lineage(con: duckdb.DuckDBPyConnection, row: LineageRow) -> int:
+    """Append one materialisation's lineage and return its seq; call inside the transaction that
+    writes its data. Earlier rows stay, so older checkpoints can still be traced as they were."""
+    return con.execute(
+        "INSERT INTO lineage (artifact, asset, partition_key, inputs, run_id, code_version, config_hash, "
+        "governor_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
         [row.artifact, row.asset, row.partition_key, json.dumps(row.inputs), row.run_id,
          row.code_version, row.config_hash, row.governor_id, _now()],
-    )
+    ).fetchone()[0]
 
 
 def _now() -> datetime:
@@ -316,3 +346,41 @@ def upsert_model(con: duckdb.DuckDBPyConnection, model_id: str, role: str, sourc
     con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [model_id, role, source, json.dumps(config), json.dumps(record), tau,
                  json.dumps(calibration) if calibration is not None else None, _now()])
+
+
+def replace_checkpoints(con: duckdb.DuckDBPyConnection, recipe: str,
+                        checkpoints: list[tuple[dict, LineageRow]]) -> None:
+    """Make these the recipe's checkpoints. Each is recorded with the seq of its own lineage row,
+    so its trace reads lineage as of when it was made; `ckpt` holds the checkpoints columns up
+    to `record`."""
+    con.execute("DELETE FROM checkpoints WHERE recipe = ?", [recipe])
+    for ckpt, lineage in checkpoints:
+        row = {**ckpt, "lineage_seq": write_lineage(con, lineage)}
+        con.execute(f"INSERT INTO checkpoints ({', '.join(row)}, created_at) "
+                    f"VALUES ({', '.join('?' * len(row))}, ?)", [*row.values(), _now()])
+    _prune_training_sets(con, recipe)
+
+
+def replace_training_set(con: duckdb.DuckDBPyConnection, ts: dict, members) -> list[str]:
+    """Make `ts` the recipe's training set; return the ids it supersedes."""
+    old = [r[0] for r in con.execute("SELECT training_set_id FROM training_sets WHERE recipe = ? "
+                                     "AND training_set_id <> ?", [ts["recipe"], ts["training_set_id"]]).fetchall()]
+    for table in ("training_set_members", "training_sets"):
+        con.execute(f"DELETE FROM {table} WHERE training_set_id = ?", [ts["training_set_id"]])
+    con.register("members_df", members)
+    con.execute("INSERT INTO training_set_members SELECT * FROM members_df")
+    con.unregister("members_df")
+    con.execute(f"INSERT INTO training_sets ({', '.join(ts)}, created_at) VALUES ({', '.join('?' * len(ts))}, ?)",
+                [*ts.values(), _now()])
+    _prune_training_sets(con, ts["recipe"])
+    return old
+
+
+def _prune_training_sets(con: duckdb.DuckDBPyConnection, recipe: str) -> None:
+    """Keep the recipe's newest training set and any set a recorded checkpoint was trained on (so
+    that checkpoint can still be traced); drop the rest."""
+    doomed = """SELECT training_set_id FROM training_sets WHERE recipe = $r
+                AND training_set_id NOT IN (SELECT training_set_id FROM checkpoints)
+                AND created_at < (SELECT max(created_at) FROM training_sets WHERE recipe = $r)"""
+    for table in ("training_set_members", "training_sets"):
+        con.execute(f"DELETE FROM {table} WHERE training_set_id IN ({doomed})", {"r": recipe})
