@@ -1,5 +1,5 @@
-"""Lineage history in the catalog: append-only rows, the current view, the schema upgrade, and
-tracing an old checkpoint to what it was trained on."""
+"""Lineage history in the catalog: append-only rows, the current view, the schema upgrade, tracing
+an old checkpoint to what it was trained on, and the comparison skipping stale scores."""
 import json
 
 import pandas as pd
@@ -125,3 +125,30 @@ def test_a_rebuilt_training_set_drops_the_old_one_once_no_checkpoint_uses_it(his
     assert "ts-old" not in set(history.query("SELECT training_set_id FROM training_sets").training_set_id)
     assert set(history.query("SELECT DISTINCT training_set_id FROM training_set_members WHERE recipe = 'raw'")
                .training_set_id) == {"ts-new"}
+
+
+def test_comparison_table_skips_stale_scores(tmp_path):
+    from juicer_pipeline.assets.resources import StorageResource
+    from juicer_pipeline.assets.training import comparison_table
+
+    storage = StorageResource(data_dir=str(tmp_path))
+    cat = storage.catalog
+    cat.migrate()
+
+    def score(con, recipe, ckpt, value):
+        con.execute("INSERT INTO benchmark_scores VALUES (?, ?, ?, 0, 'top1', ?, 'world-heldout', now())",
+                    [f"{ckpt}:top1", ckpt, recipe, value])
+
+    def scored(con):
+        for recipe in ("raw", "flip"):
+            _train(con, recipe, f"ts-{recipe}", f"ck-{recipe}", "run-1", "c")
+            score(con, recipe, f"ck-{recipe}", 0.5)
+
+    cat.write(scored)
+    # flip is retrained; its scores still belong to the checkpoint it replaced
+    cat.write(lambda con: _train(con, "flip", "ts-flip2", "ck-flip2", "run-2", "c"))
+    table = comparison_table(storage)
+    assert list(table.recipe) == ["raw"] and table.top1_mean[0] == 0.5
+    cat.write(lambda con: score(con, "flip", "ck-flip2", 0.9))
+    table = comparison_table(storage).set_index("recipe")
+    assert table.loc["flip", "top1_mean"] == 0.9 and table.loc["flip", "seeds"] == 1

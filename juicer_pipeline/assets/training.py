@@ -270,11 +270,23 @@ def _eval_set(wh, tokenizer, cfg: StudentConfig, vocab):
                          tokenizer, cfg.arch.image_size, vocab.shapes, vocab.colour_names)
 
 
+# The current checkpoint of each recipe and seed; scores of any other checkpoint are stale (the
+# checkpoint was retrained after it was scored) and never enter the comparison.
+CURRENT_CHECKPOINTS_SQL = """
+SELECT * FROM checkpoints
+QUALIFY row_number() OVER (PARTITION BY recipe, seed ORDER BY lineage_seq DESC NULLS LAST, created_at DESC) = 1
+"""
+
+
 def comparison_table(storage: StorageResource) -> pd.DataFrame:
-    scores = storage.catalog.query("SELECT recipe, seed, metric, value FROM benchmark_scores")
-    ckpts = storage.catalog.query("SELECT recipe, seed, tokens_seen, samples_seen, wall_seconds, record FROM checkpoints")
+    scores = storage.catalog.query(f"SELECT b.recipe, b.seed, b.metric, b.value FROM benchmark_scores b "
+                                   f"JOIN ({CURRENT_CHECKPOINTS_SQL}) c USING (checkpoint_id, recipe, seed)")
+    ckpts = storage.catalog.query(f"SELECT c.recipe, c.seed, tokens_seen, samples_seen, wall_seconds, record "
+                                  f"FROM ({CURRENT_CHECKPOINTS_SQL}) c "
+                                  f"SEMI JOIN benchmark_scores b USING (checkpoint_id)")
     if scores.empty:
-        raise FileNotFoundError("no benchmark scores yet: materialise benchmark_scores for some recipes first")
+        raise FileNotFoundError("no current benchmark scores: materialise benchmark_scores for some recipes "
+                                "(after their clip_checkpoint) first")
     ckpts["step_seconds"] = ckpts.record.map(lambda r: json.loads(r)["phases"][0]["step_seconds"])
     rows = []
     for recipe in [r for r in RECIPE_NAMES if r in set(scores.recipe)]:
