@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
 
     gov = sub.add_parser("governor", help="the world governor").add_subparsers(required=True, metavar="what")
     train = gov.add_parser("train", help="pretrain the world governor on the clean corpus (CPU: ~45 min)")
-    train.add_argument("--out", type=Path, default=None, help="weights file (default: the packaged world governor)")
+    train.add_argument("--out", type=Path, default=None,
+                       help="weights file (default: <data dir>/models/world_governor.safetensors; the packaged "
+                            "governor is replaced only when named here explicitly)")
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
@@ -137,20 +139,25 @@ def cmd_governor_train(a) -> None:
     from dataclasses import replace as _replace
 
     from .governance.governor_training import GovernorTrainConfig, train_governor
-    from .models.loader import WORLD_GOVERNOR, save_world_clip
-    from .models.model_card import write_model_card
+    from .models.governor_output import GovernorOutput, default_governor_path
 
     cfg = GovernorTrainConfig(seed=a.seed, threads=a.threads)
     given = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "eval_every": a.eval_every,
              "crop_scenes": a.crop_scenes, "init": a.init, "jpeg_rate": a.jpeg_rate}
     cfg = _replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    out = a.out or WORLD_GOVERNOR
+    data_dir = default_data_dir()
     command = "juicer governor train " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
-    save = lambda model, record: save_world_clip(model, cfg.arch, out, {**record, "command": command.strip()})  # noqa: E731
-    model, record = train_governor(cfg, checkpoint=save)
-    model_id = save(model, record)
-    card = write_model_card(out, model_id, {**record, "command": command.strip()})
-    print(f"governor {model_id[:12]} written to {out} (model card {card}); scores: {record['scores']}")
+    out = GovernorOutput(a.out or default_governor_path(data_dir), cfg.arch, command.strip())
+    print(f"training; periodic checkpoints go to {out.partial}, the final weights to {out.path}")
+    model, record = train_governor(cfg, checkpoint=out.checkpoint)
+    model_id, card = out.finish(model, record)
+    print(f"governor {model_id[:12]} written to {out.path} (model card {card}); scores: {record['scores']}")
+    print(governor_usage(out.path, data_dir))
+
+
+def governor_usage(weights: Path, data_dir: Path) -> str:
+    return (f"use it: in {data_dir / 'juicer.toml'} (or $JUICER_CONFIG) set\n"
+            f"  [governor]\n  source = \"file:{Path(weights).resolve()}\"")
 
 
 def ensure_demo_world(wh: Warehouse, n_drops: int, n_samples: int, eval_samples: int, seed: int) -> list[str]:
