@@ -357,7 +357,7 @@ def replace_checkpoints(con: duckdb.DuckDBPyConnection, recipe: str,
     for ckpt, lineage in checkpoints:
         row = {**ckpt, "lineage_seq": write_lineage(con, lineage)}
         con.execute(f"INSERT INTO checkpoints ({', '.join(row)}, created_at) "
-                    f"VALUES ({', '.join('?' * len(row))}, ?)", [*row.values(), _now()])
+                    f"VALUES ({', '.join('?' * len(row))}, now())", list(row.values()))
     _prune_training_sets(con, recipe)
 
 
@@ -370,8 +370,9 @@ def replace_training_set(con: duckdb.DuckDBPyConnection, ts: dict, members) -> l
     con.register("members_df", members)
     con.execute("INSERT INTO training_set_members SELECT * FROM members_df")
     con.unregister("members_df")
-    con.execute(f"INSERT INTO training_sets ({', '.join(ts)}, created_at) VALUES ({', '.join('?' * len(ts))}, ?)",
-                [*ts.values(), _now()])
+    # DuckDB's now(), as in earlier releases: pruning compares created_at with their rows
+    con.execute(f"INSERT INTO training_sets ({', '.join(ts)}, created_at) VALUES ({', '.join('?' * len(ts))}, now())",
+                list(ts.values()))
     _prune_training_sets(con, ts["recipe"])
     return old
 
