@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
 
     gov = sub.add_parser("governor", help="the world governor").add_subparsers(required=True, metavar="what")
     train = gov.add_parser("train", help="pretrain the world governor on the clean corpus (CPU: ~45 min)")
-    train.add_argument("--out", type=Path, default=None, help="weights file (default: the packaged world governor)")
+    train.add_argument("--out", type=Path, default=None,
+                       help="weights file (default: <data dir>/models/world_governor.safetensors; the packaged "
+                            "governor is replaced only when named here explicitly)")
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
@@ -137,20 +139,25 @@ def cmd_governor_train(a) -> None:
     from dataclasses import replace as _replace
 
     from .governance.governor_training import GovernorTrainConfig, train_governor
-    from .models.loader import WORLD_GOVERNOR, save_world_clip
-    from .models.model_card import write_model_card
+    from .models.governor_output import GovernorOutput, default_governor_path
 
     cfg = GovernorTrainConfig(seed=a.seed, threads=a.threads)
     given = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "eval_every": a.eval_every,
              "crop_scenes": a.crop_scenes, "init": a.init, "jpeg_rate": a.jpeg_rate}
     cfg = _replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    out = a.out or WORLD_GOVERNOR
+    data_dir = default_data_dir()
     command = "juicer governor train " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
-    save = lambda model, record: save_world_clip(model, cfg.arch, out, {**record, "command": command.strip()})  # noqa: E731
-    model, record = train_governor(cfg, checkpoint=save)
-    model_id = save(model, record)
-    card = write_model_card(out, model_id, {**record, "command": command.strip()})
-    print(f"governor {model_id[:12]} written to {out} (model card {card}); scores: {record['scores']}")
+    out = GovernorOutput(a.out or default_governor_path(data_dir), cfg.arch, command.strip())
+    print(f"training; periodic checkpoints go to {out.partial}, the final weights to {out.path}")
+    model, record = train_governor(cfg, checkpoint=out.checkpoint)
+    model_id, card = out.finish(model, record)
+    print(f"governor {model_id[:12]} written to {out.path} (model card {card}); scores: {record['scores']}")
+    print(governor_usage(out.path, data_dir))
+
+
+def governor_usage(weights: Path, data_dir: Path) -> str:
+    return (f"use it: in {data_dir / 'juicer.toml'} (or $JUICER_CONFIG) set\n"
+            f"  [governor]\n  source = \"file:{Path(weights).resolve()}\"")
 
 
 def ensure_demo_world(wh: Warehouse, n_drops: int, n_samples: int, eval_samples: int, seed: int) -> list[str]:
@@ -275,8 +282,7 @@ def _print_summary(wh: Warehouse, names: list[str], seconds: float, trained: boo
         print(f"chart:    {wh.tables_dir}/recipe_comparison/comparison.png")
     print(f"outputs:  {wh.tables_dir}/<asset>/<drop>.parquet")
     print(f"catalog:  {wh.catalog_path}")
-    print("query:    .venv/bin/python -c \"import duckdb; print(duckdb.connect('data/catalog.duckdb', read_only=True)"
-          ".sql('SELECT status, quarantine_reason, count(*) FROM samples GROUP BY ALL'))\"")
+    print(reader_recipe(wh, cat.snapshot()))
     print("UI:       make ui   (then open http://127.0.0.1:3000)")
 
 
@@ -373,14 +379,30 @@ def cmd_report(a) -> None:
 
 
 def cmd_status(a) -> None:
+    from .settings import load_settings
+
     wh = Warehouse(default_data_dir())
     if not wh.catalog_path.exists():
         raise FileNotFoundError(f"no catalog at {wh.catalog_path}: run `make demo` or materialise a drop first")
-    cat = Catalog(wh.catalog_path)
+    timeout = load_settings(data_dir=wh.root).catalog.lock_timeout_s
+    snap = Catalog(wh.catalog_path, lock_timeout_s=timeout).snapshot()
+    cat = Catalog(snap)  # read the copy: no lock on the live catalog while printing
     print(cat.query("SELECT drop_id, format, n_samples, n_valid, n_quarantined, ingested_at FROM drops ORDER BY 1")
           .to_string(index=False))
     print(cat.query("SELECT drop_id, quarantine_reason, count(*) AS n FROM samples WHERE status = 'quarantined' "
                     "GROUP BY ALL ORDER BY 1, 3 DESC").to_string(index=False))
+    print(reader_recipe(wh, snap))
+
+
+def reader_recipe(wh: Warehouse, snap: Path) -> str:
+    """How to query the catalog from outside the pipeline without making its writers wait."""
+    return "\n".join([
+        f"snapshot: {snap}  (a copy of {wh.catalog_path}; `juicer status` refreshes it)",
+        "query it, never the live catalog (an open connection, even read-only, makes pipeline writers wait):",
+        f"  python -c \"import duckdb; print(duckdb.connect('{snap}', read_only=True)"
+        f".sql('SELECT status, quarantine_reason, count(*) FROM samples GROUP BY ALL'))\"",
+        f"or the Parquet files directly: duckdb.sql(\"SELECT * FROM read_parquet('{wh.tables_dir}/raw_samples/*.parquet')\")",
+    ])
 
 
 if __name__ == "__main__":

@@ -117,6 +117,13 @@ class TrainingSettings(_Section):
     schedule_cron: str = Field("0 2 * * *", description="when the retraining schedule runs (stale recipes only)")
 
 
+class CatalogSettings(_Section):
+    """How catalog writers share the DuckDB file. Changing it changes no asset's output."""
+
+    lock_timeout_s: float = Field(120.0, gt=0, description="how long a writer backs off (jittered, exponential) "
+                                                            "on lock or write conflicts before CatalogLocked")
+
+
 class JuicerSettings(_Section):
     ingest: IngestSettings = IngestSettings()
     governor: GovernorSettings = GovernorSettings()
@@ -124,6 +131,7 @@ class JuicerSettings(_Section):
     classes: ClassSettings = ClassSettings()
     captions: CaptionSettings = CaptionSettings()
     training: TrainingSettings = TrainingSettings()
+    catalog: CatalogSettings = CatalogSettings()
 
 
 class SettingsError(ValueError):

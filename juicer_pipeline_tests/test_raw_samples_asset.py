@@ -28,7 +28,7 @@ def test_world_drop_is_ingested_with_catalog_rows_and_lineage(data_dir, instance
     assert quarantined.quarantine_reason.notna().all()
     # duplicates of a valid image are caught as duplicate_content (unless the copy itself is broken)
     assert (quarantined.quarantine_reason == "duplicate_content").sum() <= dups
-    lineage = cat.query("SELECT * FROM lineage WHERE artifact = 'raw_samples/w1'")
+    lineage = cat.query("SELECT * FROM lineage_current WHERE artifact = 'raw_samples/w1'")
     assert len(lineage) == 1 and lineage.run_id[0] == result.run_id
     assert lineage.code_version[0].startswith("ingest-1+")
     view = cat.query("SELECT count(*) AS n, count(image) AS with_image FROM raw_samples")
@@ -47,6 +47,11 @@ def test_rematerialising_replaces_exactly_that_partition(data_dir, instance, wor
     drops = _catalog(data_dir).query("SELECT drop_id, run_id FROM drops ORDER BY 1")
     assert list(drops.drop_id) == ["other", "w1"]
     assert drops.set_index("drop_id").run_id["w1"] == second_run.run_id
+    # lineage keeps one row per materialisation; the current view shows the latest
+    history = _catalog(data_dir).query("SELECT run_id FROM lineage WHERE artifact = 'raw_samples/w1' ORDER BY seq")
+    assert len(history) == 2 and history.run_id.iloc[-1] == second_run.run_id
+    current = _catalog(data_dir).query("SELECT run_id FROM lineage_current WHERE artifact = 'raw_samples/w1'")
+    assert list(current.run_id) == [second_run.run_id]
     # no temporary files are left behind by the atomic writes
     assert not list((data_dir / "warehouse").rglob("*.tmp"))
 

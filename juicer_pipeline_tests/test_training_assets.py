@@ -108,6 +108,26 @@ def test_lineage_both_directions(trained):
         trace_back(cat, "no-such-checkpoint")
 
 
+def test_checkpoints_are_traced_through_lineage_as_of_their_recording(trained):
+    from juicer_pipeline.storage.lineage import trace_back
+
+    root, _ = trained
+    cat = Catalog(root / "catalog.duckdb")
+    ckpts = cat.query("SELECT checkpoint_id, lineage_seq FROM checkpoints")
+    assert ckpts.lineage_seq.notna().all()  # where in the append-only lineage each was recorded
+    back = trace_back(cat, ckpts.checkpoint_id[0])
+    assert back["lineage"].seq.max() <= ckpts.lineage_seq[0]
+    assert {"governor", "enriched_captions/d1", "clip_checkpoint/" + back["recipe"] + f"/seed{back['seed']}"} <= set(
+        back["lineage"].artifact)
+    # re-juicing the drop later appends rows; the trace of this checkpoint does not change
+    cat.write(lambda con: con.execute("INSERT INTO lineage (artifact, asset, partition_key, inputs, run_id, "
+                                      "code_version, config_hash, governor_id, created_at) VALUES ('enriched_captions/d1', "
+                                      "'enriched_captions', 'd1', '[]', 'later-run', 'v', 'h', 'other', now())"))
+    again = trace_back(cat, ckpts.checkpoint_id[0])
+    assert again["lineage"].equals(back["lineage"]) and "later-run" not in set(again["members"].caption_run_id)
+    assert cat.query("SELECT run_id FROM lineage_current WHERE artifact = 'enriched_captions/d1'").run_id[0] == "later-run"
+
+
 def test_static_report(trained):
     from juicer_pipeline.report import write_report
     from juicer_pipeline.storage import Warehouse

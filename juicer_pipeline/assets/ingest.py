@@ -50,9 +50,7 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
                     "n_quarantined": stats.n_quarantined, "bytes": stats.bytes, "run_id": context.run.run_id}
         lineage = LineageRow("raw_samples", drop_id, [f"drop:{source.root}/{s}" for s in source.describe()],
                              context.run.run_id, version, cfg.config_hash())
-        with storage.catalog.transaction() as con:
-            replace_drop(con, drop_row, path)
-            write_lineage(con, lineage)
+        storage.catalog.write(lambda con: (replace_drop(con, drop_row, path), write_lineage(con, lineage)))
         storage.catalog.refresh_views(wh.tables_dir)
         return MaterializeResult(metadata=_metadata(stats, seconds, path, preview, thumbs))
 

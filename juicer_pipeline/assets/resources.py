@@ -11,6 +11,7 @@ class StorageResource(ConfigurableResource):
     """Data root holding the drops, the Parquet warehouse and the DuckDB catalog."""
 
     data_dir: str
+    lock_timeout_s: float = 120.0  # settings: [catalog] lock_timeout_s
 
     @property
     def warehouse(self) -> Warehouse:
@@ -18,7 +19,7 @@ class StorageResource(ConfigurableResource):
 
     @property
     def catalog(self) -> Catalog:
-        return Catalog(self.warehouse.catalog_path)
+        return Catalog(self.warehouse.catalog_path, lock_timeout_s=self.lock_timeout_s)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         self.catalog.migrate()

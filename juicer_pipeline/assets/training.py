@@ -24,7 +24,7 @@ from ..models.loader import load_world_clip, save_world_clip
 from ..models.world_clip import ClipArch
 from ..automation.conditions import FOLLOW_UPSTREAM, SHARED
 from ..settings import JuicerSettings, code_version
-from ..storage import LineageRow, atomic_path, write_lineage
+from ..storage import LineageRow, atomic_path, replace_checkpoints, replace_training_set, write_lineage
 from ..world.vocabulary import load_vocabulary
 from .resources import StorageResource
 from .ui import bar_chart, line_chart, markdown_table, png_markdown
@@ -132,16 +132,10 @@ def build_training_assets(settings: JuicerSettings) -> list:
                              "caption_version": members.caption_version, "caption": members.train_caption,
                              "kept_patches": kept_text})
         version = context.assets_def.code_versions_by_key[context.asset_key]
+        ts = {"training_set_id": ts_id, "recipe": recipe.name, "n_members": len(members),
+              "excluded": json.dumps(dict(why)), "drops": json.dumps(drops), "config_hash": tr.config_hash()}
         with storage.catalog.transaction() as con:
-            old = [r[0] for r in con.execute("SELECT training_set_id FROM training_sets WHERE recipe = ?",
-                                             [recipe.name]).fetchall()]
-            con.execute("DELETE FROM training_set_members WHERE recipe = ?", [recipe.name])
-            con.execute("DELETE FROM training_sets WHERE recipe = ?", [recipe.name])
-            con.register("members_df", rows)
-            con.execute("INSERT INTO training_set_members SELECT * FROM members_df")
-            con.execute("INSERT INTO training_sets VALUES (?, ?, ?, ?, ?, ?, now())",
-                        [ts_id, recipe.name, len(members), json.dumps(dict(why)), json.dumps(drops),
-                         tr.config_hash()])
+            old = replace_training_set(con, ts, rows)
             write_lineage(con, LineageRow("training_set", recipe.name,
                                           [f"{a}/{d}" for d in drops for a in PER_DROP_INPUTS] + ["eval_sets"],
                                           context.run.run_id, version, tr.config_hash()))
@@ -175,16 +169,15 @@ def build_training_assets(settings: JuicerSettings) -> list:
                                                                "training_set_id": ts_id, **record})
             curves[seed] = record["loss_curve"]
             rows.append({"checkpoint_id": ckpt_id, "seed": seed, "path": str(path), **record})
+        recorded = [({"checkpoint_id": r["checkpoint_id"], "recipe": recipe.name, "seed": r["seed"],
+                      "training_set_id": ts_id, "path": r["path"], "config_hash": tr.config_hash(),
+                      **{k: r[k] for k in ("tokens_seen", "samples_seen", "wall_seconds", "final_loss")},
+                      "record": json.dumps({k: r[k] for k in ("phases", "learning_curve", "steps", "train_samples")})},
+                     LineageRow("clip_checkpoint", f"{recipe.name}/seed{r['seed']}",
+                                [f"training_set/{recipe.name}", f"training_set_id:{ts_id}"],
+                                context.run.run_id, version, tr.config_hash())) for r in rows]
         with storage.catalog.transaction() as con:
-            con.execute("DELETE FROM checkpoints WHERE recipe = ?", [recipe.name])
-            for r in rows:
-                con.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                            [r["checkpoint_id"], recipe.name, r["seed"], ts_id, r["path"], tr.config_hash(),
-                             r["tokens_seen"], r["samples_seen"], r["wall_seconds"], r["final_loss"],
-                             json.dumps({k: r[k] for k in ("phases", "learning_curve", "steps", "train_samples")})])
-                write_lineage(con, LineageRow("clip_checkpoint", f"{recipe.name}/seed{r['seed']}",
-                                              [f"training_set/{recipe.name}", f"training_set_id:{ts_id}"],
-                                              context.run.run_id, version, tr.config_hash()))
+            replace_checkpoints(con, recipe.name, recorded)
         summary = [{"seed": r["seed"], "checkpoint": r["checkpoint_id"][:12], "tokens_seen": r["tokens_seen"],
                     "samples_seen": r["samples_seen"], "steps": r["steps"], "wall_s": round(r["wall_seconds"], 1),
                     "step_s": " / ".join(f"{p['step_seconds']:.3f}" for p in r["phases"]),
@@ -277,11 +270,23 @@ def _eval_set(wh, tokenizer, cfg: StudentConfig, vocab):
                          tokenizer, cfg.arch.image_size, vocab.shapes, vocab.colour_names)
 
 
+# The current checkpoint of each recipe and seed; scores of any other checkpoint are stale (the
+# checkpoint was retrained after it was scored) and never enter the comparison.
+CURRENT_CHECKPOINTS_SQL = """
+SELECT * FROM checkpoints
+QUALIFY row_number() OVER (PARTITION BY recipe, seed ORDER BY lineage_seq DESC NULLS LAST, created_at DESC) = 1
+"""
+
+
 def comparison_table(storage: StorageResource) -> pd.DataFrame:
-    scores = storage.catalog.query("SELECT recipe, seed, metric, value FROM benchmark_scores")
-    ckpts = storage.catalog.query("SELECT recipe, seed, tokens_seen, samples_seen, wall_seconds, record FROM checkpoints")
+    scores = storage.catalog.query(f"SELECT b.recipe, b.seed, b.metric, b.value FROM benchmark_scores b "
+                                   f"JOIN ({CURRENT_CHECKPOINTS_SQL}) c USING (checkpoint_id, recipe, seed)")
+    ckpts = storage.catalog.query(f"SELECT c.recipe, c.seed, tokens_seen, samples_seen, wall_seconds, record "
+                                  f"FROM ({CURRENT_CHECKPOINTS_SQL}) c "
+                                  f"SEMI JOIN benchmark_scores b USING (checkpoint_id)")
     if scores.empty:
-        raise FileNotFoundError("no benchmark scores yet: materialise benchmark_scores for some recipes first")
+        raise FileNotFoundError("no current benchmark scores: materialise benchmark_scores for some recipes "
+                                "(after their clip_checkpoint) first")
     ckpts["step_seconds"] = ckpts.record.map(lambda r: json.loads(r)["phases"][0]["step_seconds"])
     rows = []
     for recipe in [r for r in RECIPE_NAMES if r in set(scores.recipe)]:

@@ -59,8 +59,7 @@ def _version(context) -> str:
 
 
 def _commit_lineage(storage: StorageResource, row: LineageRow) -> None:
-    with storage.catalog.transaction() as con:
-        write_lineage(con, row)
+    storage.catalog.write(lambda con: write_lineage(con, row))
     storage.catalog.refresh_views(storage.warehouse.tables_dir)
 
 

@@ -101,7 +101,8 @@ def load_world_clip(path: Path, device: str = "cpu") -> FoundationModel:
     path = Path(path)
     if not path.exists():
         raise ModelNotFound(f"governor weights not found: {path}. The world governor is created by "
-                            f"`juicer governor train` (it writes {WORLD_GOVERNOR} by default).")
+                            f"`juicer governor train --out {WORLD_GOVERNOR}` (without --out it writes "
+                            f"<data dir>/models/world_governor.safetensors).")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if "arch" not in meta:

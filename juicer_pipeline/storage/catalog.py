@@ -2,23 +2,30 @@
 
 DuckDB allows one writing process at a time and Dagster runs steps in parallel processes, so
 every write opens a connection, does one short transaction and closes it; lock conflicts are
-retried with jittered exponential backoff. Bulk per-sample data stays in Parquet.
+retried with jittered exponential backoff for `lock_timeout_s`. Readers outside the pipeline use
+`snapshot()` (a copy) or the Parquet files, never a long-lived connection to this file. Bulk
+per-sample data stays in Parquet.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import random
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import duckdb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+SNAPSHOT_NAME = "catalog-snapshot.duckdb"
 
 # Append-only: a released migration is never edited; a schema change is a new entry.
 MIGRATIONS: list[tuple[int, str]] = [
@@ -118,6 +125,35 @@ MIGRATIONS: list[tuple[int, str]] = [
         created_at TIMESTAMP NOT NULL
     );
     """),
+    # Lineage becomes append-only (one row per materialisation, ordered by seq) so that a checkpoint
+    # can be traced to the versions it was trained on; lineage_current is the latest row per artifact.
+    # Rows from before this migration keep their order; overwritten history is not recoverable.
+    (4, """
+    CREATE SEQUENCE lineage_seq;
+    CREATE TABLE lineage_log (
+        seq BIGINT PRIMARY KEY DEFAULT nextval('lineage_seq'),
+        artifact VARCHAR NOT NULL,         -- '<asset>/<partition>'
+        asset VARCHAR NOT NULL,
+        partition_key VARCHAR,
+        inputs VARCHAR NOT NULL,           -- JSON list of upstream artifacts or files
+        run_id VARCHAR,                    -- Dagster run that materialised it
+        code_version VARCHAR NOT NULL,
+        config_hash VARCHAR NOT NULL,
+        governor_id VARCHAR,
+        created_at TIMESTAMP NOT NULL
+    );
+    INSERT INTO lineage_log (artifact, asset, partition_key, inputs, run_id, code_version, config_hash,
+                             governor_id, created_at)
+        SELECT * FROM lineage ORDER BY created_at, artifact;
+    DROP TABLE lineage;
+    ALTER TABLE lineage_log RENAME TO lineage;
+    CREATE INDEX lineage_artifact ON lineage (artifact);
+    CREATE VIEW lineage_current AS
+        SELECT * FROM lineage QUALIFY row_number() OVER (PARTITION BY artifact ORDER BY seq DESC) = 1;
+    -- the last lineage seq a checkpoint saw: its trace reads lineage as of then
+    ALTER TABLE checkpoints ADD COLUMN lineage_seq BIGINT;
+    UPDATE checkpoints SET lineage_seq = (SELECT max(seq) FROM lineage);
+    """),
 ]
 
 
@@ -140,6 +176,14 @@ class LineageRow:
         return f"{self.asset}/{self.partition_key}" if self.partition_key else self.asset
 
 
+def _sql_str(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _db_name(con: duckdb.DuckDBPyConnection) -> str:
+    return con.execute("SELECT current_database()").fetchone()[0]
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text or "conflict" in text
@@ -148,8 +192,9 @@ def _is_lock_error(exc: Exception) -> bool:
 @dataclass(frozen=True)
 class Catalog:
     path: Path
-    max_attempts: int = 12
+    lock_timeout_s: float = 120.0  # settings: [catalog] lock_timeout_s
     base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -161,69 +206,115 @@ class Catalog:
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(self.max_attempts):
+        return self._retry_locked(lambda: duckdb.connect(str(self.path), read_only=read_only))
+
+    def _retry_locked(self, attempt: Callable[[], T]) -> T:
+        """Run `attempt`, backing off (jittered, exponential, capped) while it fails on a lock or
+        write conflict, for at most lock_timeout_s: another process may hold the file briefly."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        for n in itertools.count():
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return attempt()
             except duckdb.Error as exc:
-                if not _is_lock_error(exc) or attempt == self.max_attempts - 1:
-                    if _is_lock_error(exc):
-                        raise CatalogLocked(f"catalog {self.path} stayed locked after "
-                                            f"{self.max_attempts} attempts: {exc}") from exc
+                left = deadline - time.monotonic()
+                if not _is_lock_error(exc):
                     raise
-                delay = self.base_delay_s * (2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
-                log.info("catalog locked (attempt %d), retrying in %.2fs", attempt + 1, delay)
-                time.sleep(delay)
+                if left <= 0:
+                    raise CatalogLocked(f"catalog {self.path} stayed locked for {self.lock_timeout_s:g} s "
+                                        f"(catalog.lock_timeout_s): {exc}") from exc
+                delay = min(self.base_delay_s * 2 ** min(n, 10), self.max_delay_s) * random.uniform(0.5, 1.5)
+                log.info("catalog locked (attempt %d), retrying in %.2fs", n + 1, delay)
+                time.sleep(min(delay, max(left, 0.001)))
         raise AssertionError("unreachable")
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One short read-write transaction; rolled back on any error."""
+        """One short read-write transaction; rolled back on any error. Backs off at connect and at
+        BEGIN; use `write` where a conflict later in the transaction should be retried too."""
         with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
+            self._retry_locked(lambda: con.execute("BEGIN TRANSACTION"))
             try:
                 yield con
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
+
+    def write(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run `work` in one transaction, re-running the whole transaction while it hits a lock or
+        write conflict anywhere (connect, a statement, COMMIT), within lock_timeout_s."""
+        def once() -> T:
+            with self.transaction() as con:
+                return work(con)
+        return self._retry_locked(once)
+
+    def snapshot(self, dest: Path | None = None) -> Path:
+        """Copy the catalog to `dest` (default: catalog-snapshot.duckdb beside it) for readers outside
+        the pipeline: they open the copy, so they never hold the lock that writers need. The copy
+        is written to a temporary file and renamed, so an open snapshot is never half-written."""
+        dest = Path(dest) if dest is not None else Path(self.path).with_name(SNAPSHOT_NAME)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with self.connect() as con:  # read-write: ATTACH needs it; held only for the copy
+                con.execute(f"ATTACH '{_sql_str(tmp)}' AS snapshot_copy")
+                con.execute(f"COPY FROM DATABASE \"{_db_name(con)}\" TO snapshot_copy")
+                con.execute("DETACH snapshot_copy")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
 
     def migrate(self) -> int:
         """Apply pending migrations; return the schema version."""
-        with self.transaction() as con:
-            con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP)")
-            current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-            for version, sql in MIGRATIONS:
-                if version > current:
-                    con.execute(sql)
-                    con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
-                    current = version
-        return current
+        return self.write(_migrate)
 
     def refresh_views(self, tables_dir: Path) -> list[str]:
         """A view per warehouse asset over all its partition files (read per query, never copied)."""
-        names = []
-        with self.transaction() as con:
-            for asset_dir in sorted(p for p in Path(tables_dir).glob("*") if p.is_dir()):
-                if any(asset_dir.glob("*.parquet")):
-                    glob = (asset_dir / "*.parquet").as_posix().replace("'", "''")
-                    con.execute(f"CREATE OR REPLACE VIEW {asset_dir.name} AS "
-                                f"SELECT * FROM read_parquet('{glob}', union_by_name = true)")
-                    names.append(asset_dir.name)
-        return names
+        return self.write(lambda con: _refresh_views(con, Path(tables_dir)))
 
     def query(self, sql: str, params: list | None = None):
         with self.connect(read_only=True) as con:
             return con.execute(sql, params or []).df()
 
 
-def write_lineage(con: duckdb.DuckDBPyConnection, row: LineageRow) -> None:
-    """Replace the lineage of one artifact; call inside the transaction that writes its data."""
-    con.execute("DELETE FROM lineage WHERE artifact = ?", [row.artifact])
-    con.execute(
-        "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:  # a failed COMMIT has already ended the transaction
+        pass
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> int:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP)")
+    current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+    for version, sql in MIGRATIONS:
+        if version > current:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
+            current = version
+    return current
+
+
+def _refresh_views(con: duckdb.DuckDBPyConnection, tables_dir: Path) -> list[str]:
+    names = []
+    for asset_dir in sorted(p for p in tables_dir.glob("*") if p.is_dir()):
+        if any(asset_dir.glob("*.parquet")):
+            glob = (asset_dir / "*.parquet").as_posix().replace("'", "''")
+            con.execute(f"CREATE OR REPLACE VIEW {asset_dir.name} AS "
+                        f"SELECT * FROM read_parquet('{glob}', union_by_name = true)")
+            names.append(asset_dir.name)
+    return names
+
+
+def write_lineage(con: duckdb.DuckDBPyConnection, row: LineageRow) -> int:
+    """Append one materialisation's lineage and return its seq; call inside the transaction that
+    writes its data. Earlier rows stay, so older checkpoints can still be traced as they were."""
+    return con.execute(
+        "INSERT INTO lineage (artifact, asset, partition_key, inputs, run_id, code_version, config_hash, "
+        "governor_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
         [row.artifact, row.asset, row.partition_key, json.dumps(row.inputs), row.run_id,
          row.code_version, row.config_hash, row.governor_id, _now()],
-    )
+    ).fetchone()[0]
 
 
 def _now() -> datetime:
@@ -255,3 +346,42 @@ def upsert_model(con: duckdb.DuckDBPyConnection, model_id: str, role: str, sourc
     con.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [model_id, role, source, json.dumps(config), json.dumps(record), tau,
                  json.dumps(calibration) if calibration is not None else None, _now()])
+
+
+def replace_checkpoints(con: duckdb.DuckDBPyConnection, recipe: str,
+                        checkpoints: list[tuple[dict, LineageRow]]) -> None:
+    """Make these the recipe's checkpoints. Each is recorded with the seq of its own lineage row,
+    so its trace reads lineage as of when it was made; `ckpt` holds the checkpoints columns up
+    to `record`."""
+    con.execute("DELETE FROM checkpoints WHERE recipe = ?", [recipe])
+    for ckpt, lineage in checkpoints:
+        row = {**ckpt, "lineage_seq": write_lineage(con, lineage)}
+        con.execute(f"INSERT INTO checkpoints ({', '.join(row)}, created_at) "
+                    f"VALUES ({', '.join('?' * len(row))}, now())", list(row.values()))
+    _prune_training_sets(con, recipe)
+
+
+def replace_training_set(con: duckdb.DuckDBPyConnection, ts: dict, members) -> list[str]:
+    """Make `ts` the recipe's training set; return the ids it supersedes."""
+    old = [r[0] for r in con.execute("SELECT training_set_id FROM training_sets WHERE recipe = ? "
+                                     "AND training_set_id <> ?", [ts["recipe"], ts["training_set_id"]]).fetchall()]
+    for table in ("training_set_members", "training_sets"):
+        con.execute(f"DELETE FROM {table} WHERE training_set_id = ?", [ts["training_set_id"]])
+    con.register("members_df", members)
+    con.execute("INSERT INTO training_set_members SELECT * FROM members_df")
+    con.unregister("members_df")
+    # DuckDB's now(), as in earlier releases: pruning compares created_at with their rows
+    con.execute(f"INSERT INTO training_sets ({', '.join(ts)}, created_at) VALUES ({', '.join('?' * len(ts))}, now())",
+                list(ts.values()))
+    _prune_training_sets(con, ts["recipe"])
+    return old
+
+
+def _prune_training_sets(con: duckdb.DuckDBPyConnection, recipe: str) -> None:
+    """Keep the recipe's newest training set and any set a recorded checkpoint was trained on (so
+    that checkpoint can still be traced); drop the rest."""
+    doomed = """SELECT training_set_id FROM training_sets WHERE recipe = $r
+                AND training_set_id NOT IN (SELECT training_set_id FROM checkpoints)
+                AND created_at < (SELECT max(created_at) FROM training_sets WHERE recipe = $r)"""
+    for table in ("training_set_members", "training_sets"):
+        con.execute(f"DELETE FROM {table} WHERE training_set_id IN ({doomed})", {"r": recipe})

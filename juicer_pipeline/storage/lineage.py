@@ -6,23 +6,37 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
+
 from .catalog import Catalog
 
-BACKWARD_SQL = """
-WITH target AS (
-    SELECT c.* FROM checkpoints c
-    WHERE c.checkpoint_id LIKE $id || '%'
-       OR c.checkpoint_id IN (SELECT checkpoint_id FROM benchmark_scores WHERE score_id = $id)
-)
+# Lineage is append-only; a checkpoint reads it as of when it was made. Its training set's inputs
+# (captions, pruning, governor...) are read as of the training set's own row, since later
+# re-materialisations did not feed this checkpoint.
+LINEAGE_AS_OF_SQL = """
+SELECT * FROM lineage WHERE seq <= $seq
+QUALIFY row_number() OVER (PARTITION BY artifact ORDER BY seq DESC) = 1
+"""
+
+TARGET_SQL = """
+SELECT checkpoint_id, recipe, seed, coalesce(lineage_seq, (SELECT max(seq) FROM lineage)) AS lineage_seq
+FROM checkpoints
+WHERE checkpoint_id LIKE $id || '%'
+   OR checkpoint_id IN (SELECT checkpoint_id FROM benchmark_scores WHERE score_id = $id)
+"""
+
+BACKWARD_SQL = f"""
+WITH l AS ({LINEAGE_AS_OF_SQL})
 SELECT t.checkpoint_id, t.recipe, t.seed, t.config_hash AS training_config_hash, t.tokens_seen,
        t.training_set_id, ts.drops, ts.n_members,
        m.sample_id, s.drop_id, s.content_hash, m.caption_version, m.caption, m.kept_patches,
        l.governor_id, l.code_version AS caption_code_version, l.run_id AS caption_run_id
-FROM target t
+FROM checkpoints t
 JOIN training_sets ts USING (training_set_id)
 JOIN training_set_members m USING (training_set_id)
 JOIN samples s USING (sample_id)
-LEFT JOIN lineage l ON l.artifact = 'enriched_captions/' || s.drop_id
+LEFT JOIN l ON l.artifact = 'enriched_captions/' || s.drop_id
+WHERE t.checkpoint_id = $id
 ORDER BY m.sample_id
 """
 
@@ -42,23 +56,45 @@ ORDER BY m.recipe, c.seed
 
 def trace_back(catalog: Catalog, ident: str) -> dict:
     with catalog.connect(read_only=True) as con:
-        rows = con.execute(BACKWARD_SQL, {"id": ident}).df()
+        target = _target(con, ident)
+        ckpt, seq = target.checkpoint_id, int(target.lineage_seq)
+        ts_seq = _seq_as_of(con, f"training_set/{target.recipe}", seq)
+        rows = con.execute(BACKWARD_SQL, {"id": ckpt, "seq": ts_seq}).df()
         if rows.empty:
-            raise KeyError(f"no checkpoint or score matches {ident!r} (use a checkpoint id, a prefix of one, "
-                           f"or a score id '<checkpoint>:<metric>')")
-        checkpoint = rows.checkpoint_id.iloc[0]
+            raise KeyError(f"checkpoint {ckpt[:12]}'s training set is no longer in the catalog")
         drops = json.loads(rows.drops.iloc[0])
         artifacts = [f"{a}/{d}" for d in drops for a in ("raw_samples", "patch_saliency", "pruned_images",
                                                           "extracted_classes", "sieve_scores", "enriched_captions")]
-        artifacts += ["governor", "eval_sets", f"training_set/{rows.recipe.iloc[0]}",
-                      f"clip_checkpoint/{rows.recipe.iloc[0]}/seed{rows.seed.iloc[0]}"]
-        lineage = con.execute("SELECT artifact, code_version, config_hash, governor_id, run_id FROM lineage "
-                              "WHERE artifact IN (SELECT unnest($a)) ORDER BY artifact", {"a": artifacts}).df()
+        artifacts += ["governor", "eval_sets", f"training_set/{target.recipe}"]
+        own = [f"clip_checkpoint/{target.recipe}/seed{target.seed}"]
+        lineage = pd.concat([_lineage_as_of(con, artifacts, ts_seq), _lineage_as_of(con, own, seq)])
         scores = con.execute("SELECT metric, value FROM benchmark_scores WHERE checkpoint_id = ? ORDER BY metric",
-                             [checkpoint]).df()
-    return {"checkpoint_id": checkpoint, "recipe": rows.recipe.iloc[0], "seed": int(rows.seed.iloc[0]),
+                             [ckpt]).df()
+    return {"checkpoint_id": ckpt, "recipe": target.recipe, "seed": int(target.seed),
             "training_set_id": rows.training_set_id.iloc[0], "drops": drops, "members": rows,
-            "lineage": lineage, "scores": scores}
+            "lineage": lineage.sort_values("artifact", ignore_index=True), "scores": scores}
+
+
+def _target(con, ident: str):
+    found = con.execute(TARGET_SQL, {"id": ident}).df()
+    if found.empty:
+        raise KeyError(f"no checkpoint or score matches {ident!r} (use a checkpoint id, a prefix of one, "
+                       f"or a score id '<checkpoint>:<metric>')")
+    if len(found) > 1:
+        raise KeyError(f"{ident!r} matches {len(found)} checkpoints: give more of the id")
+    return found.iloc[0]
+
+
+def _seq_as_of(con, artifact: str, seq: int) -> int:
+    """The seq of `artifact`'s row current at `seq` (`seq` itself if it has none)."""
+    row = con.execute("SELECT max(seq) FROM lineage WHERE artifact = ? AND seq <= ?", [artifact, seq]).fetchone()
+    return int(row[0]) if row[0] is not None else seq
+
+
+def _lineage_as_of(con, artifacts: list[str], seq: int) -> pd.DataFrame:
+    return con.execute(f"SELECT artifact, code_version, config_hash, governor_id, run_id, seq "
+                       f"FROM ({LINEAGE_AS_OF_SQL}) WHERE artifact IN (SELECT unnest($a))",
+                       {"a": artifacts, "seq": seq}).df()
 
 
 def trace_forward(catalog: Catalog, sample_id: str) -> dict:
