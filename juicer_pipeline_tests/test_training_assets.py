@@ -95,7 +95,13 @@ def test_lineage_both_directions(trained):
     back = trace_back(cat, score_id)
     assert back["recipe"] == "sieve_then_juice" and back["drops"] == ["d1", "leak"]
     members = back["members"]
-    assert (members.caption_version == "enriched").all() and members.governor_id.notna().all()
+    import pandas as pd
+
+    # each member carries what enrichment really did to its caption (enriched / cleaned / original)
+    juiced = pd.concat([pd.read_parquet(root / "warehouse" / "enriched_captions" / f"{d}.parquet") for d in back["drops"]])
+    version = dict(zip(juiced.sample_id, juiced.caption_version))
+    assert members.caption_version.tolist() == [version[s] for s in members.sample_id]
+    assert members.governor_id.notna().all()
     assert {"governor", "training_set/sieve_then_juice", "pruned_images/d1"} <= set(back["lineage"].artifact)
     assert back["lineage"].run_id.notna().all()
     member = members.sample_id.iloc[0]
