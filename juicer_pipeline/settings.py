@@ -54,16 +54,22 @@ class GovernorSettings(_Section):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
+SaliencyMethod = Literal["cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness"]
+
+
 class SaliencySettings(_Section):
-    # attention_rollout: best object-patch recall and ROC-AUC of the three on world drops (README table)
-    method: Literal["cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness"] = "attention_rollout"
+    # smoothed_rollout: best object-patch recall and ROC-AUC of the four on world drops (README table)
+    method: SaliencyMethod = "smoothed_rollout"
     rho: float = Field(0.5, gt=0.0, le=1.0, description="share of patches kept per image")
 
 
 class ClassSettings(_Section):
     k: int = Field(3, ge=1, description="at most k classes per image")
     target_precision: float = Field(0.9, gt=0.0, le=1.0, description="τ is calibrated to reach this precision")
-    region_fractions: list[float] = Field(default_factory=lambda: [0.2], min_length=1,
+    # The unsmoothed rollout separates neighbouring objects; blurred maps merge them into one region
+    # (measured recall 0.44 with smoothed_rollout vs 0.71 with attention_rollout).
+    saliency_method: SaliencyMethod = Field("attention_rollout", description="the saliency map regions are cut from")
+    region_fractions: list[float] = Field(default_factory=lambda: [0.15, 0.25], min_length=1,
                                           description="shares of most salient patches whose connected regions are cropped")
     max_regions: int = Field(4, ge=1, description="at most this many regions per share")
     crop_margins: list[float] = Field(default_factory=lambda: [0.3], min_length=1,

@@ -75,7 +75,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
     fingerprint = model_fingerprint(gov.source)
     load = lambda: cached_foundation_model(gov.source, gov.device)  # noqa: E731
 
-    @asset(code_version=code_version("governor-1", gov, fingerprint, cls, sal.method), group_name="vision",
+    @asset(code_version=code_version("governor-2", gov, fingerprint, cls), group_name="vision",
            kinds={"pytorch", "duckdb"}, automation_condition=SHARED,
            description="The foundation model every stage uses (settings `governor.source`), its held-out "
                        "scores and its calibrated class threshold τ. Catalog row in `models`.")
@@ -84,7 +84,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         class_emb = _class_embeddings(fm)
         if gov.source == "world" or gov.source.startswith("file:"):
             context.log.info("calibrating τ on the world corpus validation split")
-            calibration = calibrate_world_governor(fm, class_emb, sal.method, _crop_plan(cls),
+            calibration = calibrate_world_governor(fm, class_emb, cls.saliency_method, _crop_plan(cls),
                                                    cls.target_precision, cls.k, n_images=cls.calibration_images,
                                                    batch_size=gov.batch_size,
                                                    abstain_emb=_abstain_embedding(fm, cls.abstain))
@@ -169,7 +169,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         return MaterializeResult(metadata=meta)
 
     @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=[patch_saliency, governor], group_name="vision",
-           code_version=code_version("extracted_classes-1", fingerprint, cls, sal.method), kinds={"pytorch", "parquet"},
+           code_version=code_version("extracted_classes-2", fingerprint, cls), kinds={"pytorch", "parquet"},
            description="At most k object classes per image with probability ≥ τ (calibrated), from zero-shot "
                        "classification of crops around connected salient regions (a second, small FM pass).")
     def extracted_classes(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
@@ -181,8 +181,8 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         names, _ = _vocabulary()
         class_emb = _class_embeddings(fm)
         abstain = _abstain_embedding(fm, cls.abstain)
-        table = wh.read_table("patch_saliency", drop, ["sample_id", sal.method])
-        saliency = stored_vectors(table, sal.method, fm.grid[0] * fm.grid[1])
+        table = wh.read_table("patch_saliency", drop, ["sample_id", cls.saliency_method])
+        saliency = stored_vectors(table, cls.saliency_method, fm.grid[0] * fm.grid[1])
         position = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
         rows, crops, t0 = [], 0, time.perf_counter()
         for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size):

@@ -27,7 +27,7 @@ class CropPlan:
     saliency (each share in turn, repeats removed), at most `max_regions` per share, each cut as a
     square with each of `margins` (share of its longer side) around it."""
 
-    fractions: tuple[float, ...] = (0.2,)
+    fractions: tuple[float, ...] = (0.15, 0.25)
     max_regions: int = 4
     margins: tuple[float, ...] = (0.3,)
 
