@@ -6,7 +6,7 @@ PORT ?= 3000
 export JUICER_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(JUICER_DATA_DIR)/dagster_home
 
-.PHONY: install demo test test-fast ui clean-data
+.PHONY: install browser demo test test-fast ui clean-data
 
 install: $(STAMP)
 
@@ -22,7 +22,12 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/juicer demo
 
-test: $(STAMP)
+# The browser tests drive Debian's headless Chromium: installed here, so `make test` passes alone.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -148,9 +148,11 @@ def calibrate_tau(scores: np.ndarray, truth: list[set[int]], target_precision: f
         row = {"tau": float(tau), "precision": precision, "recall": recall, "reached": precision >= target_precision}
         if row["reached"] and tp > 0:
             return row
-        if best is None or precision > best["precision"]:
+        if tp > 0 and (best is None or precision > best["precision"]):
             best = row
-    return {**best, "best_tau_seen": best["tau"], "tau": NEVER}
+    # a τ that predicts nothing has vacuous precision 1.0: never report it as the target reached
+    best = best or {"precision": float("nan"), "recall": 0.0, "tau": NEVER}
+    return {**best, "best_tau_seen": best["tau"], "tau": NEVER, "reached": False}
 
 
 def calibrate_tau_per_class(scores: np.ndarray, truth: list[set[int]], target_precision: float,
