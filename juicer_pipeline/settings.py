@@ -12,7 +12,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -21,9 +21,12 @@ CONFIG_ENV = "JUICER_CONFIG"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # keys that only steer asset checks: they change no asset's output, so they stay out of the
+    # hash (changing one never makes a stage unsynced)
+    _check_only: ClassVar[frozenset[str]] = frozenset()
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        payload = json.dumps(self.model_dump(mode="json", exclude=set(self._check_only)), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -37,6 +40,11 @@ class IngestSettings(_Section):
     max_file_bytes: int = Field(50_000_000, ge=1, description="files and tar members larger than this are "
                                                               "quarantined as too_large before being read")
     batch_rows: int = Field(512, ge=1, description="rows per Parquet row group while streaming")
+    quarantine_alarm: float = Field(0.5, gt=0.0, le=1.0, description="the raw_samples check `quarantine_share` "
+                                                                      "fails when this share of a drop or more "
+                                                                      "is quarantined (check only: not hashed)")
+
+    _check_only: ClassVar[frozenset[str]] = frozenset({"quarantine_alarm"})
 
     @model_validator(mode="after")
     def _sides_ordered(self):

@@ -2,13 +2,20 @@
 import math
 
 import duckdb
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
+from ..governance.saliency import METHODS
 from ..settings import JuicerSettings
+from ..world.vocabulary import load_vocabulary
 from .partitions import drops_partitions
 from .resources import StorageResource
+from .vision import read_governor_record
 
 _SHOW = 20
+_PROB_TOLERANCE = 1e-6  # probabilities are stored as float32, τ as float64
 
 
 def _ids(values) -> str:
@@ -16,8 +23,151 @@ def _ids(values) -> str:
     return ", ".join(values[:_SHOW]) + (f" … (+{len(values) - _SHOW})" if len(values) > _SHOW else "")
 
 
+def _non_finite_ids(path, column: str, batch_rows: int = 4096) -> list[str]:
+    """Sample ids whose list column is null, empty, or holds a null, NaN or ±inf (streamed)."""
+    bad = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["sample_id", column]):
+        values = batch.column(1)
+        lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False)
+        row_bad = lengths == 0
+        finite = pc.fill_null(pc.is_finite(pc.list_flatten(values)), False).to_numpy(zero_copy_only=False)
+        if (~finite).any():
+            parents = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+            row_bad[np.unique(parents[~finite])] = True
+        ids = batch.column(0).to_pylist()
+        bad.extend(ids[i] for i in np.flatnonzero(row_bad))
+    return bad
+
+
 def build_checks(settings: JuicerSettings) -> list:
     rho = settings.saliency.rho
+    alarm = settings.ingest.quarantine_alarm
+
+    @asset_check(asset="raw_samples", partitions_def=drops_partitions, blocking=False,
+                 description="Rows in = rows out: every input row the ingestion counted (catalog `drops`) is "
+                             "in the Parquet file once, valid or quarantined with a reason, and matches the "
+                             "catalog `samples` rows of the drop.")
+    def rows_in_rows_out(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
+        drop = context.partition_key
+        path = str(storage.warehouse.partition_path("raw_samples", drop))
+        with storage.catalog.connect(read_only=True) as con:
+            counted = con.execute("SELECT n_samples, n_valid, n_quarantined FROM drops WHERE drop_id = ?",
+                                  [drop]).fetchone()
+            out = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'valid'), "
+                              "count(*) FILTER (WHERE status = 'quarantined') FROM read_parquet(?)",
+                              [path]).fetchone()
+            not_in_parquet = con.execute(
+                "SELECT sample_id FROM samples WHERE drop_id = ? "
+                "EXCEPT SELECT sample_id FROM read_parquet(?) ORDER BY 1", [drop, path]).fetchall()
+            not_in_catalog = con.execute(
+                "SELECT sample_id FROM read_parquet(?) "
+                "EXCEPT SELECT sample_id FROM samples WHERE drop_id = ? ORDER BY 1", [path, drop]).fetchall()
+            duplicated = con.execute("SELECT sample_id FROM read_parquet(?) GROUP BY sample_id "
+                                     "HAVING count(*) > 1 ORDER BY 1", [path]).fetchall()
+            unexplained = con.execute(
+                "SELECT sample_id FROM read_parquet(?) WHERE status IS NULL "
+                "OR status NOT IN ('valid', 'quarantined') "
+                "OR (status = 'quarantined' AND coalesce(quarantine_reason, '') = '') ORDER BY 1",
+                [path]).fetchall()
+        if counted is None:
+            return AssetCheckResult(passed=False, metadata={
+                "rows_out": out[0], "note": f"no `drops` catalog row for {drop}: ingestion did not record it"})
+        rows_in, valid_in, quarantined_in = counted
+        problems = {"missing_from_parquet": [r[0] for r in not_in_parquet],
+                    "missing_from_catalog": [r[0] for r in not_in_catalog],
+                    "duplicated": [r[0] for r in duplicated],
+                    "no_status_or_reason": [r[0] for r in unexplained]}
+        offending = sorted({s for ids in problems.values() for s in ids})
+        passed = not offending and tuple(out) == (rows_in, valid_in, quarantined_in)
+        return AssetCheckResult(passed=passed, metadata={
+            "rows_in": rows_in, "rows_out": out[0], "valid": out[1], "quarantined": out[2],
+            "valid_counted": valid_in, "quarantined_counted": quarantined_in,
+            **{k: _ids(v) for k, v in problems.items() if v}, "offending_samples": _ids(offending)})
+
+    @asset_check(asset="raw_samples", partitions_def=drops_partitions, blocking=False,
+                 description=f"The quarantined share of the drop is under `ingest.quarantine_alarm` ({alarm:g}).")
+    def quarantine_share(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
+        df = duckdb.execute("SELECT sample_id, quarantine_reason FROM read_parquet(?) "
+                            "WHERE status <> 'valid' ORDER BY sample_id",
+                            [str(storage.warehouse.partition_path("raw_samples", context.partition_key))]).df()
+        total = pq.ParquetFile(storage.warehouse.partition_path("raw_samples", context.partition_key)
+                               ).metadata.num_rows
+        share = len(df) / total if total else 0.0
+        reasons = df.quarantine_reason.fillna("(none)").value_counts()
+        return AssetCheckResult(passed=bool(share < alarm), metadata={
+            "quarantine_alarm": alarm, "quarantined_share": round(share, 4), "quarantined": len(df),
+            "samples": total, "by_reason": ", ".join(f"{r}: {n}" for r, n in reasons.items()),
+            "offending_samples": _ids(df.sample_id) if share >= alarm else ""})
+
+    @asset_check(asset="patch_saliency", partitions_def=drops_partitions, blocking=False,
+                 description="Exactly one row per valid raw_samples image: none missing, none extra, none twice.")
+    def one_row_per_valid_image(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
+        wh = storage.warehouse
+        drop = context.partition_key
+        raw, sal = str(wh.partition_path("raw_samples", drop)), str(wh.partition_path("patch_saliency", drop))
+        con = duckdb.connect()
+        try:
+            q = lambda sql, params: [r[0] for r in con.execute(sql, params).fetchall()]  # noqa: E731
+            missing = q("SELECT sample_id FROM read_parquet(?) WHERE status = 'valid' "
+                        "EXCEPT SELECT sample_id FROM read_parquet(?) ORDER BY 1", [raw, sal])
+            extra = q("SELECT sample_id FROM read_parquet(?) EXCEPT "
+                      "SELECT sample_id FROM read_parquet(?) WHERE status = 'valid' ORDER BY 1", [sal, raw])
+            twice = q("SELECT sample_id FROM read_parquet(?) GROUP BY sample_id HAVING count(*) > 1 ORDER BY 1",
+                      [sal])
+            n_valid, n_rows = con.execute(
+                "SELECT (SELECT count(*) FROM read_parquet(?) WHERE status = 'valid'), "
+                "(SELECT count(*) FROM read_parquet(?))", [raw, sal]).fetchone()
+        finally:
+            con.close()
+        offending = sorted({*missing, *extra, *twice})
+        return AssetCheckResult(passed=not offending and n_valid == n_rows, metadata={
+            "valid_images": n_valid, "rows": n_rows, "missing": _ids(missing), "not_valid_or_unknown": _ids(extra),
+            "duplicated": _ids(twice), "offending_samples": _ids(offending)})
+
+    @asset_check(asset="patch_saliency", partitions_def=drops_partitions, blocking=False,
+                 description="The embedding and every saliency column are non-empty and all finite.")
+    def finite_values(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
+        path = storage.warehouse.partition_path("patch_saliency", context.partition_key)
+        bad = {c: _non_finite_ids(path, c) for c in ("embedding", *METHODS)}
+        offending = sorted({s for ids in bad.values() for s in ids})
+        return AssetCheckResult(passed=not offending, metadata={
+            "columns": ", ".join(bad), **{f"non_finite_{c}": _ids(v) for c, v in bad.items() if v},
+            "offending_samples": _ids(offending)})
+
+    @asset_check(asset="extracted_classes", partitions_def=drops_partitions, blocking=False,
+                 description="Every extracted class is a shape of the world vocabulary.")
+    def classes_in_vocabulary(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
+        shapes = set(load_vocabulary().shapes)
+        df = duckdb.execute("SELECT sample_id, classes FROM read_parquet(?)",
+                            [str(storage.warehouse.partition_path("extracted_classes", context.partition_key))]).df()
+        unknown = {sid: [c for c in classes if c not in shapes]
+                   for sid, classes in zip(df.sample_id, df.classes) if classes is not None}
+        unknown = {s: u for s, u in unknown.items() if u}
+        names = sorted({c for u in unknown.values() for c in u}, key=str)
+        return AssetCheckResult(passed=not unknown, metadata={
+            "vocabulary_size": len(shapes), "unknown_classes": ", ".join(map(str, names[:_SHOW])),
+            "offending_samples": _ids(sorted(unknown))})
+
+    @asset_check(asset="extracted_classes", partitions_def=drops_partitions, blocking=False,
+                 description="Every extracted class has a probability ≥ τ (the governor's calibrated threshold).")
+    def probs_at_least_tau(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
+        try:
+            record = read_governor_record(storage)
+        except FileNotFoundError as exc:
+            return AssetCheckResult(passed=False, metadata={"note": str(exc)})
+        tau = float(record["tau"])
+        df = duckdb.execute("SELECT sample_id, classes, probs FROM read_parquet(?)",
+                            [str(storage.warehouse.partition_path("extracted_classes", context.partition_key))]).df()
+        bad = []
+        for sid, classes, probs in zip(df.sample_id, df.classes, df.probs):
+            classes = [] if classes is None else list(classes)
+            probs = [] if probs is None else [np.nan if p is None else float(p) for p in probs]
+            if len(probs) != len(classes) or not all(np.isfinite(p) and p >= tau - _PROB_TOLERANCE for p in probs):
+                bad.append(sid)
+        return AssetCheckResult(passed=not bad, metadata={
+            "tau": tau, "governor_id": str(record.get("model_id", "")),
+            "classes_checked": int(sum(0 if c is None else len(c) for c in df.classes)),
+            "offending_samples": _ids(sorted(bad))})
 
     @asset_check(asset="enriched_captions", partitions_def=drops_partitions, blocking=False,
                  description="Every valid sample has saliency, kept patches, classes and a caption.")
@@ -69,4 +219,5 @@ def build_checks(settings: JuicerSettings) -> list:
         return AssetCheckResult(passed=leaked.empty, metadata={"leaked": len(leaked),
                                                                "offending_samples": _ids(leaked.sample_id)})
 
-    return [coverage, retention, no_empty_caption, eval_disjoint]
+    return [rows_in_rows_out, quarantine_share, one_row_per_valid_image, finite_values, classes_in_vocabulary,
+            probs_at_least_tau, coverage, retention, no_empty_caption, eval_disjoint]
