@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--calibration-images", type=int, default=600)
     ap.add_argument("--target-precision", type=float, default=0.9)
     ap.add_argument("--method", default="attention_rollout")
-    ap.add_argument("--region-fractions", default="0.2", help="comma-separated shares of top patches")
+    ap.add_argument("--region-fractions", default="0.15,0.25", help="comma-separated shares of top patches")
     ap.add_argument("--max-regions", type=int, default=4)
     ap.add_argument("--margins", default="0.3", help="comma-separated crop margins around a region")
     a = ap.parse_args()
