@@ -189,7 +189,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             idx = [position[s] for s in ids]
             scores, n_regions = region_class_scores(fm, images, saliency[idx], fm.grid, class_emb, _crop_plan(cls),
                                                     gov.batch_size, abstain)
-            crops += sum(n_regions)
+            crops += sum(n_regions) * len(cls.crop_margins)  # one crop per region and margin
             for sid, s, nr in zip(ids, scores, n_regions):
                 chosen = decide_classes(s, names, cls.k, tau)
                 rows.append({"sample_id": sid, "classes": [c for c, _ in chosen],
