@@ -155,3 +155,21 @@ def test_rho_change_makes_automation_rerun_only_pruned_images(data_dir, instance
     requested = {a: changed.get_requested_partitions(AssetKey(a)) for a in per_drop}
     assert requested["pruned_images"] == {"v1"}
     assert all(not v for a, v in requested.items() if a != "pruned_images")
+
+
+def test_every_crop_pass_is_counted_with_several_margins(data_dir, instance, tiny_settings):
+    settings = tiny_settings.model_copy(update={"classes": tiny_settings.classes.model_copy(
+        update={"crop_margins": [0.2, 0.45]})})
+    generate_drop(data_dir / "drops" / "m2", DropConfig(n_samples=30, broken_rate=0.0, seed=6))
+    assert run_governor(data_dir, instance, settings).success
+    run_drop(data_dir, instance, "m2", settings, assets=("raw_samples", "patch_saliency"))
+    fm = cached_foundation_model(settings.governor.source, "cpu")
+    seen = []
+    handle = fm.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        result = run_drop(data_dir, instance, "m2", settings, assets=("extracted_classes",))
+    finally:
+        handle.remove()
+    meta = _meta(result, "extracted_classes")
+    assert meta["region_crop_forward_passes"] == sum(seen) > 0
+    assert meta["region_crop_forward_passes"] % 2 == 0  # two crops per region
