@@ -11,14 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..world.generate import SPLIT_CORPUS_VALIDATION, drop_like_corpus_spec, iter_clean_samples, jpeg_roundtrip
+from ..world.generate import (SPLIT_CORPUS_VALIDATION, VALIDATION_JPEG_QUALITY, drop_like_corpus_spec,
+                              iter_clean_samples, jpeg_roundtrip)
 from ..world.vocabulary import load_vocabulary
 from .classes import CropPlan, calibrate_tau, region_class_scores
 from .saliency import VisionPass
 from .vision import score_batch
 
-# Calibration images are JPEGs, as web images are: τ must hold for what drops look like.
-VALIDATION_JPEG_QUALITY = 90
 # Object coverages of the calibration scenes: the drops' default (0.25) and sparser and denser ones.
 CALIBRATION_COVERAGES = (0.15, 0.25, 0.35)
 

@@ -34,7 +34,8 @@ from ..models.loader import OPENAI_MEAN, OPENAI_STD
 from ..models.world_clip import ClipArch, build_clip
 from ..world.captions import join_phrases, object_phrases, plural
 from ..world.generate import (SPLIT_CORPUS, SPLIT_CORPUS_CROPS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION,
-                              corpus_spec, drop_like_corpus_spec, eval_spec, iter_clean_samples, jpeg_roundtrip)
+                              VALIDATION_JPEG_QUALITY, corpus_spec, drop_like_corpus_spec, eval_spec,
+                              iter_clean_samples, jpeg_roundtrip)
 from ..world.vocabulary import Vocabulary, load_vocabulary
 from .classes import square_crop
 from .images import to_uint8_chw
@@ -235,10 +236,6 @@ def build_held_out(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 0) -
         cims.append(to_uint8_chw(rendered.image))
         labels.append(vocab.shapes.index(scene.objects[0].shape))
     return HeldOut(torch.stack(ims), caps, keys, torch.stack(cims), np.array(labels))
-
-
-# Validation and calibration images are JPEGs of this quality, as web images (and world drops) are.
-VALIDATION_JPEG_QUALITY = 90
 
 
 def build_corpus_validation(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 1) -> HeldOut:

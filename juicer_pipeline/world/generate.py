@@ -81,6 +81,10 @@ def encode_image(image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+# The governor's validation and calibration images are JPEGs of this quality, as web images are.
+VALIDATION_JPEG_QUALITY = 90
+
+
 def jpeg_roundtrip(image, quality: int):
     """The image as a web JPEG of this quality would decode: drops arrive as JPEGs, whose chroma
     subsampling and block artefacts change a small object's edges and colours."""
