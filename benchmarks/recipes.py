@@ -1,13 +1,23 @@
-"""The whole recipe comparison from a fresh data directory, printed as one table.
+"""The recipe comparison from a fresh data directory: both fair comparisons, learning curves,
+the three questions, and salient-token inference.
 
-    .venv/bin/python benchmarks/recipes.py                      # CPU preset (≈ 1 h on 2 cores)
+    .venv/bin/python benchmarks/recipes.py                          # CPU preset, default world (≤ 60 min, 2 cores)
+    .venv/bin/python benchmarks/recipes.py --world heavy            # heavier corruption
+    .venv/bin/python benchmarks/recipes.py --recipes all --seeds 0 1 2
     .venv/bin/python benchmarks/recipes.py --preset gpu --device cuda
-    .venv/bin/python benchmarks/recipes.py --rho 0.25 --coverage 0.15 --boilerplate 0.5 --seeds 0 1 2
+    # scaling (the paper's Figure 3): data, model, schedule
+    .venv/bin/python benchmarks/recipes.py --recipes raw datasieve datajuicer --seeds 0 --samples 1250
+    .venv/bin/python benchmarks/recipes.py --recipes raw datasieve datajuicer --seeds 0 --student world-xs
+    .venv/bin/python benchmarks/recipes.py --recipes raw datasieve datajuicer --seeds 0 --eval-points 6
 
-World drops → governor (the committed world governor) → juicing of every drop → every recipe at
-an equal vision-token budget, each seed → held-out scores → the comparison table (mean ± std
-over seeds), with learning curves (scores at several points of the budget). The drop pool is
-large relative to the budget so that "more samples" means new samples, not more epochs.
+World drops → governor (the committed world governor) → juicing of every drop → every recipe,
+each seed, at an equal vision-token budget and at an equal wall-clock budget → held-out scores →
+one table per comparison (mean ± std over seeds), learning curves (scores at several points of
+each budget), the answers to the three questions, and each token-budget checkpoint evaluated on
+full images and on only the governor-salient ⌈ρN⌉ tokens (accuracy and images/s).
+
+A question is answered only when the two means differ by more than the sum of their seed
+standard deviations; otherwise it is printed as a tie.
 """
 from __future__ import annotations
 
@@ -19,41 +29,54 @@ import time
 from pathlib import Path
 
 PRESETS = {
-    # (drops, samples per drop, budget in full-patch steps, batch, width, vision layers, text layers)
-    "cpu": dict(drops=4, samples=2500, budget_full_steps=300, batch_size=128, vision_width=96, vision_layers=3,
-                text_width=96, text_layers=2),
-    "gpu": dict(drops=8, samples=10000, budget_full_steps=3000, batch_size=512, vision_width=256, vision_layers=6,
-                text_width=256, text_layers=4),
+    # drops × samples per drop is the pool; budget in full-patch steps; wall-clock budget in seconds
+    "cpu": dict(drops=4, samples=2500, budget_full_steps=300, wallclock_s=60.0, batch_size=128, student="world-s"),
+    "gpu": dict(drops=8, samples=10000, budget_full_steps=3000, wallclock_s=300.0, batch_size=512, student="world-m"),
 }
+WORLDS = {
+    "default": dict(coverage=0.25, boilerplate=0.25, noise=0.25, omit=0.3, misaligned=0.05),
+    "heavy": dict(coverage=0.2, boilerplate=0.6, noise=0.25, omit=0.5, misaligned=0.10),
+}
+QUESTION_RECIPES = ["raw", "datasieve", "flip", "datajuicer", "sieve_then_juice"]
+QUESTIONS = [
+    ("(a) salient vs random patches", "datajuicer", "flip"),
+    ("(b) does juicing add to sieving?", "sieve_then_juice", "datasieve"),
+    ("(b) does sieving beat raw?", "datasieve", "raw"),
+    ("(c) the paper's claim", "datajuicer", "datasieve"),
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--world", choices=list(WORLDS), default="default")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--recipes", nargs="+", default=None)
+    ap.add_argument("--recipes", nargs="+", default=None, help=f"default: {' '.join(QUESTION_RECIPES)}; 'all' for all")
     ap.add_argument("--rho", type=float, default=0.5)
-    ap.add_argument("--coverage", type=float, default=0.25, help="world object coverage")
-    ap.add_argument("--boilerplate", type=float, default=0.25)
-    ap.add_argument("--noise", type=float, default=0.25)
-    ap.add_argument("--omit", type=float, default=0.3)
-    ap.add_argument("--misaligned", type=float, default=0.05)
+    for k in WORLDS["default"]:
+        ap.add_argument(f"--{k}", type=float, default=None, help="override the world's value")
+    ap.add_argument("--shared-colour", type=float, default=None, help="world: P(all objects of a scene share a colour)")
     ap.add_argument("--drops", type=int, default=None)
-    ap.add_argument("--samples", type=int, default=None, help="samples per drop")
+    ap.add_argument("--samples", type=int, default=None, help="samples per drop (data scaling)")
+    ap.add_argument("--student", default=None, help="student config (model scaling)")
     ap.add_argument("--budget", type=int, default=None, help="budget in full-patch steps")
-    ap.add_argument("--eval-points", type=int, default=3, help="learning-curve points over the budget")
+    ap.add_argument("--wallclock", type=float, default=None, help="equal wall-clock budget in seconds (0: skip)")
+    ap.add_argument("--eval-points", type=int, default=3, help="learning-curve points over each budget (schedule scaling)")
+    ap.add_argument("--no-inference", action="store_true", help="skip the salient-token inference table")
     ap.add_argument("--data-dir", type=Path, default=None, help="keep outputs here instead of a temp dir")
     a = ap.parse_args()
     preset = {**PRESETS[a.preset], **{k: v for k, v in (("drops", a.drops), ("samples", a.samples),
-                                                        ("budget_full_steps", a.budget)) if v is not None}}
+                                                        ("budget_full_steps", a.budget), ("student", a.student),
+                                                        ("wallclock_s", a.wallclock)) if v is not None}}
+    world = {**WORLDS[a.world], **{k: getattr(a, k) for k in WORLDS["default"] if getattr(a, k) is not None}}
     tmp = tempfile.TemporaryDirectory() if a.data_dir is None else None
     root = Path(tmp.name) if tmp else a.data_dir
     os.environ["JUICER_DATA_DIR"] = str(root)
     from dagster import DagsterInstance
 
-    from juicer_pipeline.assets.training import comparison_table, format_comparison
     from juicer_pipeline.assets.resources import StorageResource
+    from juicer_pipeline.assets.training import comparison_table, format_comparison, learning_curves
     from juicer_pipeline.definitions import (COMPARE_JOB_NAME, DROP_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME,
                                              build_definitions)
     from juicer_pipeline.governance.recipes import RECIPE_NAMES
@@ -61,28 +84,32 @@ def main() -> None:
     from juicer_pipeline.world import CaptionCorruption, DropConfig, generate_drop, generate_eval_set
 
     t0 = time.perf_counter()
-    corruption = CaptionCorruption(a.boilerplate, a.noise, a.omit, a.misaligned)
+    shared = DropConfig().shared_colour if a.shared_colour is None else a.shared_colour
+    corruption = CaptionCorruption(world["boilerplate"], world["noise"], world["omit"], world["misaligned"])
     drops = [f"bench-{i:02d}" for i in range(preset["drops"])]
     for i, name in enumerate(drops):
         generate_drop(root / "drops" / name, DropConfig(n_samples=preset["samples"], seed=100, drop_index=i,
-                                                        object_coverage=a.coverage, captions=corruption))
+                                                        object_coverage=world["coverage"], shared_colour=shared,
+                                                        captions=corruption))
     for kind in ("retrieval", "classification"):
-        generate_eval_set(root / "world" / "evalsets" / kind, kind, 2000, object_coverage=a.coverage)
+        generate_eval_set(root / "world" / "evalsets" / kind, kind, 2000, object_coverage=world["coverage"],
+                          shared_colour=shared)
+    wallclock = preset["wallclock_s"] or None
     training = TrainingSettings(seeds=a.seeds, eval_points=a.eval_points, device=a.device,
-                                **{k: v for k, v in preset.items() if k not in ("drops", "samples")})
+                                budget_full_steps=preset["budget_full_steps"], batch_size=preset["batch_size"],
+                                student=preset["student"], wallclock_s=wallclock)
     settings = JuicerSettings(governor=GovernorSettings(device=a.device), saliency=SaliencySettings(rho=a.rho),
                               training=training)
     defs = build_definitions(settings, root)
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    recipes = a.recipes or RECIPE_NAMES
+    recipes = RECIPE_NAMES if a.recipes == ["all"] else (a.recipes or QUESTION_RECIPES)
     with DagsterInstance.ephemeral() as inst:
         assert defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=inst, run_config=quiet).success
         inst.add_dynamic_partitions("drops", drops)
         for d in drops:
             assert defs.resolve_job_def(DROP_JOB_NAME).execute_in_process(instance=inst, partition_key=d,
                                                                           run_config=quiet).success
-        t_juiced = time.perf_counter()
-        print(f"juiced {len(drops)} drops x {preset['samples']} samples in {t_juiced - t0:.0f}s", flush=True)
+        print(f"juiced {len(drops)} drops x {preset['samples']} samples in {time.perf_counter() - t0:.0f}s", flush=True)
         for r in recipes:
             t = time.perf_counter()
             assert defs.resolve_job_def(RECIPES_JOB_NAME).execute_in_process(instance=inst, partition_key=r,
@@ -90,19 +117,88 @@ def main() -> None:
             print(f"  {r}: {time.perf_counter() - t:.0f}s", flush=True)
         assert defs.resolve_job_def(COMPARE_JOB_NAME).execute_in_process(instance=inst, run_config=quiet).success
     storage = StorageResource(data_dir=str(root))
-    table = comparison_table(storage)
-    print(f"\npreset {a.preset}, device {a.device}, ρ={a.rho}, coverage {a.coverage}, caption corruption "
-          f"{json.dumps(corruption.__dict__)}, seeds {a.seeds}, budget {training.budget_full_steps} full-patch steps "
-          f"of {training.batch_size}; total {time.perf_counter() - t0:.0f}s")
-    print(format_comparison(table))
-    curves = storage.catalog.query("SELECT recipe, seed, record FROM checkpoints ORDER BY recipe, seed")
-    print("\nlearning curves (t2i R@1 / zero-shot top-1 at each evaluation point, seed-wise):")
-    for row in curves.itertuples():
-        points = json.loads(row.record)["learning_curve"]
-        print(f"  {row.recipe:20s} seed {row.seed}: " + "  ".join(
-            f"{p['tokens_seen'] / 1e6:.2f}M tok: {100 * p['t2i_r@1']:.1f}/{100 * p['top1']:.1f}" for p in points))
+    print(f"\npreset {a.preset} (student {training.student}), device {a.device}, ρ={a.rho}, world {a.world} "
+          f"{json.dumps(world)}, shared_colour {shared}, seeds {a.seeds}, pool {len(drops)}x{preset['samples']}, "
+          f"budgets: {training.budget_full_steps} full-patch steps of {training.batch_size} | {wallclock} s; "
+          f"total {time.perf_counter() - t0:.0f}s")
+    for budget, title in (("tokens", "EQUAL VISION TOKENS"), ("wallclock", f"EQUAL WALL-CLOCK ({wallclock} s)")):
+        table = comparison_table(storage, budget)
+        if table.empty:
+            continue
+        print(f"\n{title} (held-out scores in %, mean ± std over seeds)")
+        print(format_comparison(table))
+        print_curves(learning_curves(storage, budget, "t2i_r@1"), learning_curves(storage, budget, "top1"), budget)
+        print_answers(table)
+    if not a.no_inference:
+        print_inference(root, settings, storage)
     if tmp:
         tmp.cleanup()
+
+
+def print_curves(t2i: dict, top1: dict, budget: str) -> None:
+    unit = "M tokens" if budget == "tokens" else "s"
+    print(f"learning curves (t2i R@1 / zero-shot top-1 in %, mean over seeds, at {unit}):")
+    for recipe, points in t2i.items():
+        print(f"  {recipe:20s} " + "  ".join(f"{x:.2f}: {100 * y:.1f}/{100 * z:.1f}"
+                                               for (x, y), (_, z) in zip(points, top1[recipe])))
+
+
+def verdict(table, better: str, worse: str, metric: str) -> str:
+    rows = {r["recipe"]: r for r in table.to_dict("records")}
+    if better not in rows or worse not in rows:
+        return "not run"
+    a, b = rows[better], rows[worse]
+    diff = 100 * (a[f"{metric}_mean"] - b[f"{metric}_mean"])
+    spread = 100 * (a[f"{metric}_std"] + b[f"{metric}_std"])
+    if min(a["seeds"], b["seeds"]) < 2:
+        return f"Δ {diff:+.1f} (one seed: no spread, not answered)"
+    if abs(diff) <= spread:
+        return f"tie (Δ {diff:+.1f} within spread {spread:.1f})"
+    return f"{better if diff > 0 else worse} (Δ {diff:+.1f} > spread {spread:.1f})"
+
+
+def print_answers(table) -> None:
+    print("answers (beyond the sum of seed std, else a tie):")
+    for question, a, b in QUESTIONS:
+        print(f"  {question:34s} {a} vs {b}: t2i R@1 {verdict(table, a, b, 't2i_r@1')}; "
+              f"zero-shot {verdict(table, a, b, 'top1')}")
+
+
+def print_inference(root: Path, settings, storage) -> None:
+    """Each token-budget checkpoint on full images vs only the governor-salient ⌈ρN⌉ patches."""
+    import numpy as np
+    import pandas as pd
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from juicer_pipeline.assets.training import CURRENT_CHECKPOINTS_SQL, _eval_set, student_config
+    from juicer_pipeline.governance.clip_training import evaluate_student
+    from juicer_pipeline.governance.salient_eval import salient_kept
+    from juicer_pipeline.models.loader import load_foundation_model, load_world_clip
+    from juicer_pipeline.world.vocabulary import load_vocabulary
+
+    cfg = student_config(settings)
+    tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
+    ev = _eval_set(storage.warehouse, tokenizer, cfg, load_vocabulary())
+    governor = load_foundation_model(settings.governor.source, settings.governor.device)
+    grid = (cfg.arch.grid, cfg.arch.grid)
+    ev.retrieval_kept = salient_kept(governor, ev.retrieval_images, settings.saliency, grid)
+    ev.class_kept = salient_kept(governor, ev.class_images, settings.saliency, grid)
+    ckpts = storage.catalog.query(f"SELECT recipe, seed, path FROM ({CURRENT_CHECKPOINTS_SQL}) "
+                                  f"WHERE budget = 'tokens' ORDER BY recipe, seed")
+    rows = []
+    for c in ckpts.itertuples():
+        model = load_world_clip(c.path, cfg.device).model
+        for salient in (False, True):
+            s = evaluate_student(model, tokenizer, ev, cfg.device, salient_only=salient)
+            rows.append({"recipe": c.recipe, "seed": c.seed, "tokens": "salient" if salient else "full",
+                         "t2i_r@1": 100 * s["t2i_r@1"], "top1": 100 * s["top1"], "images/s": s["images_per_second"]})
+    df = pd.DataFrame(rows).groupby(["recipe", "tokens"], sort=False).agg(["mean", "std"])
+    print(f"\nINFERENCE on full images vs governor-salient ⌈ρN⌉ tokens (ρ={settings.saliency.rho}; "
+          f"held-out, mean ± std over seeds)")
+    for (recipe, tokens), r in df.iterrows():
+        print(f"  {recipe:20s} {tokens:8s} t2i R@1 {r[('t2i_r@1', 'mean')]:5.1f} ± {np.nan_to_num(r[('t2i_r@1', 'std')]):.1f}  "
+              f"zero-shot {r[('top1', 'mean')]:5.1f} ± {np.nan_to_num(r[('top1', 'std')]):.1f}  "
+              f"images/s {r[('images/s', 'mean')]:7.0f}")
 
 
 if __name__ == "__main__":

@@ -112,23 +112,31 @@ class CaptionSettings(_Section):
 class TrainingSettings(_Section):
     """Student CLIPs trained per recipe. The defaults are the CPU preset. There is no `preset` key
     (unknown keys are rejected): for a CUDA machine set the GPU values as explicit keys, e.g.
-    `device = "cuda"`, `batch_size = 512`, `vision_width = 256`, `vision_layers = 6`,
-    `budget_full_steps = 3000`."""
+    `device = "cuda"`, `batch_size = 512`, `student = "world-m"`, `budget_full_steps = 3000`."""
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     sieve_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of samples the sieve keeps")
+    student: str = Field("world-s", description="student architecture: a packaged config "
+                                                "(juicer_pipeline/models/student_configs) or a JSON file")
     budget_full_steps: int = Field(300, ge=1, description="vision-token budget, in full-patch steps")
+    wallclock_s: float | None = Field(None, gt=0, description="also train every recipe for this many measured "
+                                                              "seconds (the equal wall-clock comparison)")
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate after warm-up")
     full_tune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    vision_width: int = 96
-    vision_layers: int = 3
-    text_width: int = 96
-    text_layers: int = 2
     eval_points: int = Field(3, ge=1, description="learning-curve evaluations over the budget")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     threads: int = Field(2, ge=1)
     schedule_cron: str = Field("0 2 * * *", description="when the retraining schedule runs (stale recipes only)")
+
+    @model_validator(mode="after")
+    def _student_exists(self):
+        from .models.students import load_student_arch
+
+        load_student_arch(self.student)  # a clear error at load time, not at training
+        return self
 
 
 class CatalogSettings(_Section):

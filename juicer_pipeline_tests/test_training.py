@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
+from juicer_pipeline.governance import clip_training
 from juicer_pipeline.governance.clip_training import StudentConfig, TrainData, plan, train_student
 from juicer_pipeline.governance.metrics import retrieval_recall, zero_shot_accuracy
 from juicer_pipeline.governance.recipes import RECIPES
@@ -36,42 +37,145 @@ def test_pruned_step_feeds_fewer_tokens():
 
 @pytest.mark.parametrize("rho", [0.25, 0.5, 0.75])
 def test_equal_budget_within_one_batch(rho):
-    cfg = StudentConfig(batch_size=32, budget_tokens=64 * 32 * 97, rho=rho)
+    cfg = StudentConfig(batch_size=32, budget_tokens=65 * 32 * 97, rho=rho)
     full = plan(cfg, "all", 64)
     for patches in ("random", "saliency"):
         phases = plan(cfg, patches, 64)
         tokens = sum(p.steps * cfg.batch_size * p.tokens_per_image for p in phases)
-        assert abs(tokens - cfg.budget_tokens) <= cfg.batch_size * 64
-        assert phases[-1].tokens_per_image == 64 and phases[0].tokens_per_image == int(np.ceil(rho * 64))
+        assert abs(tokens - cfg.budget_tokens) <= cfg.batch_size * 65
+        # tokens per image count CLS: 65 on full images, ⌈ρN⌉ + 1 on pruned ones
+        assert phases[-1].tokens_per_image == 65 and phases[0].tokens_per_image == int(np.ceil(rho * 64)) + 1
         assert sum(p.steps for p in phases) > full[0].steps  # more samples for the same vision compute
-    assert abs(full[0].steps * 32 * 64 - cfg.budget_tokens) <= 32 * 64
+    assert abs(full[0].steps * 32 * 65 - cfg.budget_tokens) <= 32 * 65
 
 
-def test_training_counts_tokens_and_samples(monkeypatch):
+def _spy_on_vision_input(monkeypatch):
+    """Tokens (CLS included) that really entered the vision transformer, per training forward."""
     from juicer_pipeline.governance import clip_training
 
-    fed = []  # patch tokens that really entered the vision transformer, per forward (CLS excluded)
+    fed = []
     install = clip_training.install_kept_tokens
 
     def spying(model):
-        model.visual.transformer.register_forward_pre_hook(lambda m, args: fed.append(args[0].shape[0] * (args[0].shape[1] - 1)))
+        model.visual.transformer.register_forward_pre_hook(
+            lambda m, args: fed.append(args[0].shape[0] * args[0].shape[1]) if m.training else None)
         return install(model)
 
     monkeypatch.setattr(clip_training, "install_kept_tokens", spying)
-    arch = tiny_arch()
-    n = 64
-    data = TrainData(images=torch.randint(0, 255, (n, 3, 32, 32), dtype=torch.uint8),
-                     tokens=torch.randint(1, 100, (n, 16)), kept=torch.arange(8).expand(n, 8).to(torch.int16),
+    return fed
+
+
+def _saliency_data(n=64, k=8):
+    return TrainData(images=torch.randint(0, 255, (n, 3, 32, 32), dtype=torch.uint8),
+                     tokens=torch.randint(1, 100, (n, 16)), kept=torch.arange(k).expand(n, k).to(torch.int16),
                      patches="saliency")
-    cfg = StudentConfig(arch=arch, batch_size=16, budget_tokens=16 * 16 * 6, rho=0.5, eval_points=1, warmup_steps=2)
-    _, rec = train_student(data, cfg, seed=0)
-    assert [p["tokens_per_image"] for p in rec["phases"]] == [8, 16]
-    assert rec["tokens_seen"] == sum(fed) and len(fed) == rec["steps"]  # counted = fed (no evaluation here)
-    assert abs(rec["tokens_seen"] - cfg.budget_tokens) <= 16 * 16
+
+
+def test_training_counts_the_tokens_fed(monkeypatch):
+    fed = _spy_on_vision_input(monkeypatch)
+    data = _saliency_data()
+    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 6, rho=0.5, eval_points=1,
+                        warmup_steps=2)
+    evaluations = []
+    _, rec = train_student(data, cfg, seed=0, evaluate=lambda m: evaluations.append(1) or {"t2i_r@1": 0.0})
+    assert [p["tokens_per_image"] for p in rec["phases"]] == [9, 17]  # CLS + 8 kept, CLS + all 16
+    assert evaluations and rec["tokens_seen"] == sum(fed) and len(fed) == rec["steps"]  # evaluation not counted
+    assert abs(rec["tokens_seen"] - cfg.budget_tokens) <= 16 * 17
     assert rec["samples_seen"] == rec["steps"] * 16
+    fed.clear()
     _, rec_full = train_student(TrainData(data.images, data.tokens, None, "all"), cfg, seed=0)
+    assert rec_full["tokens_seen"] == sum(fed)
     assert rec_full["samples_seen"] < rec["samples_seen"]
-    assert abs(rec_full["tokens_seen"] - rec["tokens_seen"]) <= 16 * 16
+    assert abs(rec_full["tokens_seen"] - rec["tokens_seen"]) <= 16 * 17
+
+
+def test_stored_k_that_differs_from_the_plan_fails_naming_both():
+    data = _saliency_data(k=8)  # stored at ρ=0.5 of 16 patches
+    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 4, rho=0.25, warmup_steps=1)
+    with pytest.raises(ValueError, match=r"K=8 .*expects K=4"):
+        train_student(data, cfg, seed=0)
+
+
+def test_wallclock_budget_trains_for_the_measured_seconds(monkeypatch):
+    fed = _spy_on_vision_input(monkeypatch)
+    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=1, wallclock_s=1.5, rho=0.5, warmup_steps=2,
+                        eval_points=2)
+    _, rec = train_student(_saliency_data(), cfg, seed=0, evaluate=lambda m: {"t2i_r@1": 0.0})
+    assert rec["budget"] == "wallclock" and [p["phase"] for p in rec["phases"]] == ["saliency_tokens", "full_tune"]
+    # each phase trains until its share of the deadline has passed (90 % pruned, 10 % full-patch tuning)
+    assert rec["phases"][0]["seconds"] >= 1.35 and rec["phases"][1]["seconds"] >= 0.15
+    assert rec["tokens_seen"] == sum(fed) and rec["steps"] > 2
+    assert [p["train_seconds"] for p in rec["learning_curve"]] == sorted(p["train_seconds"] for p in rec["learning_curve"])
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_zero():
+    cfg = StudentConfig(arch=tiny_arch(), lr=1.0, warmup_steps=10)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = clip_training._scheduler(opt, cfg, total_steps=110, clock=clip_training.TrainClock())
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.5)))  # half-way through the decay
+    assert lrs[109] < 0.001
+
+
+def test_library_clip_loss_equals_the_hand_written_symmetric_infonce():
+    torch.manual_seed(0)
+    model = build_clip(tiny_arch()).eval()
+    images, tokens = torch.randn(6, 3, 32, 32), torch.randint(1, 100, (6, 16))
+    img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+    txt = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+    logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
+    labels = torch.arange(6)
+    by_hand = 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+    assert clip_training.clip_loss(model, images, tokens).item() == pytest.approx(by_hand.item(), abs=1e-6)
+
+
+def test_library_zero_shot_classifier_equals_prompt_ensembling_by_hand():
+    from open_clip.tokenizer import SimpleTokenizer
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from juicer_pipeline.governance.prompts import class_embeddings, zero_shot_templates
+
+    torch.manual_seed(0)
+    model = build_clip(tiny_arch()).eval()
+    tok = SimpleTokenizer(context_length=16)
+    names, attrs = ["star", "ring", "arrow"], ("red", "orange")
+    with torch.no_grad():
+        by_hand = class_embeddings(lambda t: torch.nn.functional.normalize(model.encode_text(tok(t)), dim=-1), names, attrs)
+        library = build_zero_shot_classifier(model, tok, names, zero_shot_templates(attrs), num_classes_per_batch=None).T
+    assert torch.allclose(library, by_hand, atol=1e-5)
+
+
+def test_normalisation_uses_open_clips_constants():
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from juicer_pipeline.governance.governor_training import normalise_batch
+
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(normalise_batch(x), (x.float() / 255 - mean) / std)
+
+
+def test_resampled_saliency_keeps_exactly_rho_n_of_the_students_patches():
+    from juicer_pipeline.governance.pruning import kept_on_grid
+
+    maps = np.zeros((3, 14 * 14), np.float32)
+    maps[:, :] = np.random.default_rng(0).random((3, 196)) * 0.1
+    blob = np.zeros((14, 14), np.float32)
+    blob[:5, :5] = 1.0  # a salient object in the top-left corner of a 14×14 (ViT-B/16) grid
+    maps[0] += blob.ravel()
+    for rho in (0.1, 0.25, 0.5):
+        kept = kept_on_grid(maps, (14, 14), (8, 8), rho)
+        for k in kept:
+            assert len(k) == len(set(k.tolist())) == int(np.ceil(rho * 64)) and 0 <= k.min() and k.max() < 64
+    top = kept_on_grid(maps, (14, 14), (8, 8), 0.1)[0]  # 7 patches: all inside the blob's 8×8 footprint
+    assert all(divmod(int(i), 8)[0] < 3 and divmod(int(i), 8)[1] < 3 for i in top)
+    with pytest.raises(ValueError, match="14x14"):
+        kept_on_grid(maps[:, :100], (14, 14), (8, 8), 0.5)
 
 
 def test_retrieval_and_zero_shot_match_hand_computed_cases():
@@ -126,3 +230,76 @@ def test_recipes_choose_captions_patches_and_samples():
     juiced, _ = assemble_training_set(RECIPES["datajuicer"], _samples("EVAL"), {"EVAL"}, 0.5)
     # each sample says what enrichment really did: a caption that was only cleaned is not "enriched"
     assert dict(zip(juiced.sample_id, juiced.caption_version)) == {"d1/a": "enriched", "d2/f": "cleaned"}
+
+
+def test_re_encoded_or_resized_evaluation_images_are_held_out():
+    from PIL import Image
+
+    from juicer_pipeline.governance.near_duplicates import thumbprint
+    from juicer_pipeline.world.generate import eval_spec, iter_clean_samples, jpeg_roundtrip
+    from juicer_pipeline.world.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary()
+    split, spec = eval_spec("retrieval")
+    images = [r.image for _, r, _ in iter_clean_samples(split, spec, 60, 0, vocab)]
+    held_out, others = images[:30], images[30:]  # `others` are distinct images of the same world
+    copies = [jpeg_roundtrip(held_out[0], 40), held_out[1].resize((96, 96), Image.BICUBIC),
+              jpeg_roundtrip(held_out[2].resize((48, 48), Image.BICUBIC), 60)]
+    drop = copies + others
+    samples = pd.DataFrame([{"sample_id": f"d/{i}", "drop_id": "d", "content_hash": f"h{i}", "status": "valid",
+                             "caption": "c", "enriched_caption": "c", "kept": None, "sieve_score": 0.5,
+                             "thumbprint": thumbprint(im)} for i, im in enumerate(drop)])
+    members, excluded = assemble_training_set(RECIPES["raw"], samples, set(), 1.0,
+                                              eval_prints=[thumbprint(im) for im in held_out])
+    assert dict(zip(excluded.sample_id, excluded.reason)) == {"d/0": "held_out", "d/1": "held_out", "d/2": "held_out"}
+    assert len(members) == len(others)  # no distinct image is mistaken for an evaluation image
+
+
+def test_a_valid_copy_of_a_quarantined_sample_is_not_a_duplicate():
+    samples = pd.DataFrame([
+        {"sample_id": "d1/a", "drop_id": "d1", "content_hash": "h1", "status": "quarantined", "caption": None,
+         "enriched_caption": None, "kept": None, "sieve_score": None},  # e.g. its caption was empty
+        {"sample_id": "d2/a", "drop_id": "d2", "content_hash": "h1", "status": "valid", "caption": "a",
+         "enriched_caption": "A.", "kept": None, "sieve_score": 0.5},
+        {"sample_id": "d2/b", "drop_id": "d2", "content_hash": "h1", "status": "valid", "caption": "a again",
+         "enriched_caption": "A.", "kept": None, "sieve_score": 0.5},
+    ])
+    members, excluded = assemble_training_set(RECIPES["raw"], samples, set(), 1.0)
+    assert list(members.sample_id) == ["d2/a"]
+    assert dict(zip(excluded.sample_id, excluded.reason)) == {"d1/a": "quarantined", "d2/b": "duplicate"}
+
+
+def test_salient_only_evaluation_feeds_only_the_kept_patches():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from juicer_pipeline.governance.clip_training import EvalSet, evaluate_student
+
+    torch.manual_seed(0)
+    model = build_clip(tiny_arch()).eval()
+    seen = []
+    model.visual.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    tok = SimpleTokenizer(context_length=16)
+    ev = EvalSet(retrieval_images=torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8),
+                 retrieval_tokens=tok(["a red star."] * 6), retrieval_keys=list(range(6)),
+                 class_images=torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8),
+                 class_labels=np.array([0, 1, 2, 4]), class_names=["star", "ring", "heart", "cross", "arrow"], class_attributes=("red",),
+                 retrieval_kept=torch.arange(4).expand(6, 4), class_kept=torch.arange(4).expand(4, 4))
+    full = evaluate_student(model, tok, ev)
+    assert set(seen) == {17} and full["images_per_second"] > 0
+    seen.clear()
+    salient = evaluate_student(model, tok, ev, salient_only=True)
+    assert set(seen) == {5}  # CLS + the 4 kept patches, for every evaluation image
+    assert set(salient) == set(full)
+    with pytest.raises(ValueError, match="kept patches"):
+        evaluate_student(model, tok, EvalSet(**{**ev.__dict__, "class_kept": None}), salient_only=True)
+
+
+def test_salient_kept_selects_rho_n_patches_per_image_with_the_governor():
+    from juicer_pipeline.governance.salient_eval import salient_kept
+    from juicer_pipeline.models.loader import load_foundation_model
+    from juicer_pipeline.settings import SaliencySettings
+
+    governor = load_foundation_model("world")
+    images = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
+    kept = salient_kept(governor, images, SaliencySettings(rho=0.25), (4, 4))  # a student with a coarser grid
+    assert kept.shape == (3, 4) and int(kept.max()) < 16

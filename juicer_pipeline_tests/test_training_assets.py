@@ -1,4 +1,5 @@
 """The cross-drop training assets end to end, at a tiny budget, with a tiny governor."""
+import json
 import shutil
 
 import pandas as pd
@@ -33,11 +34,15 @@ def trained(tmp_path_factory):
     eval_image = sorted((root / "world" / "evalsets" / "retrieval" / "images").iterdir())[0]
     write_folder_drop(root / "drops" / "leak", {"x.png": eval_image.read_bytes()},
                       [{"image": "x.png", "caption": "a red star", "sample_id": "x"}])
+    # a student on a coarser grid (4x4 patches of 16 px) than the governor's (8x8): kept sets are
+    # resampled from the stored saliency maps
+    student = root / "student.json"
+    student.write_text(json.dumps(tiny_arch(image_size=64, patch_size=16, vision_layers=1, conv_stem=True).to_dict()))
     settings = JuicerSettings(
         governor=GovernorSettings(source=f"file:{root / 'tiny.safetensors'}", batch_size=64),
         classes=ClassSettings(calibration_images=20),
-        training=TrainingSettings(seeds=[0, 1], budget_full_steps=4, batch_size=32, vision_width=32,
-                                  vision_layers=1, text_width=32, text_layers=1, eval_points=1))
+        training=TrainingSettings(seeds=[0, 1], budget_full_steps=4, batch_size=32, student=str(student),
+                                  eval_points=1, wallclock_s=1.0))
     defs = build_definitions(settings, root)
     with instance_for_test() as inst:
         assert defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=inst, run_config=QUIET).success
@@ -63,27 +68,42 @@ def test_evaluation_image_dropped_again_is_held_out(trained):
 def test_equal_token_budget_and_catalog_records(trained):
     root, _ = trained
     cat = Catalog(root / "catalog.duckdb")
-    ck = cat.query("SELECT recipe, seed, tokens_seen, samples_seen FROM checkpoints ORDER BY recipe, seed")
+    ck = cat.query("SELECT recipe, seed, tokens_seen, samples_seen, record FROM checkpoints WHERE budget = 'tokens' "
+                   "ORDER BY recipe, seed")
     assert len(ck) == len(RECIPES) * 2
-    assert ck.tokens_seen.max() - ck.tokens_seen.min() <= 32 * 64  # within one batch of full patches
+    assert ck.tokens_seen.max() - ck.tokens_seen.min() <= 32 * 17  # within one batch of full patches + CLS
+    # the student's 16 patches: pruned recipes fed ⌈0.5 x 16⌉ = 8 + CLS tokens, whatever the governor's grid
+    phases = {r.recipe: json.loads(r.record)["phases"] for r in ck.itertuples()}
+    assert phases["sieve_then_juice"][0]["tokens_per_image"] == 9 and phases["raw"][0]["tokens_per_image"] == 17
     samples = ck.groupby("recipe").samples_seen.first()
     assert samples["flip"] > samples["raw"] and samples["sieve_then_juice"] > samples["raw"]
     scores = cat.query("SELECT recipe, metric, count(*) AS n FROM benchmark_scores GROUP BY ALL")
-    assert set(scores.recipe) == set(RECIPES) and (scores.n == 2).all()
+    assert set(scores.recipe) == set(RECIPES) and (scores.n == 4).all()  # 2 seeds x 2 budgets
     assert {"i2t_r@1", "t2i_r@10", "top1", "top5"} <= set(scores.metric)
     sets = cat.query("SELECT recipe, n_members FROM training_sets").set_index("recipe").n_members
     assert sets["sieve_then_juice"] < sets["raw"]
     kept = cat.query("SELECT DISTINCT kept_patches FROM training_set_members WHERE recipe = 'sieve_then_juice'")
-    assert all(len(k.split(",")) == 32 for k in kept.kept_patches)
+    assert all(len(k.split(",")) == 32 for k in kept.kept_patches)  # as stored, on the governor's 8x8 grid
 
 
-def test_comparison_table_and_chart(trained):
+def test_equal_wallclock_runs_are_recorded_beside_the_token_runs(trained):
+    root, _ = trained
+    ck = Catalog(root / "catalog.duckdb").query("SELECT recipe, budget, wall_seconds, tokens_seen FROM checkpoints")
+    assert sorted(ck.groupby("budget").size().items()) == [("tokens", 6), ("wallclock", 6)]
+    clock = ck[ck.budget == "wallclock"]
+    assert (clock.wall_seconds >= 1.0).all()  # every recipe trained for the same measured second
+
+
+def test_comparison_tables_and_learning_curves(trained):
     root, result = trained
     meta = result.asset_materializations_for_node("recipe_comparison")[0].metadata
-    table = meta["table"].value
-    for recipe in RECIPES:
-        assert f"| {recipe} |" in table
-    assert (root / "warehouse" / "recipe_comparison" / "comparison.png").stat().st_size > 500
+    for budget in ("tokens", "wallclock"):
+        table = meta[f"equal_{budget}"].value  # a Dagster table: rendered inline and sortable in the UI
+        assert [r.data["recipe"] for r in table.records] == list(RECIPES)
+        assert {"t2i_r@1", "top1", "tokens", "wall s"} <= {c.name for c in table.schema.columns}
+        assert "±" in table.records[0].data["top1"]
+        assert "learning_curves_" + budget in meta
+        assert (root / "warehouse" / "recipe_comparison" / f"learning_curves_{budget}.png").stat().st_size > 500
 
 
 def test_lineage_both_directions(trained):
@@ -119,7 +139,7 @@ def test_checkpoints_are_traced_through_lineage_as_of_their_recording(trained):
 
     root, _ = trained
     cat = Catalog(root / "catalog.duckdb")
-    ckpts = cat.query("SELECT checkpoint_id, lineage_seq FROM checkpoints")
+    ckpts = cat.query("SELECT checkpoint_id, lineage_seq FROM checkpoints WHERE budget = 'tokens'")
     assert ckpts.lineage_seq.notna().all()  # where in the append-only lineage each was recorded
     back = trace_back(cat, ckpts.checkpoint_id[0])
     assert back["lineage"].seq.max() <= ckpts.lineage_seq[0]

@@ -17,17 +17,18 @@ from ..governance.clip_training import StudentConfig, TrainData, evaluate_studen
 from ..governance.drop_sources import open_drop
 from ..governance.eval_data import load_eval_set
 from ..governance.images import ImageLimits, load_rgb, to_uint8_chw
+from ..governance.pruning import kept_on_grid
 from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
 from ..governance.recipes import RECIPE_NAMES, RECIPES
 from ..governance.training_set import assemble_training_set
 from ..models.loader import load_world_clip, save_world_clip
-from ..models.world_clip import ClipArch
+from ..models.students import load_student_arch
 from ..automation.conditions import FOLLOW_UPSTREAM, SHARED
-from ..settings import JuicerSettings, code_version
+from ..settings import JuicerSettings, SaliencySettings, code_version
 from ..storage import LineageRow, atomic_path, replace_checkpoints, replace_training_set, write_lineage
 from ..world.vocabulary import load_vocabulary
 from .resources import StorageResource
-from .ui import bar_chart, line_chart, markdown_table, png_markdown
+from .ui import curves_chart, line_chart, markdown_table, metadata_table, png_markdown
 
 recipe_partitions = StaticPartitionsDefinition(RECIPE_NAMES)
 EVAL_KINDS = ("retrieval", "classification")
@@ -35,15 +36,15 @@ PER_DROP_INPUTS = ("raw_samples", "pruned_images", "enriched_captions", "sieve_s
 HEADLINE = ["i2t_r@1", "i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@5", "t2i_r@10", "top1", "top5"]
 
 
-def student_config(settings: JuicerSettings) -> StudentConfig:
+def student_config(settings: JuicerSettings, wallclock: bool = False) -> StudentConfig:
+    """The student run the settings describe: the token budget, or with `wallclock` the
+    equal wall-clock budget (`training.wallclock_s`)."""
     t = settings.training
-    width_heads = max(1, t.vision_width // 32)
-    arch = ClipArch(vision_width=t.vision_width, vision_layers=t.vision_layers, vision_heads=width_heads,
-                    text_width=t.text_width, text_layers=t.text_layers, text_heads=max(1, t.text_width // 32),
-                    embed_dim=t.vision_width, conv_stem=False)
-    n_patches = arch.grid ** 2
-    return StudentConfig(arch=arch, batch_size=t.batch_size, lr=t.lr, rho=settings.saliency.rho,
-                         budget_tokens=t.budget_full_steps * t.batch_size * n_patches,
+    arch = load_student_arch(t.student)
+    return StudentConfig(arch=arch, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps,
+                         schedule=t.schedule, rho=settings.saliency.rho,
+                         budget_tokens=t.budget_full_steps * t.batch_size * (arch.grid ** 2 + 1),
+                         wallclock_s=t.wallclock_s if wallclock else None,
                          full_tune_fraction=t.full_tune_fraction, eval_points=t.eval_points, device=t.device,
                          threads=t.threads)
 
@@ -62,9 +63,9 @@ def _samples_frame(storage: StorageResource, drops: list[str]) -> pd.DataFrame:
     con = duckdb.connect()
     try:
         return con.execute("""
-            SELECT r.sample_id, r.drop_id, r.content_hash, r.status, r.caption,
+            SELECT r.sample_id, r.drop_id, r.content_hash, r.status, r.caption, r.thumbprint,
                    c.enriched_caption, c.caption_version AS enriched_version, p.kept, s.sieve_score
-            FROM read_parquet(?) r
+            FROM read_parquet(?, union_by_name = true) r
             LEFT JOIN read_parquet(?) p USING (sample_id)
             LEFT JOIN read_parquet(?) c USING (sample_id)
             LEFT JOIN read_parquet(?) s USING (sample_id)""",
@@ -83,9 +84,10 @@ def _training_set_id(recipe: str, members: pd.DataFrame) -> str:
 def build_training_assets(settings: JuicerSettings) -> list:
     tr = settings.training
     cfg = student_config(settings)
+    budgets = [cfg] + ([student_config(settings, wallclock=True)] if tr.wallclock_s else [])
     vocab = load_vocabulary()
 
-    @asset(group_name="evaluation", code_version="eval_sets-1", kinds={"parquet"}, automation_condition=SHARED,
+    @asset(group_name="evaluation", code_version="eval_sets-2", kinds={"parquet"}, automation_condition=SHARED,
            description="The clean held-out evaluation sets (retrieval pairs; single-object images for zero-shot "
                        "classification), ingested like drops. Their content hashes can never enter a training set.")
     def eval_sets(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
@@ -102,12 +104,12 @@ def build_training_assets(settings: JuicerSettings) -> list:
             context.log.info(f"eval set {kind}: {stats.n_valid} valid of {stats.n_samples}")
         with storage.catalog.transaction() as con:
             write_lineage(con, LineageRow("eval_sets", None, [f"folder:{wh.world_dir / 'evalsets' / k}" for k in EVAL_KINDS],
-                                          context.run.run_id, "eval_sets-1", "none"))
+                                          context.run.run_id, "eval_sets-2", "none"))
         return MaterializeResult(metadata={f"{k}_images": v for k, v in counts.items()})
 
     @asset(partitions_def=recipe_partitions, group_name="training", kinds={"parquet", "duckdb"},
            deps=[*(AssetDep(a, partition_mapping=AllPartitionMapping()) for a in PER_DROP_INPUTS), eval_sets],
-           code_version=code_version("training_set-1", tr.sieve_fraction),
+           code_version=code_version("training_set-2", tr.sieve_fraction),
            description="A recipe's training set from every juiced drop: sample ids, caption versions and kept-patch "
                        "sets, without quarantined samples, cross-drop duplicates or evaluation images.")
     def training_set(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
@@ -116,10 +118,15 @@ def build_training_assets(settings: JuicerSettings) -> list:
         drops = juiced_drops(storage)
         if not drops:
             raise FileNotFoundError("no juiced drop yet: materialise the per-drop assets (job juice_drop) first")
-        eval_hashes = set(duckdb.sql(
-            f"SELECT content_hash FROM read_parquet('{wh.asset_dir('eval_sets').as_posix()}/*.parquet') "
-            f"WHERE content_hash IS NOT NULL").df().content_hash)
-        members, excluded = assemble_training_set(recipe, _samples_frame(storage, drops), eval_hashes, tr.sieve_fraction)
+        evals = duckdb.sql(
+            f"SELECT content_hash, thumbprint FROM read_parquet('{wh.asset_dir('eval_sets').as_posix()}/*.parquet', "
+            f"union_by_name = true) WHERE content_hash IS NOT NULL").df()
+        eval_prints = [p for p in evals.thumbprint if isinstance(p, (bytes, bytearray))]
+        if len(eval_prints) < len(evals):
+            context.log.warning(f"{len(evals) - len(eval_prints)} evaluation images have no thumbprint (ingested "
+                                f"before near-duplicate guarding): re-materialise eval_sets")
+        members, excluded = assemble_training_set(recipe, _samples_frame(storage, drops), set(evals.content_hash),
+                                                  tr.sieve_fraction, [bytes(p) for p in eval_prints])
         ts_id = _training_set_id(recipe.name, members)
         table = pa.Table.from_pandas(members.assign(training_set_id=ts_id), preserve_index=False)
         wh.write_table("training_set", recipe.name, table)
@@ -147,61 +154,68 @@ def build_training_assets(settings: JuicerSettings) -> list:
             "excluded_by_reason": MetadataValue.md(markdown_table([{"reason": k, "count": v} for k, v in why.most_common()]))})
 
     @asset(partitions_def=recipe_partitions, deps=[training_set, eval_sets], group_name="training",
-           code_version=code_version("clip_checkpoint-1", tr, settings.saliency.rho), kinds={"pytorch"},
+           code_version=code_version("clip_checkpoint-2", tr, settings.saliency, cfg.arch.to_dict()),
+           kinds={"pytorch"},
            description="Student CLIPs (one per seed) trained with the contrastive loss at an equal budget of "
-                       "vision tokens; pruned recipes feed the vision tower only the kept patch tokens.")
+                       "vision tokens, and with `training.wallclock_s` also at an equal wall-clock budget; "
+                       "pruned recipes feed the vision tower only the kept patch tokens.")
     def clip_checkpoint(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         recipe = RECIPES[context.partition_key]
         wh = storage.warehouse
         members = wh.read_table("training_set", recipe.name).to_pandas()
-        data = _train_data(wh, members, recipe.patches, cfg)
+        data = _train_data(wh, members, recipe.patches, cfg, settings.saliency)
         tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
         ev = _eval_set(wh, tokenizer, cfg, vocab)
         ts_id = members.training_set_id.iloc[0]
         version = context.assets_def.code_versions_by_key[context.asset_key]
         rows, curves = [], {}
         for seed in tr.seeds:
-            context.log.info(f"{recipe.name}: training seed {seed} on {len(members)} samples")
-            model, record = train_student(data, cfg, seed, evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device),
-                                          progress=context.log.info)
-            path = wh.asset_dir("clip_checkpoint") / recipe.name / f"seed{seed}.safetensors"
-            ckpt_id = save_world_clip(model, cfg.arch, path, {"recipe": recipe.name, "seed": seed,
-                                                               "training_set_id": ts_id, **record})
-            curves[seed] = record["loss_curve"]
-            rows.append({"checkpoint_id": ckpt_id, "seed": seed, "path": str(path), **record})
+            for run_cfg in budgets:
+                name = f"seed{seed}" + ("" if run_cfg.budget == "tokens" else f"-{run_cfg.budget}")
+                context.log.info(f"{recipe.name}: training {name} ({run_cfg.budget} budget) on {len(members)} samples")
+                model, record = train_student(data, run_cfg, seed, progress=context.log.info,
+                                              evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device))
+                path = wh.asset_dir("clip_checkpoint") / recipe.name / f"{name}.safetensors"
+                ckpt_id = save_world_clip(model, cfg.arch, path, {"recipe": recipe.name, "seed": seed,
+                                                                   "training_set_id": ts_id, **record})
+                curves[name] = record["loss_curve"]
+                rows.append({"checkpoint_id": ckpt_id, "name": name, "path": str(path), **record})
         recorded = [({"checkpoint_id": r["checkpoint_id"], "recipe": recipe.name, "seed": r["seed"],
                       "training_set_id": ts_id, "path": r["path"], "config_hash": tr.config_hash(),
                       **{k: r[k] for k in ("tokens_seen", "samples_seen", "wall_seconds", "final_loss")},
-                      "record": json.dumps({k: r[k] for k in ("phases", "learning_curve", "steps", "train_samples")})},
-                     LineageRow("clip_checkpoint", f"{recipe.name}/seed{r['seed']}",
+                      "record": json.dumps({k: r[k] for k in ("phases", "learning_curve", "steps", "train_samples")}),
+                      "budget": r["budget"]},
+                     LineageRow("clip_checkpoint", f"{recipe.name}/{r['name']}",
                                 [f"training_set/{recipe.name}", f"training_set_id:{ts_id}"],
                                 context.run.run_id, version, tr.config_hash())) for r in rows]
         with storage.catalog.transaction() as con:
             replace_checkpoints(con, recipe.name, recorded)
-        summary = [{"seed": r["seed"], "checkpoint": r["checkpoint_id"][:12], "tokens_seen": r["tokens_seen"],
-                    "samples_seen": r["samples_seen"], "steps": r["steps"], "wall_s": round(r["wall_seconds"], 1),
+        summary = [{"run": r["name"], "budget": r["budget"], "checkpoint": r["checkpoint_id"][:12],
+                    "tokens_seen": r["tokens_seen"], "samples_seen": r["samples_seen"], "steps": r["steps"],
+                    "wall_s": round(r["wall_seconds"], 1),
                     "step_s": " / ".join(f"{p['step_seconds']:.3f}" for p in r["phases"]),
                     "final_loss": round(r["final_loss"], 3)} for r in rows]
+        first = rows[0]["name"]
         return MaterializeResult(metadata={
-            "recipe": recipe.name, "training_set_id": ts_id, "seeds": len(rows),
+            "recipe": recipe.name, "training_set_id": ts_id, "runs_trained": len(rows),
             "tokens_seen": rows[0]["tokens_seen"], "samples_seen": rows[0]["samples_seen"],
-            "runs": MetadataValue.md(markdown_table(summary)),
-            "loss_curve": MetadataValue.md(png_markdown(line_chart(curves[tr.seeds[0]], title=f"{recipe.name} loss, seed {tr.seeds[0]}")))})
+            "runs": metadata_table(summary),
+            "loss_curve": MetadataValue.md(png_markdown(line_chart(curves[first], title=f"{recipe.name} loss, {first}")))})
 
     @asset(partitions_def=recipe_partitions, deps=[clip_checkpoint, eval_sets], group_name="training",
-           code_version="benchmark_scores-1", kinds={"duckdb"},
+           code_version="benchmark_scores-2", kinds={"duckdb"},
            description="Image↔text retrieval R@1/5/10 and zero-shot top-1/top-5 of each checkpoint on the "
                        "held-out sets.")
     def benchmark_scores(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         recipe = context.partition_key
         wh = storage.warehouse
-        ckpts = storage.catalog.query("SELECT checkpoint_id, seed, path FROM checkpoints WHERE recipe = ? ORDER BY seed",
-                                      [recipe])
+        ckpts = storage.catalog.query("SELECT checkpoint_id, seed, budget, path FROM checkpoints WHERE recipe = ? "
+                                      "ORDER BY budget DESC, seed", [recipe])
         if ckpts.empty:
             raise FileNotFoundError(f"no checkpoint of recipe {recipe}: materialise clip_checkpoint[{recipe}] first")
         tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
         ev = _eval_set(wh, tokenizer, cfg, vocab)
-        rows = []
+        rows, shown = [], []
         for c in ckpts.itertuples():
             fm = load_world_clip(c.path, cfg.device)
             if fm.model_id != c.checkpoint_id:
@@ -210,6 +224,8 @@ def build_training_assets(settings: JuicerSettings) -> list:
             scores = evaluate_student(fm.model, tokenizer, ev, cfg.device)
             rows += [{"score_id": f"{c.checkpoint_id}:{m}", "checkpoint_id": c.checkpoint_id, "recipe": recipe,
                       "seed": c.seed, "metric": m, "value": v} for m, v in scores.items()]
+            shown.append({"seed": int(c.seed), "budget": c.budget,
+                          **{m: round(float(scores[m]), 4) for m in HEADLINE if m in scores}})
         df = pd.DataFrame(rows)  # small: lives in the catalog table of the same name, not in Parquet
         with storage.catalog.transaction() as con:
             con.execute("DELETE FROM benchmark_scores WHERE recipe = ?", [recipe])
@@ -218,37 +234,51 @@ def build_training_assets(settings: JuicerSettings) -> list:
                         "eval_set, now() FROM scores_df")
             write_lineage(con, LineageRow("benchmark_scores", recipe,
                                           [f"checkpoint:{c}" for c in ckpts.checkpoint_id] + ["eval_sets"],
-                                          context.run.run_id, "benchmark_scores-1", tr.config_hash()))
-        table = df.pivot_table(index="seed", columns="metric", values="value").reset_index()
-        return MaterializeResult(metadata={"recipe": recipe, "checkpoints": len(ckpts), "scores": MetadataValue.md(
-            markdown_table(table[["seed", *[m for m in HEADLINE if m in table]]].round(4).to_dict("records")))})
+                                          context.run.run_id, "benchmark_scores-2", tr.config_hash()))
+        return MaterializeResult(metadata={"recipe": recipe, "checkpoints": len(ckpts),
+                                           "scores": metadata_table(shown)})
 
     @asset(deps=[AssetDep(benchmark_scores, partition_mapping=AllPartitionMapping())], group_name="training",
-           code_version="recipe_comparison-1", kinds={"duckdb"}, automation_condition=FOLLOW_UPSTREAM,
-           description="All recipes side by side: mean ± spread over seeds, tokens and samples seen, step time.")
+           code_version="recipe_comparison-2", kinds={"duckdb"}, automation_condition=FOLLOW_UPSTREAM,
+           description="All recipes side by side, one table per fair comparison (equal vision tokens; equal "
+                       "wall-clock time): mean ± spread over seeds, tokens and samples seen, step time, and "
+                       "the learning curves.")
     def recipe_comparison(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
-        table = comparison_table(storage)
         wh = storage.warehouse
         out = wh.tables_dir / "recipe_comparison"
         out.mkdir(parents=True, exist_ok=True)
-        chart = bar_chart(list(table.recipe), [round(v, 3) for v in table["t2i_r@1_mean"]], width=520,
-                          title="text→image R@1 (mean over seeds)")
-        with atomic_path(out / "comparison.png") as tmp:
-            chart.save(tmp, "PNG")
-        wh.write_table("recipe_comparison", "latest", pa.Table.from_pandas(table, preserve_index=False))
+        metadata, shown = {}, []
+        for budget in BUDGETS:
+            table = comparison_table(storage, budget)
+            if table.empty:
+                continue
+            wh.write_table("recipe_comparison", budget, pa.Table.from_pandas(table, preserve_index=False))
+            metadata[f"equal_{budget}"] = metadata_table(comparison_rows(table))
+            chart = curves_chart(learning_curves(storage, budget), title=f"t2i R@1 over the budget (equal {budget}, "
+                                 "mean over seeds)", x_label="M tokens" if budget == "tokens" else "s")
+            with atomic_path(out / f"learning_curves_{budget}.png") as tmp:
+                chart.save(tmp, "PNG")
+            metadata[f"learning_curves_{budget}"] = MetadataValue.md(png_markdown(chart, f"learning curves {budget}"))
+            shown += list(table.recipe)
+        if not metadata:
+            raise FileNotFoundError("no current benchmark scores: materialise benchmark_scores for some recipes "
+                                    "(after their clip_checkpoint) first")
         with storage.catalog.transaction() as con:
-            write_lineage(con, LineageRow("recipe_comparison", None, [f"benchmark_scores/{r}" for r in table.recipe],
-                                          context.run.run_id, "recipe_comparison-1", tr.config_hash()))
+            write_lineage(con, LineageRow("recipe_comparison", None,
+                                          [f"benchmark_scores/{r}" for r in dict.fromkeys(shown)],
+                                          context.run.run_id, "recipe_comparison-2", tr.config_hash()))
         storage.catalog.refresh_views(wh.tables_dir)
-        return MaterializeResult(metadata={"table": MetadataValue.md(format_comparison(table)),
-                                           "chart": MetadataValue.md(png_markdown(chart, "comparison")),
-                                           "chart_path": MetadataValue.path(str(out / "comparison.png"))})
+        return MaterializeResult(metadata=metadata)
 
     return [eval_sets, training_set, clip_checkpoint, benchmark_scores, recipe_comparison]
 
 
-def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig) -> TrainData:
-    """Images of the members (decoded once, uint8) in member order, tokenised captions, kept sets."""
+def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig, saliency: SaliencySettings) -> TrainData:
+    """Images of the members (decoded once, uint8) in member order, tokenised captions, kept sets.
+
+    Kept sets are stored on the governor's patch grid. When the student's grid differs (e.g. a
+    14×14 ViT-B/16 governor and an 8×8 student), the stored saliency map is resampled to the
+    student's grid and its top ⌈ρN⌉ patches are kept instead."""
     position = {sid: i for i, sid in enumerate(members.sample_id)}
     size = cfg.arch.image_size
     images = torch.zeros((len(members), 3, size, size), dtype=torch.uint8)
@@ -261,8 +291,28 @@ def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig) -> 
     tokens = SimpleTokenizer(context_length=cfg.arch.context_length)(list(members.train_caption))
     kept = None
     if patches == "saliency":
-        kept = torch.tensor(np.stack([np.asarray(k, dtype=np.int16) for k in members.kept]))
+        kept = torch.tensor(np.stack([np.asarray(k, dtype=np.int16) for k in _kept_on_student_grid(
+            wh, members, (cfg.arch.grid, cfg.arch.grid), saliency)]))
     return TrainData(images, tokens, kept, patches)
+
+
+def _kept_on_student_grid(wh, members: pd.DataFrame, grid: tuple[int, int], saliency: SaliencySettings) -> list:
+    kept = list(members.kept)
+    for drop in sorted(set(members.drop_id)):
+        wanted = list(members.sample_id[members.drop_id == drop])
+        table = pq.read_table(wh.partition_path("patch_saliency", drop),
+                              columns=["sample_id", "grid_h", "grid_w", saliency.method],
+                              filters=[("sample_id", "in", wanted)])
+        if not len(table):
+            continue
+        stored = (int(table.column("grid_h")[0].as_py()), int(table.column("grid_w")[0].as_py()))
+        if stored == grid:
+            continue  # the stored kept sets are on the student's grid already (their K is checked at training)
+        maps = np.stack([np.asarray(v, dtype=np.float32) for v in table.column(saliency.method).to_pylist()])
+        where = {sid: i for i, sid in enumerate(members.sample_id)}
+        for sid, k in zip(table.column("sample_id").to_pylist(), kept_on_grid(maps, stored, grid, saliency.rho)):
+            kept[where[sid]] = k
+    return kept
 
 
 def _eval_set(wh, tokenizer, cfg: StudentConfig, vocab):
@@ -270,29 +320,32 @@ def _eval_set(wh, tokenizer, cfg: StudentConfig, vocab):
                          tokenizer, cfg.arch.image_size, vocab.shapes, vocab.colour_names)
 
 
-# The current checkpoint of each recipe and seed; scores of any other checkpoint are stale (the
-# checkpoint was retrained after it was scored) and never enter the comparison.
+BUDGETS = ("tokens", "wallclock")
+
+# The current checkpoint of each recipe, seed and budget; scores of any other checkpoint are stale
+# (the checkpoint was retrained after it was scored) and never enter the comparison.
 CURRENT_CHECKPOINTS_SQL = """
 SELECT * FROM checkpoints
-QUALIFY row_number() OVER (PARTITION BY recipe, seed ORDER BY lineage_seq DESC NULLS LAST, created_at DESC) = 1
+QUALIFY row_number() OVER (PARTITION BY recipe, seed, budget ORDER BY lineage_seq DESC NULLS LAST, created_at DESC) = 1
 """
 
 
-def comparison_table(storage: StorageResource) -> pd.DataFrame:
+def comparison_table(storage: StorageResource, budget: str = "tokens") -> pd.DataFrame:
+    """One row per recipe at one budget: mean and sample std over seeds of every headline metric,
+    and the tokens, samples and seconds each run really used. Empty when nothing was scored."""
+    current = f"SELECT * FROM ({CURRENT_CHECKPOINTS_SQL}) WHERE budget = '{budget}'"
     scores = storage.catalog.query(f"SELECT b.recipe, b.seed, b.metric, b.value FROM benchmark_scores b "
-                                   f"JOIN ({CURRENT_CHECKPOINTS_SQL}) c USING (checkpoint_id, recipe, seed)")
+                                   f"JOIN ({current}) c USING (checkpoint_id, recipe, seed)")
     ckpts = storage.catalog.query(f"SELECT c.recipe, c.seed, tokens_seen, samples_seen, wall_seconds, record "
-                                  f"FROM ({CURRENT_CHECKPOINTS_SQL}) c "
-                                  f"SEMI JOIN benchmark_scores b USING (checkpoint_id)")
+                                  f"FROM ({current}) c SEMI JOIN benchmark_scores b USING (checkpoint_id)")
     if scores.empty:
-        raise FileNotFoundError("no current benchmark scores: materialise benchmark_scores for some recipes "
-                                "(after their clip_checkpoint) first")
+        return pd.DataFrame()
     ckpts["step_seconds"] = ckpts.record.map(lambda r: json.loads(r)["phases"][0]["step_seconds"])
     rows = []
     for recipe in [r for r in RECIPE_NAMES if r in set(scores.recipe)]:
         s = scores[scores.recipe == recipe]
         c = ckpts[ckpts.recipe == recipe]
-        row = {"recipe": recipe, "seeds": s.seed.nunique(), "tokens_seen": int(c.tokens_seen.mean()),
+        row = {"recipe": recipe, "budget": budget, "seeds": s.seed.nunique(), "tokens_seen": int(c.tokens_seen.mean()),
                "samples_seen": int(c.samples_seen.mean()), "step_seconds": float(c.step_seconds.mean()),
                "wall_seconds": float(c.wall_seconds.mean())}
         for m in HEADLINE:
@@ -302,11 +355,29 @@ def comparison_table(storage: StorageResource) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def format_comparison(table: pd.DataFrame) -> str:
+def comparison_rows(table: pd.DataFrame) -> list[dict]:
+    """The comparison as display rows: scores in percent as 'mean ± std' over seeds."""
     rows = []
     for r in table.to_dict("records"):
-        row = {"recipe": r["recipe"], "seeds": r["seeds"], "tokens": r["tokens_seen"], "samples": r["samples_seen"],
-               "step s": f"{r['step_seconds']:.3f}", "wall s": f"{r['wall_seconds']:.0f}"}
+        row = {"recipe": r["recipe"], "seeds": int(r["seeds"]), "tokens": int(r["tokens_seen"]),
+               "samples": int(r["samples_seen"]), "step s": f"{r['step_seconds']:.3f}", "wall s": f"{r['wall_seconds']:.0f}"}
         row.update({m: f"{100 * r[f'{m}_mean']:.1f} ± {100 * r[f'{m}_std']:.1f}" for m in HEADLINE})
         rows.append(row)
-    return markdown_table(rows, max_chars=20)
+    return rows
+
+
+def format_comparison(table: pd.DataFrame) -> str:
+    return markdown_table(comparison_rows(table), max_chars=20)
+
+
+def learning_curves(storage: StorageResource, budget: str = "tokens", metric: str = "t2i_r@1") -> dict:
+    """recipe -> [(tokens in millions, or training seconds; metric averaged over seeds)]."""
+    ckpts = storage.catalog.query(f"SELECT recipe, record FROM ({CURRENT_CHECKPOINTS_SQL}) WHERE budget = ? "
+                                  f"ORDER BY recipe, seed", [budget])
+    curves: dict[str, dict[int, list]] = {}
+    for row in ckpts.itertuples():
+        for i, p in enumerate(json.loads(row.record)["learning_curve"]):
+            x = p["tokens_seen"] / 1e6 if budget == "tokens" else p.get("train_seconds", 0.0)
+            curves.setdefault(row.recipe, {}).setdefault(i, []).append((x, p[metric]))
+    return {r: [(float(np.mean([x for x, _ in pts])), float(np.mean([y for _, y in pts]))) for pts in by_point.values()]
+            for r, by_point in curves.items()}

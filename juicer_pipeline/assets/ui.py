@@ -39,6 +39,51 @@ def markdown_table(rows: list[dict], max_chars: int = 80) -> str:
     return "\n".join(lines)
 
 
+def metadata_table(rows: list[dict]):
+    """Rows as a Dagster table (rendered inline and sortable in the UI), column types from the
+    first row's values."""
+    from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
+
+    def kind(v) -> str:
+        return ("bool" if isinstance(v, bool) else "int" if isinstance(v, int)
+                else "float" if isinstance(v, float) else "string")
+
+    cols = [TableColumn(name, kind(v)) for name, v in (rows[0].items() if rows else [])]
+    return MetadataValue.table([TableRecord(r) for r in rows], schema=TableSchema(columns=cols))
+
+
+def curves_chart(series: dict[str, list[tuple[float, float]]], width: int = 520, height: int = 220,
+                 title: str = "", x_label: str = "") -> Image.Image:
+    """Several (x, y) curves on shared axes with a legend: learning curves of recipes."""
+    from PIL import ImageDraw
+
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127)]
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((6, 4), title, fill="black")
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        return img
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    plot_w, plot_h = width - 170, height - 45
+    sx = lambda x: 40 + (x - x0) / ((x1 - x0) or 1) * plot_w  # noqa: E731
+    sy = lambda y: 20 + (y1 - y) / ((y1 - y0) or 1) * plot_h  # noqa: E731
+    d.text((2, 16), f"{y1:.2f}", fill="gray")
+    d.text((2, 20 + plot_h - 10), f"{y0:.2f}", fill="gray")
+    d.text((40, height - 14), f"{x0:g} … {x1:g} {x_label}", fill="gray")
+    for i, (name, pts) in enumerate(series.items()):
+        colour = palette[i % len(palette)]
+        xy = [(sx(x), sy(y)) for x, y in sorted(pts)]
+        if len(xy) > 1:
+            d.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        d.text((width - 125, 20 + 13 * i), name[:20], fill=colour)
+    return img
+
+
 def line_chart(values: list[float], width: int = 360, height: int = 140, title: str = "") -> Image.Image:
     """A plain PIL line chart (no plotting dependency) with min/max labels."""
     from PIL import ImageDraw

@@ -1,10 +1,14 @@
-"""Training student CLIPs on a recipe's training set at a fixed budget of vision tokens.
+"""Training student CLIPs on a recipe's training set at a fixed budget.
 
-Every recipe sees the same number of patch tokens. Pruned recipes (kept or random patches) feed
-the vision tower only ⌈ρN⌉ tokens per image, so the same budget buys more steps and more samples;
-they end with a short full-patch tuning phase (counted in the budget) so that evaluating on full
-images is not a train/test mismatch. Batch size is fixed, so tokens seen agree across recipes to
-within one batch.
+Two budgets, one per fair comparison:
+- **vision tokens** (`budget_tokens`): every recipe feeds the vision tower the same number of
+  tokens, CLS included. Pruned recipes (kept or random patches) feed only ⌈ρN⌉ patches per image,
+  so the same budget buys more steps and more samples; they end with a short full-patch tuning
+  phase (counted in the budget) so that evaluating on full images is not a train/test mismatch.
+- **wall-clock** (`wallclock_s`): every recipe trains for the same measured seconds (evaluation
+  excluded), whatever a step costs; the learning-rate schedule follows elapsed time.
+
+Tokens are counted where they enter the vision transformer (`KeptTokens`), never from the plan.
 """
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..models.kept_tokens import install_kept_tokens
 from ..models.world_clip import ClipArch, build_clip
@@ -35,12 +42,18 @@ class StudentConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
-    budget_tokens: int = 64 * 128 * 300  # = 300 full-patch steps
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
+    budget_tokens: int = 65 * 128 * 300  # vision tokens incl. CLS: 300 full-patch steps of 64 patches
+    wallclock_s: float | None = None  # set: train for this many measured seconds instead of a token budget
     rho: float = 0.5
     full_tune_fraction: float = 0.1
     eval_points: int = 3  # learning curve: evaluations spread over the budget
     device: str = "cpu"
     threads: int = 2
+
+    @property
+    def budget(self) -> str:
+        return "tokens" if self.wallclock_s is None else "wallclock"
 
 
 @dataclass
@@ -54,28 +67,112 @@ class TrainData:
 @dataclass
 class Phase:
     name: str
-    steps: int
-    tokens_per_image: int
+    steps: int  # planned steps (token budget); 0 under a wall-clock budget
+    tokens_per_image: int  # CLS + patches fed
+    seconds: float = 0.0  # planned training seconds (wall-clock budget)
 
 
 def plan(cfg: StudentConfig, patches: str, n_patches: int) -> list[Phase]:
-    """Steps per phase so that tokens seen = budget (to within one batch) for any recipe."""
-    per_full = cfg.batch_size * n_patches
+    """The phases of one run. Token budget: steps such that tokens fed (CLS included) = budget to
+    within one batch, for any recipe. Wall-clock budget: the seconds of each phase."""
+    full = n_patches + 1
+    per_full = cfg.batch_size * full
     if patches == "all":
-        return [Phase("full", max(1, round(cfg.budget_tokens / per_full)), n_patches)]
-    k = kept_count(n_patches, cfg.rho)
+        if cfg.wallclock_s is not None:
+            return [Phase("full", 0, full, cfg.wallclock_s)]
+        return [Phase("full", max(1, round(cfg.budget_tokens / per_full)), full)]
+    k = kept_count(n_patches, cfg.rho) + 1
+    if cfg.wallclock_s is not None:
+        tune = cfg.full_tune_fraction * cfg.wallclock_s
+        return [Phase(f"{patches}_tokens", 0, k, cfg.wallclock_s - tune), Phase("full_tune", 0, full, tune)]
     tune_steps = max(1, round(cfg.full_tune_fraction * cfg.budget_tokens / per_full))
     pruned_budget = cfg.budget_tokens - tune_steps * per_full
     return [Phase(f"{patches}_tokens", max(1, round(pruned_budget / (cfg.batch_size * k))), k),
-            Phase("full_tune", tune_steps, n_patches)]
+            Phase("full_tune", tune_steps, full)]
 
 
-def _clip_loss(model, images, tokens):
+_CLIP_LOSS = ClipLoss()
+
+
+def clip_loss(model, images, tokens):
+    """Symmetric InfoNCE (open_clip's ClipLoss) with the logit scale capped at 100, as CLIP does."""
     img = F.normalize(model.encode_image(images), dim=-1)
     txt = F.normalize(model.encode_text(tokens), dim=-1)
-    logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-    labels = torch.arange(len(images), device=images.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    return _CLIP_LOSS(img, txt, model.logit_scale.exp().clamp(max=100))
+
+
+class TrainClock:
+    """Seconds of training so far: evaluation is paused out, so it is never training cost."""
+
+    def __init__(self):
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def pause(self):
+        return _Paused(self)
+
+
+class _Paused:
+    def __init__(self, clock: TrainClock):
+        self.clock = clock
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.clock.paused += time.perf_counter() - self.t0
+
+
+class Optimizers:
+    """AdamW for the model, and lazy (sparse) Adam for the text token embedding.
+
+    The token table is most of a small student's parameters (49,408 rows), yet a batch of captions
+    touches a few hundred rows. A dense gradient and a dense AdamW update over all of it cost a
+    pruned step much of what pruning saved in the vision tower; a sparse gradient and SparseAdam
+    update only the rows the batch used (no weight decay on them)."""
+
+    def __init__(self, model, cfg: StudentConfig):
+        emb = model.token_embedding
+        emb.sparse = True
+        rest = [p for p in model.parameters() if p is not emb.weight]
+        self.all = [torch.optim.AdamW(rest, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)),
+                    torch.optim.SparseAdam([emb.weight], lr=cfg.lr, betas=(0.9, 0.98))]
+
+    def zero_grad(self):
+        for o in self.all:
+            o.zero_grad(set_to_none=True)
+
+    def step(self):
+        for o in self.all:
+            o.step()
+
+
+def _scheduler(opt, cfg: StudentConfig, total_steps: int, clock: TrainClock):
+    if cfg.wallclock_s is not None:  # cosine over elapsed training time, after a warm-up in steps
+        def factor(step: int) -> float:
+            warm = min(1.0, step / max(1, cfg.warmup_steps))
+            decay = 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(1.0, clock.elapsed() / cfg.wallclock_s)))
+            return warm * decay
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    if cfg.schedule == "constant":
+        return get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+    return get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total_steps)
+
+
+def check_kept(data: TrainData, n_patches: int, rho: float) -> None:
+    """Stored kept sets must have exactly the K this run's ρ and patch grid expect."""
+    if data.patches != "saliency":
+        return
+    want = kept_count(n_patches, rho)
+    if data.kept is None or data.kept.shape[1] != want:
+        got = None if data.kept is None else data.kept.shape[1]
+        raise ValueError(f"stored kept sets have K={got} patches per image, but ρ={rho} of the student's "
+                         f"{n_patches} patches expects K={want}: ρ or the patch grid changed since pruned_images "
+                         f"was materialised; re-materialise pruned_images for every drop")
+    if int(data.kept.max()) >= n_patches or int(data.kept.min()) < 0:
+        raise ValueError(f"stored kept indices reach {int(data.kept.max())}, outside the student's {n_patches} patches")
 
 
 def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None, progress=None):
@@ -86,67 +183,82 @@ def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None,
     model = build_clip(cfg.arch).to(device)
     kept_module = install_kept_tokens(model)
     n_patches = model.visual.grid_size[0] * model.visual.grid_size[1]
+    check_kept(data, n_patches, cfg.rho)
     phases = plan(cfg, data.patches, n_patches)
     total_steps = sum(p.steps for p in phases)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / total_steps))))
+    clock = TrainClock()
+    opts = Optimizers(model, cfg)
+    scheds = [_scheduler(o, cfg, total_steps, clock) for o in opts.all]
     gen = torch.Generator().manual_seed(seed)
     n = len(data.images)
     if n < cfg.batch_size:
         raise ValueError(f"training set has {n} samples, fewer than one batch ({cfg.batch_size})")
     order, cursor = torch.randperm(n, generator=gen), 0
-    eval_at = {round(total_steps * (i + 1) / cfg.eval_points) for i in range(cfg.eval_points)}
+    eval_marks = [(i + 1) / cfg.eval_points for i in range(cfg.eval_points)]  # shares of the budget
     curve, evals, phase_stats = [], [], []
-    tokens_seen = samples_seen = step = 0
+    samples_seen = step = 0
     model.train()
     for phase in phases:
-        t_phase, eval_seconds = time.perf_counter(), 0.0
-        for _ in range(phase.steps):
+        t_phase, steps = clock.elapsed(), 0
+        while _phase_left(phase, steps, clock.elapsed() - t_phase):
             if cursor + cfg.batch_size > n:  # epochs without replacement
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + cfg.batch_size]
             cursor += cfg.batch_size
             kept_module.indices = _indices(data, idx, phase, n_patches, gen)
             images = normalise_batch(data.images[idx]).to(device)
-            loss = _clip_loss(model, images, data.tokens[idx].long().to(device))
-            opt.zero_grad(set_to_none=True)
+            loss = clip_loss(model, images, data.tokens[idx].long().to(device))
+            opts.zero_grad()
             loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            tokens_seen += len(idx) * phase.tokens_per_image
+            opts.step()
+            for sched in scheds:
+                sched.step()
+            step, steps = step + 1, steps + 1
             samples_seen += len(idx)
             curve.append(loss.item())
-            if step in eval_at and evaluate is not None:
-                t_eval = time.perf_counter()
-                kept_module.indices = None
-                evals.append({"step": step, "tokens_seen": tokens_seen, **evaluate(model)})
-                model.train()
-                eval_seconds += time.perf_counter() - t_eval
+            done = step / total_steps if cfg.wallclock_s is None else clock.elapsed() / cfg.wallclock_s
+            if evaluate is not None and eval_marks and done >= eval_marks[0] - 1e-9:
+                eval_marks = [m for m in eval_marks if m > done + 1e-9]
+                with clock.pause():
+                    kept_module.indices = None
+                    evals.append({"step": step, "tokens_seen": kept_module.tokens_fed,
+                                  "train_seconds": round(clock.elapsed(), 2), **evaluate(model)})
+                    model.train()
             if progress and step % 50 == 0:
-                progress(f"step {step}/{total_steps} ({phase.name}) loss {np.mean(curve[-50:]):.3f}")
-        train_seconds = time.perf_counter() - t_phase - eval_seconds  # evaluation is not training cost
-        phase_stats.append({"phase": phase.name, "steps": phase.steps, "tokens_per_image": phase.tokens_per_image,
-                            "seconds": train_seconds, "step_seconds": train_seconds / max(phase.steps, 1)})
+                progress(f"step {step}{'' if not total_steps else f'/{total_steps}'} ({phase.name}) "
+                         f"loss {np.mean(curve[-50:]):.3f}")
+        seconds = clock.elapsed() - t_phase
+        phase_stats.append({"phase": phase.name, "steps": steps, "tokens_per_image": phase.tokens_per_image,
+                            "seconds": seconds, "step_seconds": seconds / max(steps, 1)})
+    if evaluate is not None and eval_marks:  # a wall-clock run can end between marks
+        kept_module.indices = None
+        evals.append({"step": step, "tokens_seen": kept_module.tokens_fed,
+                      "train_seconds": round(clock.elapsed(), 2), **evaluate(model)})
     kept_module.indices = None
     model.eval()
     record = {"seed": seed, "config": {**asdict(cfg), "arch": cfg.arch.to_dict()}, "patches": data.patches,
-              "tokens_seen": tokens_seen, "samples_seen": samples_seen, "steps": step,
-              "wall_seconds": sum(p["seconds"] for p in phase_stats), "final_loss": float(np.mean(curve[-20:])),
-              "phases": phase_stats, "loss_curve": [float(np.mean(curve[i:i + 10])) for i in range(0, len(curve), 10)],
+              "budget": cfg.budget, "tokens_seen": kept_module.tokens_fed, "samples_seen": samples_seen,
+              "steps": step, "wall_seconds": sum(p["seconds"] for p in phase_stats),
+              "final_loss": float(np.mean(curve[-20:])), "phases": phase_stats,
+              "loss_curve": [float(np.mean(curve[i:i + 10])) for i in range(0, len(curve), 10)],
               "learning_curve": evals, "train_samples": n}
     return model, record
 
 
+def _phase_left(phase: Phase, steps: int, seconds: float) -> bool:
+    if phase.steps:
+        return steps < phase.steps
+    return steps == 0 or seconds < phase.seconds  # a wall-clock phase always takes at least one step
+
+
 def _indices(data: TrainData, idx: torch.Tensor, phase: Phase, n_patches: int, gen) -> torch.Tensor | None:
-    if phase.tokens_per_image == n_patches:
+    if phase.tokens_per_image == n_patches + 1:
         return None
     if data.patches == "saliency":
         return data.kept[idx].long()
     # FLIP: a fresh random subset per image and step, same K within the batch
     noise = torch.rand(len(idx), n_patches, generator=gen)
-    return noise.argsort(dim=1)[:, :phase.tokens_per_image].sort(dim=1).values
+    return noise.argsort(dim=1)[:, :phase.tokens_per_image - 1].sort(dim=1).values
 
 
 @dataclass
@@ -158,24 +270,47 @@ class EvalSet:
     class_labels: np.ndarray
     class_names: list[str]
     class_attributes: tuple[str, ...]
+    # Optional, for salient-token inference: the governor-salient ⌈ρN⌉ patches of every image
+    retrieval_kept: torch.Tensor | None = None
+    class_kept: torch.Tensor | None = None
 
 
 @torch.inference_mode()
-def evaluate_student(model, tokenizer, ev: EvalSet, device: str = "cpu") -> dict[str, float]:
-    from .prompts import class_embeddings
+def evaluate_student(model, tokenizer, ev: EvalSet, device: str = "cpu", salient_only: bool = False) -> dict[str, float]:
+    """Held-out retrieval and zero-shot scores. With `salient_only`, the vision tower sees only the
+    governor-salient patches of each evaluation image (faster inference); `images_per_second`
+    reports the image tower's throughput either way."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from ..models.kept_tokens import KeptTokens
+    from .prompts import zero_shot_templates
 
     model.eval()
     dev = torch.device(device)
+    if salient_only and (ev.retrieval_kept is None or ev.class_kept is None):
+        raise ValueError("salient-only evaluation needs the evaluation images' kept patches")
+    kept_module = model.visual.patch_dropout
+    if not isinstance(kept_module, KeptTokens):
+        kept_module = install_kept_tokens(model)
+    seconds = [0.0, 0]
 
-    def images(u8):
-        return torch.cat([F.normalize(model.encode_image(normalise_batch(u8[i:i + 512]).to(dev)), dim=-1).cpu()
-                          for i in range(0, len(u8), 512)])
+    def images(u8, kept):
+        out = []
+        for i in range(0, len(u8), 512):
+            kept_module.indices = kept[i:i + 512] if salient_only else None
+            t0 = time.perf_counter()
+            out.append(F.normalize(model.encode_image(normalise_batch(u8[i:i + 512]).to(dev)), dim=-1).cpu())
+            seconds[0] += time.perf_counter() - t0
+            seconds[1] += len(u8[i:i + 512])
+        kept_module.indices = None
+        return torch.cat(out)
 
-    img = images(ev.retrieval_images)
+    img = images(ev.retrieval_images, ev.retrieval_kept)
     txt = torch.cat([F.normalize(model.encode_text(ev.retrieval_tokens[i:i + 512].long().to(dev)), dim=-1).cpu()
                      for i in range(0, len(ev.retrieval_tokens), 512)])
     scores = retrieval_recall(img, txt, keys=ev.retrieval_keys)
-    encode = lambda t: F.normalize(model.encode_text(tokenizer(t).to(dev)), dim=-1).cpu()  # noqa: E731
-    classes = class_embeddings(encode, ev.class_names, ev.class_attributes)
-    scores.update(zero_shot_accuracy(images(ev.class_images), classes, ev.class_labels))
+    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names, zero_shot_templates(ev.class_attributes),
+                                         num_classes_per_batch=None, device=dev).T.cpu()
+    scores.update(zero_shot_accuracy(images(ev.class_images, ev.class_kept), classes, ev.class_labels))
+    scores["images_per_second"] = seconds[1] / max(seconds[0], 1e-9)
     return scores

@@ -15,6 +15,7 @@ import pyarrow as pa
 from .captions_text import CaptionRejected, normalise_caption, raw_caption_text
 from .drop_sources import DropSource, RawRecord, iter_records
 from .images import ImageLimits, ImageRejected, decode_image
+from .near_duplicates import thumbprint
 
 # The raw_samples Parquet contract. `image` holds the original file bytes of valid samples
 # (null when quarantined), so later stages never depend on the drop folder still existing.
@@ -37,6 +38,7 @@ RAW_SAMPLES_SCHEMA = pa.schema([
     ("quarantine_reason", pa.string()),
     ("quarantine_detail", pa.string()),
     ("image", pa.binary()),
+    ("thumbprint", pa.binary()),  # near-duplicate fingerprint of valid images (near_duplicates.py)
 ])
 
 
@@ -88,6 +90,7 @@ def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: i
         "format": None, "raw_caption": raw_caption_text(rec.caption), "caption": None, "url": rec.url,
         "label": rec.label, "status": "valid", "quarantine_reason": None, "quarantine_detail": None,
         "image": None,
+        "thumbprint": None,
     }
     try:
         if repeated_id is not None:
@@ -101,6 +104,7 @@ def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: i
             raise ImageRejected("duplicate_content", f"same bytes as an earlier sample ({row['content_hash'][:12]})")
         seen_hashes.add(row["content_hash"])
         row["image"] = data
+        row["thumbprint"] = thumbprint(decoded.image)
     except (ImageRejected, CaptionRejected) as exc:
         row.update(status="quarantined", quarantine_reason=exc.reason, quarantine_detail=str(exc), caption=None)
     return row

@@ -20,6 +20,12 @@ def class_prompts(name: str, attributes: tuple[str, ...] = ()) -> list[str]:
     return [t.format(n) for t in TEMPLATES for n in names]
 
 
+def zero_shot_templates(attributes: tuple[str, ...] = ()) -> list:
+    """`class_prompts` as open_clip's `build_zero_shot_classifier` takes them: one callable per prompt."""
+    prefixes = list(attributes) or [""]
+    return [lambda name, t=t, a=a: t.format(with_article(f"{a} {name}".strip())) for t in TEMPLATES for a in prefixes]
+
+
 def class_embeddings(encode_text, class_names: list[str], attributes: tuple[str, ...] = ()) -> torch.Tensor:
     """One normalised embedding per class: the mean of its prompt embeddings (CLIP's ensembling)."""
     rows = []

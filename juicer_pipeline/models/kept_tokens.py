@@ -11,20 +11,26 @@ from torch import nn
 
 
 class KeptTokens(nn.Module):
-    """Drop-in for `visual.patch_dropout`: identity until `indices` [B, K] are set."""
+    """Drop-in for `visual.patch_dropout`: identity until `indices` [B, K] are set.
+
+    In training mode it also counts the tokens it passes on (CLS included): the budget a run
+    reports is what the vision transformer was fed, not what a plan said."""
 
     def __init__(self):
         super().__init__()
         self.indices: torch.Tensor | None = None
+        self.tokens_fed = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.indices is None:
-            return x
-        idx = self.indices.to(x.device).long()
-        if idx.shape[0] != x.shape[0]:
-            raise ValueError(f"kept indices for {idx.shape[0]} images, batch has {x.shape[0]}")
-        patches = x[:, 1:].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-        return torch.cat([x[:, :1], patches], dim=1)
+        if self.indices is not None:
+            idx = self.indices.to(x.device).long()
+            if idx.shape[0] != x.shape[0]:
+                raise ValueError(f"kept indices for {idx.shape[0]} images, batch has {x.shape[0]}")
+            patches = x[:, 1:].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], patches], dim=1)
+        if self.training:
+            self.tokens_fed += x.shape[0] * x.shape[1]
+        return x
 
 
 def install_kept_tokens(model) -> KeptTokens:

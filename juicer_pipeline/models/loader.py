@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from open_clip.tokenizer import SimpleTokenizer
@@ -27,8 +28,9 @@ from .world_clip import ClipArch, build_clip
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 WORLD_GOVERNOR = WEIGHTS_DIR / "world_governor.safetensors"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# The normalisation every model here was trained with: open_clip's (OpenAI's) dataset statistics.
+OPENAI_MEAN = tuple(OPENAI_DATASET_MEAN)
+OPENAI_STD = tuple(OPENAI_DATASET_STD)
 
 
 class ModelNotFound(FileNotFoundError):

@@ -154,6 +154,12 @@ MIGRATIONS: list[tuple[int, str]] = [
     ALTER TABLE checkpoints ADD COLUMN lineage_seq BIGINT;
     UPDATE checkpoints SET lineage_seq = (SELECT max(seq) FROM lineage);
     """),
+    # Two fair comparisons: a checkpoint was trained at the equal vision-token budget or at the
+    # equal wall-clock budget; earlier checkpoints were all token-budget runs.
+    (5, """
+    ALTER TABLE checkpoints ADD COLUMN budget VARCHAR DEFAULT 'tokens';
+    UPDATE checkpoints SET budget = 'tokens';
+    """),
 ]
 
 

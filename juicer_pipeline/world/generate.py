@@ -33,6 +33,7 @@ class DropConfig:
     drop_index: int = 0
     image_size: int = 64
     object_coverage: float = 0.25
+    shared_colour: float = 0.0  # probability that all objects of a scene share one colour
     captions: CaptionCorruption = field(default_factory=CaptionCorruption)
     duplicate_rate: float = 0.02
     broken_rate: float = 0.01
@@ -52,7 +53,7 @@ class DropConfig:
     @property
     def spec(self) -> SceneSpec:
         return SceneSpec(image_size=self.image_size, backgrounds=DROP_BACKGROUNDS,
-                         object_coverage=self.object_coverage)
+                         object_coverage=self.object_coverage, shared_colour=self.shared_colour)
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,44 @@ def _truth_row(sample_id: str, image_name: str, scene: Scene, rendered, caption_
 def generate_drop(out_dir: Path, cfg: DropConfig, vocab: Vocabulary | None = None) -> GenerationReport:
     """Write one corrupted, web-like drop plus its `_truth.parquet` (never read by the pipeline)."""
     vocab = vocab or load_vocabulary()
-    spec = cfg.spec
-    scene_of = lambda j: sample_scene(_rng(cfg.seed, SPLIT_DROP, cfg.drop_index, j, 0), spec, vocab)  # noqa: E731
     name = Path(out_dir).name
     writer = make_writer(Path(out_dir), cfg.format, cfg.manifest_format, cfg.shard_size)
     t0 = time.perf_counter()
+    for i, s in enumerate(drop_samples(cfg, name, vocab)):
+        image_bytes = encode_image(s.rendered.image, cfg.image_format)
+        if s.broken is not None:
+            image_bytes = _break(image_bytes, s.broken)
+            s.corruptions.append(f"broken:{s.broken}")
+        image_name = f"{s.sample_id}.{cfg.image_format}"
+        writer.add(s.sample_id, image_name, image_bytes, s.caption, url=f"https://example.org/{name}/{i}")
+        writer.add_truth(_truth_row(s.sample_id, image_name, s.scene, s.rendered, s.clean, caption=s.caption,
+                                    corruptions=s.corruptions,
+                                    duplicate_of=f"{name}-{s.source:06d}" if s.source != i else None))
+        if (i + 1) % 2000 == 0:
+            log.info("drop %s: %d/%d samples", name, i + 1, cfg.n_samples)
+    path = writer.finish()
+    return GenerationReport(path, cfg.n_samples, time.perf_counter() - t0)
+
+
+@dataclass
+class DropSample:
+    sample_id: str
+    scene: Scene
+    rendered: object
+    clean: str  # the true caption
+    caption: str  # what the web would carry
+    corruptions: list[str]
+    source: int  # index of the sample this one duplicates (its own index otherwise)
+    broken: str | None  # how the file will be broken, if it will
+
+
+def drop_samples(cfg: DropConfig, name: str, vocab: Vocabulary):
+    """The drop's samples in memory, in order: what `generate_drop` writes, and what benchmarks
+    that train directly on world data use without going through files."""
+    spec = cfg.spec
+    scene_of = lambda j: sample_scene(_rng(cfg.seed, SPLIT_DROP, cfg.drop_index, j, 0), spec, vocab)  # noqa: E731
     for i in range(cfg.n_samples):
         rng = _rng(cfg.seed, SPLIT_DROP, cfg.drop_index, i, 1)
-        sample_id = f"{name}-{i:06d}"
         corruptions: list[str] = []
         scene, source = scene_of(i), i
         if i > 0 and rng.random() < cfg.duplicate_rate:
@@ -134,20 +165,10 @@ def generate_drop(out_dir: Path, cfg: DropConfig, vocab: Vocabulary | None = Non
         rendered = render(scene, vocab)
         clean = true_caption(scene, _rng(cfg.seed, SPLIT_DROP, cfg.drop_index, source, 2))
         caption = _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions)
-        image_bytes = encode_image(rendered.image, cfg.image_format)
+        broken = None
         if rng.random() < cfg.broken_rate:
-            kind = BROKEN_KINDS[int(rng.integers(len(BROKEN_KINDS)))]
-            image_bytes = _break(image_bytes, kind)
-            corruptions.append(f"broken:{kind}")
-        image_name = f"{sample_id}.{cfg.image_format}"
-        writer.add(sample_id, image_name, image_bytes, caption, url=f"https://example.org/{name}/{i}")
-        writer.add_truth(_truth_row(sample_id, image_name, scene, rendered, clean, caption=caption,
-                                    corruptions=corruptions,
-                                    duplicate_of=f"{name}-{source:06d}" if source != i else None))
-        if (i + 1) % 2000 == 0:
-            log.info("drop %s: %d/%d samples", name, i + 1, cfg.n_samples)
-    path = writer.finish()
-    return GenerationReport(path, cfg.n_samples, time.perf_counter() - t0)
+            broken = BROKEN_KINDS[int(rng.integers(len(BROKEN_KINDS)))]
+        yield DropSample(f"{name}-{i:06d}", scene, rendered, clean, caption, corruptions, source, broken)
 
 
 def _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions) -> str:
@@ -187,11 +208,11 @@ def _break(image_bytes: bytes, kind: str) -> bytes | None:
 
 def generate_eval_set(out_dir: Path, kind: str, n_samples: int = 2000, seed: int = 0,
                       image_size: int = 64, object_coverage: float = 0.25,
-                      vocab: Vocabulary | None = None) -> GenerationReport:
+                      vocab: Vocabulary | None = None, shared_colour: float = 0.0) -> GenerationReport:
     """Clean held-out sets: `retrieval` (drop distribution, true captions) or
     `classification` (single-object images with a `label` column)."""
     vocab = vocab or load_vocabulary()
-    split, spec = eval_spec(kind, image_size, object_coverage)
+    split, spec = eval_spec(kind, image_size, object_coverage, shared_colour)
     return _generate_clean(Path(out_dir), split, spec, n_samples, seed, vocab,
                            with_label=kind == "classification")
 
@@ -212,9 +233,11 @@ def iter_clean_samples(split: int, spec: SceneSpec, n_samples: int, seed: int, v
         yield scene, render(scene, vocab), true_caption(scene, _rng(seed, split, 0, i, 2))
 
 
-def eval_spec(kind: str, image_size: int = 64, object_coverage: float = 0.25) -> tuple[int, SceneSpec]:
+def eval_spec(kind: str, image_size: int = 64, object_coverage: float = 0.25,
+              shared_colour: float = 0.0) -> tuple[int, SceneSpec]:
     if kind == "retrieval":
-        return SPLIT_RETRIEVAL, SceneSpec(image_size=image_size, object_coverage=object_coverage)
+        return SPLIT_RETRIEVAL, SceneSpec(image_size=image_size, object_coverage=object_coverage,
+                                          shared_colour=shared_colour)
     if kind == "classification":
         # A single object of the same size as one object of a two-object drop image.
         return SPLIT_CLASSIFICATION, SceneSpec(image_size=image_size, min_objects=1, max_objects=1,

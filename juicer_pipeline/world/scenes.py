@@ -56,6 +56,10 @@ class SceneSpec:
     object_coverage: float = 0.25
     size_jitter: tuple[float, float] = (0.8, 1.2)
     specks: tuple[int, int] = (5, 30)
+    # Probability that every object of a scene has one colour. Real objects of different classes
+    # often share a colour (most are grey, white, black or brown), so colour alone cannot tell
+    # captions apart and a student must learn shape.
+    shared_colour: float = 0.0
 
 
 @dataclass
@@ -71,12 +75,15 @@ def sample_scene(rng: np.random.Generator, spec: SceneSpec, vocab: Vocabulary) -
     # Bounding box of a regular shape of circumradius r is about (2r)^2 * 0.8.
     area_each = spec.object_coverage * s * s / n
     objects: list[SceneObject] = []
+    # drawn only when enabled, so that worlds without it keep their exact bytes
+    one_colour = spec.shared_colour > 0 and rng.random() < spec.shared_colour
     for _ in range(n):
         r = math.sqrt(area_each / 3.2) * rng.uniform(*spec.size_jitter)
         r = float(np.clip(r, 4.0, s * 0.45))
         cx, cy = _place(rng, r, s, objects)
+        shape, colour = str(rng.choice(vocab.shapes)), str(rng.choice(vocab.colour_names))
         objects.append(SceneObject(
-            shape=str(rng.choice(vocab.shapes)), colour=str(rng.choice(vocab.colour_names)),
+            shape=shape, colour=objects[0].colour if one_colour and objects else colour,
             cx=cx, cy=cy, size=r, rotation=float(rng.uniform(0, 2 * math.pi)),
         ))
     return Scene(background=str(rng.choice(spec.backgrounds)), bg_seed=int(rng.integers(2**31)),

@@ -1,0 +1,120 @@
+"""Which student learns enough within the CPU budget: `raw` trained straight on world data.
+
+    .venv/bin/python benchmarks/student_arch.py                               # the default student
+    .venv/bin/python benchmarks/student_arch.py --student world-s-patchify --schedule constant
+    .venv/bin/python benchmarks/student_arch.py --shared-colour 0 --budget 300 --samples 8000
+
+Generates `--samples` web-like drop samples in memory (the drops' corruption, JPEG-decoded as
+ingestion would) and the clean held-out sets, trains one student per seed with the recipe `raw`
+(all patches, original captions) on a budget of full-patch steps, and prints the learning curve
+(held-out t2i/i2t R@1 and zero-shot top-1 at each evaluation point) and the step time. It skips
+the pipeline (no Dagster, no governor), so one architecture or schedule change costs one
+training run.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def world_train_data(n_samples: int, coverage: float, shared_colour: float, image_size: int, tokenizer):
+    from juicer_pipeline.governance.clip_training import TrainData
+    from juicer_pipeline.governance.images import to_uint8_chw
+    from juicer_pipeline.world import DropConfig
+    from juicer_pipeline.world.generate import drop_samples, jpeg_roundtrip
+    from juicer_pipeline.world.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary()
+    cfg = DropConfig(n_samples=n_samples, seed=100, object_coverage=coverage, shared_colour=shared_colour)
+    images, captions = [], []
+    for s in drop_samples(cfg, "bench", vocab):
+        if s.broken is None:  # ingestion would quarantine a broken file
+            images.append(to_uint8_chw(jpeg_roundtrip(s.rendered.image, 92), image_size))
+            captions.append(s.caption)
+    return TrainData(torch.stack(images), tokenizer(captions), None, "all")
+
+
+def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: int, tokenizer):
+    from juicer_pipeline.governance.clip_training import EvalSet
+    from juicer_pipeline.governance.eval_data import caption_key
+    from juicer_pipeline.governance.images import to_uint8_chw
+    from juicer_pipeline.world.generate import eval_spec, iter_clean_samples
+    from juicer_pipeline.world.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary()
+    split, spec = eval_spec("retrieval", image_size, coverage, shared_colour)
+    ret = list(iter_clean_samples(split, spec, n, 0, vocab))
+    split, spec = eval_spec("classification", image_size, coverage)
+    cls = list(iter_clean_samples(split, spec, n, 0, vocab))
+    captions = [c for _, _, c in ret]
+    return EvalSet(
+        retrieval_images=torch.stack([to_uint8_chw(r.image) for _, r, _ in ret]),
+        retrieval_tokens=tokenizer(captions),
+        retrieval_keys=[caption_key(c, vocab.shapes, vocab.colour_names) for c in captions],
+        class_images=torch.stack([to_uint8_chw(r.image) for _, r, _ in cls]),
+        class_labels=np.array([vocab.shapes.index(s.objects[0].shape) for s, _, _ in cls]),
+        class_names=list(vocab.shapes), class_attributes=vocab.colour_names)
+
+
+def main() -> None:
+    from juicer_pipeline.models.students import STUDENTS
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--student", default=None, help=f"student config: {', '.join(STUDENTS)} or a JSON file")
+    ap.add_argument("--budget", type=int, default=None, help="budget in full-patch steps (default: settings)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default=None)
+    ap.add_argument("--samples", type=int, default=10000, help="training pool (drop samples)")
+    ap.add_argument("--coverage", type=float, default=0.25)
+    ap.add_argument("--shared-colour", type=float, default=None, help="world: P(all objects share a colour)")
+    ap.add_argument("--eval-samples", type=int, default=2000)
+    ap.add_argument("--eval-points", type=int, default=4)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from juicer_pipeline.assets.training import student_config
+    from juicer_pipeline.governance.clip_training import evaluate_student, train_student
+    from juicer_pipeline.settings import JuicerSettings, TrainingSettings
+    from juicer_pipeline.world import DropConfig
+
+    defaults = TrainingSettings()
+    training = TrainingSettings(**{k: v for k, v in dict(
+        student=a.student, budget_full_steps=a.budget, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
+        schedule=a.schedule, seeds=a.seeds, eval_points=a.eval_points, device=a.device).items() if v is not None})
+    shared_colour = DropConfig().shared_colour if a.shared_colour is None else a.shared_colour
+    cfg = student_config(JuicerSettings(training=training))
+    tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
+    t0 = time.perf_counter()
+    data = world_train_data(a.samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer)
+    ev = world_eval_set(a.eval_samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer)
+    print(f"data: {len(data.images)} training pairs, {len(ev.retrieval_images)} retrieval + "
+          f"{len(ev.class_images)} classification held-out images, {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"student {training.student} {cfg.arch.to_dict()}, params "
+          f"{sum(p.numel() for p in __import__('juicer_pipeline.models.world_clip', fromlist=['x']).build_clip(cfg.arch).parameters()) / 1e6:.2f}M; "
+          f"batch {cfg.batch_size}, lr {cfg.lr}, warmup {cfg.warmup_steps}, schedule {cfg.schedule}, "
+          f"budget {training.budget_full_steps} full-patch steps, world shared_colour {shared_colour} "
+          f"(defaults: {defaults.student}, {defaults.budget_full_steps} steps)", flush=True)
+    finals = []
+    for seed in a.seeds:
+        _, rec = train_student(data, cfg, seed, evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device))
+        for p in rec["learning_curve"]:
+            print(f"  seed {seed} step {p['step']:4d} ({p['train_seconds']:6.1f}s): t2i R@1 {100 * p['t2i_r@1']:5.1f}  "
+                  f"i2t R@1 {100 * p['i2t_r@1']:5.1f}  zero-shot top-1 {100 * p['top1']:5.1f}", flush=True)
+        finals.append(rec["learning_curve"][-1])
+        print(f"  seed {seed}: {rec['steps']} steps, {rec['wall_seconds']:.0f}s training, "
+              f"{rec['phases'][0]['step_seconds']:.3f} s/step, final loss {rec['final_loss']:.3f}", flush=True)
+    for m in ("t2i_r@1", "i2t_r@1", "top1"):
+        v = np.array([f[m] for f in finals]) * 100
+        print(f"final {m}: {v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Student architectures come from configuration files, with clear errors."""
+import json
+
+import pytest
+
+from juicer_pipeline.models.students import STUDENTS, load_student_arch
+from juicer_pipeline.settings import TrainingSettings
+
+
+def test_packaged_students_load_and_differ_only_in_configuration():
+    archs = {name: load_student_arch(name) for name in STUDENTS}
+    assert {"world-s", "world-s-patchify"} <= set(archs)
+    assert archs["world-s"].conv_stem and not archs["world-s-patchify"].conv_stem
+    assert archs["world-s"].vision_width == archs["world-s-patchify"].vision_width
+
+
+def test_a_student_json_file_is_a_student(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"vision_width": 48, "vision_layers": 1, "vision_heads": 2, "conv_stem": True}))
+    assert load_student_arch(str(path)).vision_width == 48
+    assert TrainingSettings(student=str(path)).student == str(path)
+
+
+def test_bad_student_configs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither a packaged config"):
+        TrainingSettings(student="world-xxl")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"vision_width": 48, "wings": 2}))
+    with pytest.raises(ValueError, match=r"unknown keys \['wings'\]"):
+        load_student_arch(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_student_arch(str(bad))
