@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--student", default=None, help="student config (model scaling)")
     ap.add_argument("--budget", type=int, default=None, help="budget in full-patch steps")
     ap.add_argument("--wallclock", type=float, default=None, help="equal wall-clock budget in seconds (0: skip)")
-    ap.add_argument("--eval-points", type=int, default=3, help="learning-curve points over each budget (schedule scaling)")
+    ap.add_argument("--eval-points", type=int, default=2, help="learning-curve points over each budget (schedule scaling)")
     ap.add_argument("--no-inference", action="store_true", help="skip the salient-token inference table")
     ap.add_argument("--data-dir", type=Path, default=None, help="keep outputs here instead of a temp dir")
     a = ap.parse_args()

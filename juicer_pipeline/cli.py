@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from .storage import Catalog, Warehouse, default_data_dir
+import duckdb
+
+from .storage import Catalog, CatalogLocked, Warehouse, default_data_dir
 from .world import CaptionCorruption, DropConfig, demo_drop_configs, generate_corpus, generate_drop, generate_eval_set
 
 log = logging.getLogger("juicer")
@@ -29,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"juicer: error: {exc}", file=sys.stderr)
         return 2
+    except (CatalogLocked, duckdb.Error, OSError, RuntimeError) as exc:  # a locked or broken catalog, a full disk...
+        print(f"juicer: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     base = CaptionCorruption()
     for name in ("boilerplate", "noise", "omit", "misaligned"):
         drop.add_argument(f"--{name}", type=float, default=getattr(base, name), help=f"{name} caption rate")
+    drop.add_argument("--shared-colour", type=float, default=DropConfig.shared_colour,
+                      help="probability that all objects of a scene share one colour")
     drop.add_argument("--duplicates", type=float, default=DropConfig.duplicate_rate)
     drop.add_argument("--broken", type=float, default=DropConfig.broken_rate)
     drop.add_argument("--empty-captions", type=float, default=DropConfig.empty_caption_rate)
@@ -117,7 +124,7 @@ def cmd_world_drop(a) -> None:
     cfg = DropConfig(
         n_samples=a.samples, seed=a.seed, drop_index=a.index, format=a.format, manifest_format=a.manifest,
         image_format=a.image_format, image_size=a.image_size, object_coverage=a.coverage,
-        captions=CaptionCorruption(boilerplate=a.boilerplate, noise=a.noise, omit=a.omit, misaligned=a.misaligned),
+        shared_colour=a.shared_colour, captions=CaptionCorruption(boilerplate=a.boilerplate, noise=a.noise, omit=a.omit, misaligned=a.misaligned),
         duplicate_rate=a.duplicates, broken_rate=a.broken, empty_caption_rate=a.empty_captions,
     )
     r = generate_drop(a.out, cfg)

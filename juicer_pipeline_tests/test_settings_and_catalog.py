@@ -173,3 +173,12 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_cli_reports_a_broken_catalog_in_one_line(data_dir, capsys):
+    from juicer_pipeline.cli import main
+
+    (data_dir / "catalog.duckdb").write_bytes(b"this is not a DuckDB file" * 100)
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("juicer: error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1

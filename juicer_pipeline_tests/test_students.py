@@ -31,3 +31,17 @@ def test_bad_student_configs_are_clear_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_student_arch(str(bad))
+
+
+def test_a_model_folder_is_fingerprinted_by_its_files(tmp_path):
+    from juicer_pipeline.models.loader import model_fingerprint
+
+    folder = tmp_path / "captioner"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "weights.bin").write_bytes(b"\x00" * 10)
+    first = model_fingerprint(f"file:{folder}")  # a folder used to raise IsADirectoryError here
+    assert first == model_fingerprint(f"file:{folder}") and len(first) == 64
+    (folder / "sub" / "weights.bin").write_bytes(b"\x01" * 10)
+    assert model_fingerprint(f"file:{folder}") != first
+    assert model_fingerprint(f"file:{tmp_path / 'absent'}") == "missing"

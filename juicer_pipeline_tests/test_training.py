@@ -303,3 +303,33 @@ def test_salient_kept_selects_rho_n_patches_per_image_with_the_governor():
     images = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
     kept = salient_kept(governor, images, SaliencySettings(rho=0.25), (4, 4))  # a student with a coarser grid
     assert kept.shape == (3, 4) and int(kept.max()) < 16
+
+
+def test_hmlp_stem_embeds_only_the_kept_patches_with_the_same_result():
+    torch.manual_seed(0)
+    model = build_clip(tiny_arch(hmlp_stem=True)).eval()
+    kept = install_kept_tokens(model)
+    x = torch.randn(3, 3, 32, 32)
+    idx = torch.tensor([[0, 5, 10, 15], [1, 2, 3, 4], [0, 7, 14, 15]])
+    embedded = []
+    model.visual.conv1.stages[0].register_forward_hook(lambda m, args, out: embedded.append(out.shape[0]))
+    kept.indices = idx
+    pruned = model.encode_image(x)  # the stem embeds 3 x 4 patches only
+    model.visual.conv1.kept_source = None  # now it embeds all 3 x 16, and the kept ones are gathered after
+    reference = model.encode_image(x)
+    assert embedded == [12, 48]
+    assert torch.allclose(pruned, reference, atol=1e-5)
+
+
+def test_hmlp_stem_is_patch_local():
+    torch.manual_seed(0)
+    from juicer_pipeline.models.world_clip import HMLPStem
+
+    stem = HMLPStem(32, 8).eval()
+    x = torch.randn(1, 3, 16, 16)
+    y = x.clone()
+    y[:, :, :8, :8] += 1.0  # change only the top-left patch
+    diff = (stem(x) - stem(y)).abs().sum(dim=1)[0]  # per patch of the 2x2 grid
+    assert diff[0, 0] > 0 and diff[0, 1] == diff[1, 0] == diff[1, 1] == 0
+    with pytest.raises(ValueError, match="one stem"):
+        build_clip(tiny_arch(hmlp_stem=True, conv_stem=True))

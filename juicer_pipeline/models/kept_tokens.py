@@ -36,4 +36,6 @@ class KeptTokens(nn.Module):
 def install_kept_tokens(model) -> KeptTokens:
     module = KeptTokens()
     model.visual.patch_dropout = module
+    if hasattr(model.visual.conv1, "kept_source"):  # a patch-local stem embeds only the kept patches
+        model.visual.conv1.kept_source = module
     return module

@@ -185,10 +185,22 @@ def weights_path(source: str) -> Path | None:
 
 
 def model_fingerprint(source: str) -> str:
-    """sha256 of the weights (the model id), or 'missing' when the file is not there yet: the
-    stage that needs it then fails with ModelNotFound, while the code location still loads."""
+    """sha256 of the weights (the model id), or of a model folder's files (names and contents),
+    or 'missing' when nothing is there yet: the stage that needs it then fails with ModelNotFound,
+    while the code location still loads."""
     path = weights_path(source)
+    if path is not None and path.is_dir():
+        return folder_fingerprint(path)
     return sha256_file(path) if path is not None and path.exists() else "missing"
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over every file of a model folder (relative name and content, in name order): a
+    local transformers or open_clip folder changes identity when any of its files does."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 _CACHE: dict[tuple[str, str], FoundationModel] = {}

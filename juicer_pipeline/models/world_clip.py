@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # open_clip's SimpleTokenizer ships this vocabulary; every model here shares it.
@@ -25,6 +26,9 @@ class ClipArch:
     context_length: int = 24
     embed_dim: int = 128
     conv_stem: bool = True
+    # A hierarchical-MLP stem (instead of the conv stem): each patch is embedded on its own, in
+    # 2×2 stride-2 stages, so a pruned step embeds only the kept patches.
+    hmlp_stem: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +66,51 @@ class ConvStem(nn.Module):
         return self.net(x)
 
 
+class HMLPStem(nn.Module):
+    """A patch-local stem ("hMLP", Touvron et al. 2022, built for masked patch dropping): each
+    p×p patch is embedded by log2(p) stages, each a linear map over 2×2 neighbouring cells, then
+    LayerNorm and GELU. No stage looks across a patch border, so:
+    - on full images it sees what a conv stem sees inside each patch, at matmul speed;
+    - with `kept_source` (the model's `KeptTokens`) holding indices, only the kept patches are
+      embedded; the others stay zero and `KeptTokens` drops them after the positional embedding.
+    """
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        stages = int(math.log2(patch_size))
+        if 2 ** stages != patch_size:
+            raise ValueError(f"hMLP stem needs a power-of-two patch size, got {patch_size}")
+        chans = [3] + [max(16, width // 2 ** (stages - i)) for i in range(1, stages)] + [width]
+        self.stages = nn.ModuleList(nn.Linear(4 * cin, cout) for cin, cout in zip(chans[:-1], chans[1:]))
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in chans[1:-1])
+        self.patch_size, self.width = patch_size, width
+        self.kept_source = None
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """[M, 3, p, p] pixel patches -> [M, width] patch embeddings."""
+        x = patches.permute(0, 2, 3, 1)  # M, p, p, C
+        for i, stage in enumerate(self.stages):
+            m, h, w, c = x.shape
+            x = x.reshape(m, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(m, h // 2, w // 2, 4 * c)
+            x = stage(x)
+            if i < len(self.norms):
+                x = F.gelu(self.norms[i](x))
+        return x.reshape(len(patches), self.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.patch_size
+        gh, gw = h // p, w // p
+        patches = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, p, p)
+        indices = None if self.kept_source is None else self.kept_source.indices
+        if indices is None:
+            out = self.embed(patches)
+        else:
+            rows = (indices.to(x.device).long() + torch.arange(b, device=x.device)[:, None] * gh * gw).reshape(-1)
+            out = x.new_zeros(b * gh * gw, self.width).index_copy(0, rows, self.embed(patches[rows]))
+        return out.reshape(b, gh, gw, self.width).permute(0, 3, 1, 2)
+
+
 def build_clip(arch: ClipArch) -> open_clip.CLIP:
     model = open_clip.CLIP(
         embed_dim=arch.embed_dim,
@@ -70,8 +119,12 @@ def build_clip(arch: ClipArch) -> open_clip.CLIP:
         text_cfg=dict(context_length=arch.context_length, vocab_size=VOCAB_SIZE, width=arch.text_width,
                       heads=arch.text_heads, layers=arch.text_layers),
     )
+    if arch.conv_stem and arch.hmlp_stem:
+        raise ValueError("choose one stem: conv_stem or hmlp_stem")
     if arch.conv_stem:
         model.visual.conv1 = ConvStem(arch.vision_width, arch.patch_size)
+    elif arch.hmlp_stem:
+        model.visual.conv1 = HMLPStem(arch.vision_width, arch.patch_size)
     return model
 
 

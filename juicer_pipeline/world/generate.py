@@ -33,7 +33,10 @@ class DropConfig:
     drop_index: int = 0
     image_size: int = 64
     object_coverage: float = 0.25
-    shared_colour: float = 0.0  # probability that all objects of a scene share one colour
+    # Probability that all objects of a scene share one colour (see SceneSpec): 0.9, so that a
+    # student must tell shapes apart; at 0 colour alone solves most retrieval batches and students
+    # stay at chance on zero-shot shape classification.
+    shared_colour: float = 0.9
     captions: CaptionCorruption = field(default_factory=CaptionCorruption)
     duplicate_rate: float = 0.02
     broken_rate: float = 0.01
@@ -208,7 +211,8 @@ def _break(image_bytes: bytes, kind: str) -> bytes | None:
 
 def generate_eval_set(out_dir: Path, kind: str, n_samples: int = 2000, seed: int = 0,
                       image_size: int = 64, object_coverage: float = 0.25,
-                      vocab: Vocabulary | None = None, shared_colour: float = 0.0) -> GenerationReport:
+                      vocab: Vocabulary | None = None,
+                      shared_colour: float = DropConfig.shared_colour) -> GenerationReport:
     """Clean held-out sets: `retrieval` (drop distribution, true captions) or
     `classification` (single-object images with a `label` column)."""
     vocab = vocab or load_vocabulary()
@@ -234,7 +238,7 @@ def iter_clean_samples(split: int, spec: SceneSpec, n_samples: int, seed: int, v
 
 
 def eval_spec(kind: str, image_size: int = 64, object_coverage: float = 0.25,
-              shared_colour: float = 0.0) -> tuple[int, SceneSpec]:
+              shared_colour: float = DropConfig.shared_colour) -> tuple[int, SceneSpec]:
     if kind == "retrieval":
         return SPLIT_RETRIEVAL, SceneSpec(image_size=image_size, object_coverage=object_coverage,
                                           shared_colour=shared_colour)
