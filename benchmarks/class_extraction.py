@@ -74,7 +74,7 @@ def main() -> None:
 
     import torch
 
-    from juicer_pipeline.governance.calibration import world_validation_set
+    from juicer_pipeline.world.calibration import world_validation_set
     from juicer_pipeline.governance.classes import image_regions
     from juicer_pipeline.governance.classes import (calibrate_tau, calibrate_tau_per_class, crop_probs,
                                                     square_crop)

@@ -28,7 +28,7 @@ def main() -> None:
 
     from juicer_pipeline.assets.training import student_config
     from juicer_pipeline.governance.clip_training import _CLIP_LOSS, Optimizers, clip_loss
-    from juicer_pipeline.governance.governor_training import normalise_batch
+    from juicer_pipeline.governance.images import normalise_batch
     from juicer_pipeline.governance.pruning import kept_count
     from juicer_pipeline.models.kept_tokens import install_kept_tokens
     from juicer_pipeline.models.world_clip import build_clip

@@ -145,7 +145,7 @@ def cmd_world_evalsets(a) -> None:
 def cmd_governor_train(a) -> None:
     from dataclasses import replace as _replace
 
-    from .governance.governor_training import GovernorTrainConfig, train_governor
+    from .world.governor_training import GovernorTrainConfig, train_governor
     from .models.governor_output import GovernorOutput, default_governor_path
 
     cfg = GovernorTrainConfig(seed=a.seed, threads=a.threads)
@@ -358,7 +358,7 @@ def cmd_truth(a) -> None:
 def cmd_lineage(a) -> None:
     from .storage.lineage import trace_back, trace_forward
 
-    cat = Catalog(Warehouse(default_data_dir()).catalog_path)
+    cat = _snapshot_catalog(Warehouse(default_data_dir()))
     try:
         if a.sample:
             out = trace_forward(cat, a.sample)
@@ -392,15 +392,21 @@ def cmd_report(a) -> None:
     print(f"wrote {write_report(Warehouse(default_data_dir()), a.out)}")
 
 
-def cmd_status(a) -> None:
+def _snapshot_catalog(wh: Warehouse) -> Catalog:
+    """A fresh snapshot of the catalog to read from: a long query or an open reader never holds
+    the lock that pipeline writers need (the live file is locked only while it is copied)."""
     from .settings import load_settings
 
-    wh = Warehouse(default_data_dir())
     if not wh.catalog_path.exists():
         raise FileNotFoundError(f"no catalog at {wh.catalog_path}: run `make demo` or materialise a drop first")
     timeout = load_settings(data_dir=wh.root).catalog.lock_timeout_s
-    snap = Catalog(wh.catalog_path, lock_timeout_s=timeout).snapshot()
-    cat = Catalog(snap)  # read the copy: no lock on the live catalog while printing
+    return Catalog(Catalog(wh.catalog_path, lock_timeout_s=timeout).snapshot())
+
+
+def cmd_status(a) -> None:
+    wh = Warehouse(default_data_dir())
+    cat = _snapshot_catalog(wh)  # read the copy: no lock on the live catalog while printing
+    snap = cat.path
     print(cat.query("SELECT drop_id, format, n_samples, n_valid, n_quarantined, ingested_at FROM drops ORDER BY 1")
           .to_string(index=False))
     print(cat.query("SELECT drop_id, quarantine_reason, count(*) AS n FROM samples WHERE status = 'quarantined' "

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from juicer_pipeline.governance.calibration import calibrate_world_governor
+from juicer_pipeline.world.calibration import calibrate_world_governor
 from juicer_pipeline.governance.classes import NEVER, CropPlan, calibrate_tau
 from juicer_pipeline.governance.prompts import abstain_embedding, class_embeddings
 from juicer_pipeline.models.loader import load_foundation_model

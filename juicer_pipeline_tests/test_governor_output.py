@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-import juicer_pipeline.governance.governor_training as governor_training
+import juicer_pipeline.world.governor_training as governor_training
 import juicer_pipeline.models.loader as loader
 from juicer_pipeline.cli import main
 from juicer_pipeline.models.governor_output import GovernorOutput

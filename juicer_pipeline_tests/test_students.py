@@ -45,3 +45,22 @@ def test_a_model_folder_is_fingerprinted_by_its_files(tmp_path):
     (folder / "sub" / "weights.bin").write_bytes(b"\x01" * 10)
     assert model_fingerprint(f"file:{folder}") != first
     assert model_fingerprint(f"file:{tmp_path / 'absent'}") == "missing"
+
+
+def test_the_method_never_imports_the_synthetic_world():
+    import ast
+    from pathlib import Path
+
+    import juicer_pipeline.governance as governance
+
+    offenders = []
+    for path in Path(governance.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.startswith("..world") or n.startswith("juicer_pipeline.world")]
+    assert offenders == []

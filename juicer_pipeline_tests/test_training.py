@@ -153,7 +153,7 @@ def test_library_zero_shot_classifier_equals_prompt_ensembling_by_hand():
 def test_normalisation_uses_open_clips_constants():
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    from juicer_pipeline.governance.governor_training import normalise_batch
+    from juicer_pipeline.governance.images import normalise_batch
 
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     mean, std = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -333,3 +333,17 @@ def test_hmlp_stem_is_patch_local():
     assert diff[0, 0] > 0 and diff[0, 1] == diff[1, 0] == diff[1, 1] == 0
     with pytest.raises(ValueError, match="one stem"):
         build_clip(tiny_arch(hmlp_stem=True, conv_stem=True))
+
+
+def test_library_preprocessing_equals_the_hand_written_one():
+    from PIL import Image
+
+    from juicer_pipeline.models.loader import OPENAI_MEAN, OPENAI_STD, simple_preprocess
+
+    rng = np.random.default_rng(0)
+    mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+    for size in ((64, 64), (80, 48)):  # already at size, and resized
+        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        resized = img if img.size == (64, 64) else img.resize((64, 64), Image.BICUBIC)
+        by_hand = (torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std
+        assert torch.allclose(simple_preprocess(64)(img), by_hand, atol=1e-6)

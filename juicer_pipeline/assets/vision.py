@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import torch
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from ..governance.calibration import calibrate_world_governor
+from ..world.calibration import calibrate_world_governor
 from ..governance.classes import CropPlan, decide_classes, region_class_scores
 from ..governance.images import load_rgb
 from ..governance.prompts import abstain_embedding, class_embeddings

@@ -26,7 +26,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from ..models.kept_tokens import install_kept_tokens
 from ..models.world_clip import ClipArch, build_clip
-from .governor_training import normalise_batch
+from .images import normalise_batch
 from .metrics import retrieval_recall, zero_shot_accuracy
 from .pruning import kept_count
 

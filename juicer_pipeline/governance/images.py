@@ -119,3 +119,14 @@ def to_uint8_chw(img: Image.Image, size: int | None = None):
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalise_batch(images_u8):
+    """uint8 [B, 3, H, W] -> float, normalised as every model here was trained (OpenAI statistics)."""
+    import torch
+
+    from ..models.loader import OPENAI_MEAN, OPENAI_STD
+
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (images_u8.float() / 255.0 - mean) / std

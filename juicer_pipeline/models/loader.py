@@ -73,16 +73,10 @@ def sha256_file(path: Path) -> str:
 
 
 def simple_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-
-    def preprocess(img: Image.Image) -> torch.Tensor:
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - mean) / std
-
-    return preprocess
+    """open_clip's own inference transform: RGB, bicubic resize to image_size × image_size (no
+    crop: world images are square already), OpenAI normalisation."""
+    return open_clip.image_transform(image_size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD,
+                                     resize_mode="squash")
 
 
 def save_world_clip(model: open_clip.CLIP, arch: ClipArch, path: Path, record: dict) -> str:

@@ -1,5 +1,8 @@
 """Pretraining the world governor: a small open_clip CLIP on the world's clean corpus.
 
+World-specific (it renders the world's corpus), so it lives beside the world and calls into the
+method (`governance/`), never the other way round.
+
 The corpus comes from a distribution disjoint from the drops (other backgrounds, object sizes and
 seeds). What makes the governor competent here, each measured when it was chosen:
 - a convolutional stem before the patch grid (shape features, not only colour);
@@ -30,17 +33,16 @@ import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
-from ..models.loader import OPENAI_MEAN, OPENAI_STD
+from ..governance.classes import square_crop
+from ..governance.images import normalise_batch, to_uint8_chw
+from ..governance.metrics import retrieval_recall, zero_shot_accuracy
+from ..governance.prompts import BACKGROUND_CLASS, TEMPLATES, class_embeddings, with_article
 from ..models.world_clip import ClipArch, build_clip
-from ..world.captions import join_phrases, object_phrases, plural
-from ..world.generate import (SPLIT_CORPUS, SPLIT_CORPUS_CROPS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION,
-                              VALIDATION_JPEG_QUALITY, corpus_spec, drop_like_corpus_spec, eval_spec,
-                              iter_clean_samples, jpeg_roundtrip)
-from ..world.vocabulary import Vocabulary, load_vocabulary
-from .classes import square_crop
-from .images import to_uint8_chw
-from .metrics import retrieval_recall, zero_shot_accuracy
-from .prompts import BACKGROUND_CLASS, TEMPLATES, class_embeddings, with_article
+from .captions import join_phrases, object_phrases, plural
+from .generate import (SPLIT_CORPUS, SPLIT_CORPUS_CROPS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION,
+                       VALIDATION_JPEG_QUALITY, corpus_spec, drop_like_corpus_spec, eval_spec,
+                       iter_clean_samples, jpeg_roundtrip)
+from .vocabulary import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -198,16 +200,10 @@ def _background_caption(rng) -> str:
 
 
 def _random_object(rng, vocab: Vocabulary):
-    from ..world.scenes import SceneObject
+    from .scenes import SceneObject
 
     return SceneObject(shape=str(rng.choice(vocab.shapes)), colour=str(rng.choice(vocab.colour_names)),
                        cx=0.0, cy=0.0, size=1.0, rotation=0.0)
-
-
-def normalise_batch(images_u8: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-    return (images_u8.float() / 255.0 - mean) / std
 
 
 @dataclass
