@@ -247,7 +247,7 @@ DEMO_SETTINGS = """# Written by `juicer demo` (edit freely; delete to return to 
 # benchmarks/recipes.py uses the full CPU preset.
 [training]
 seeds = [0, 1]
-budget_full_steps = 150
+budget_full_steps = 200
 eval_points = 1
 """
 

@@ -79,10 +79,9 @@ def build_text_assets(settings: JuicerSettings) -> list:
             "sim_before": sim_before.astype(np.float32), "sim_after": sim_after.astype(np.float32)}, schema=SCHEMA)
         version = context.assets_def.code_versions_by_key[context.asset_key]
         path = wh.write_table("enriched_captions", drop, table)
-        with storage.catalog.transaction() as con:
-            write_lineage(con, LineageRow("enriched_captions", drop,
-                                          [f"raw_samples/{drop}", f"extracted_classes/{drop}", f"patch_saliency/{drop}"],
-                                          context.run.run_id, version, cap.config_hash(), fm.model_id))
+        storage.catalog.write(lambda con: write_lineage(con, LineageRow(
+            "enriched_captions", drop, [f"raw_samples/{drop}", f"extracted_classes/{drop}", f"patch_saliency/{drop}"],
+            context.run.run_id, version, cap.config_hash(), fm.model_id)))
         storage.catalog.refresh_views(wh.tables_dir)
         mean_before = float(np.mean(sim_before)) if ids else 0.0
         mean_after = float(np.mean(sim_after)) if ids else 0.0

@@ -102,9 +102,9 @@ def build_training_assets(settings: JuicerSettings) -> list:
                     writer.write_batch(batch)
             counts[kind] = stats.n_valid
             context.log.info(f"eval set {kind}: {stats.n_valid} valid of {stats.n_samples}")
-        with storage.catalog.transaction() as con:
-            write_lineage(con, LineageRow("eval_sets", None, [f"folder:{wh.world_dir / 'evalsets' / k}" for k in EVAL_KINDS],
-                                          context.run.run_id, "eval_sets-2", "none"))
+        storage.catalog.write(lambda con: write_lineage(con, LineageRow(
+            "eval_sets", None, [f"folder:{wh.world_dir / 'evalsets' / k}" for k in EVAL_KINDS],
+            context.run.run_id, "eval_sets-2", "none")))
         return MaterializeResult(metadata={f"{k}_images": v for k, v in counts.items()})
 
     @asset(partitions_def=recipe_partitions, group_name="training", kinds={"parquet", "duckdb"},
@@ -141,13 +141,15 @@ def build_training_assets(settings: JuicerSettings) -> list:
         version = context.assets_def.code_versions_by_key[context.asset_key]
         ts = {"training_set_id": ts_id, "recipe": recipe.name, "n_members": len(members),
               "excluded": json.dumps(dict(why)), "drops": json.dumps(drops), "config_hash": tr.config_hash()}
-        with storage.catalog.transaction() as con:
-            old = replace_training_set(con, ts, rows)
+        def record(con):
             write_lineage(con, LineageRow("training_set", recipe.name,
                                           [f"{a}/{d}" for d in drops for a in PER_DROP_INPUTS] + ["eval_sets"],
                                           context.run.run_id, version, tr.config_hash()))
-            if old:
-                context.log.info(f"replaced training set(s) {', '.join(o[:12] for o in old)} of {recipe.name}")
+            return replace_training_set(con, ts, rows)
+
+        old = storage.catalog.write(record)  # the whole transaction is retried on a lock conflict
+        if old:
+            context.log.info(f"replaced training set(s) {', '.join(o[:12] for o in old)} of {recipe.name}")
         return MaterializeResult(metadata={
             "training_set_id": ts_id, "recipe": recipe.name, "description": recipe.description,
             "members": len(members), "drops": ", ".join(drops),
@@ -188,8 +190,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
                      LineageRow("clip_checkpoint", f"{recipe.name}/{r['name']}",
                                 [f"training_set/{recipe.name}", f"training_set_id:{ts_id}"],
                                 context.run.run_id, version, tr.config_hash())) for r in rows]
-        with storage.catalog.transaction() as con:
-            replace_checkpoints(con, recipe.name, recorded)
+        storage.catalog.write(lambda con: replace_checkpoints(con, recipe.name, recorded))
         summary = [{"run": r["name"], "budget": r["budget"], "checkpoint": r["checkpoint_id"][:12],
                     "tokens_seen": r["tokens_seen"], "samples_seen": r["samples_seen"], "steps": r["steps"],
                     "wall_s": round(r["wall_seconds"], 1),
@@ -227,14 +228,17 @@ def build_training_assets(settings: JuicerSettings) -> list:
             shown.append({"seed": int(c.seed), "budget": c.budget,
                           **{m: round(float(scores[m]), 4) for m in HEADLINE if m in scores}})
         df = pd.DataFrame(rows)  # small: lives in the catalog table of the same name, not in Parquet
-        with storage.catalog.transaction() as con:
+        def record(con):
             con.execute("DELETE FROM benchmark_scores WHERE recipe = ?", [recipe])
             con.register("scores_df", df.assign(eval_set="world-heldout"))
             con.execute("INSERT INTO benchmark_scores SELECT score_id, checkpoint_id, recipe, seed, metric, value, "
                         "eval_set, now() FROM scores_df")
+            con.unregister("scores_df")
             write_lineage(con, LineageRow("benchmark_scores", recipe,
                                           [f"checkpoint:{c}" for c in ckpts.checkpoint_id] + ["eval_sets"],
                                           context.run.run_id, "benchmark_scores-2", tr.config_hash()))
+
+        storage.catalog.write(record)
         return MaterializeResult(metadata={"recipe": recipe, "checkpoints": len(ckpts),
                                            "scores": metadata_table(shown)})
 
@@ -263,10 +267,9 @@ def build_training_assets(settings: JuicerSettings) -> list:
         if not metadata:
             raise FileNotFoundError("no current benchmark scores: materialise benchmark_scores for some recipes "
                                     "(after their clip_checkpoint) first")
-        with storage.catalog.transaction() as con:
-            write_lineage(con, LineageRow("recipe_comparison", None,
-                                          [f"benchmark_scores/{r}" for r in dict.fromkeys(shown)],
-                                          context.run.run_id, "recipe_comparison-2", tr.config_hash()))
+        storage.catalog.write(lambda con: write_lineage(con, LineageRow(
+            "recipe_comparison", None, [f"benchmark_scores/{r}" for r in dict.fromkeys(shown)],
+            context.run.run_id, "recipe_comparison-2", tr.config_hash())))
         storage.catalog.refresh_views(wh.tables_dir)
         return MaterializeResult(metadata=metadata)
 

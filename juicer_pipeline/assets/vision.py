@@ -92,11 +92,13 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             calibration = {"calibrated": False, "tau": cls.fallback_tau,
                            "reason": "no labelled validation split for this governor; fallback τ used"}
         record = {k: v for k, v in fm.info.items() if k not in ("loss_curve",)}
-        with storage.catalog.transaction() as con:
+        def register(con):
             upsert_model(con, fm.model_id, "governor", fm.source, fm.info.get("arch", {}), record,
                          calibration["tau"], calibration)
             write_lineage(con, LineageRow("governor", None, [f"model:{fm.source}"], context.run.run_id,
                                           _version(context), gov.config_hash(), fm.model_id))
+
+        storage.catalog.write(register)
         out = storage.warehouse.tables_dir / "governor" / "governor.json"
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps({"model_id": fm.model_id, "source": fm.source, "tau": calibration["tau"],

@@ -1,0 +1,25 @@
+"""Every benchmark script still runs: each once, at the smallest size, printing what it measures."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+CASES = {
+    "ingest_throughput.py": (["--samples", "50"], "throughput ratio stage/bare PIL"),
+    "train_step.py": (["--steps", "1"], "ratio kept/full"),
+    "student_arch.py": (["--samples", "300", "--eval-samples", "40", "--budget", "2", "--batch-size", "32",
+                         "--eval-points", "1"], "final top1"),
+    "vision_throughput.py": (["--samples", "64"], "ratio"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_runs(script, tmp_path):
+    args, expected = CASES[script]
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert expected in out.stdout
