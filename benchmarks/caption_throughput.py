@@ -46,6 +46,7 @@ def main() -> None:
         from dagster import AssetKey, DagsterInstance
 
         from juicer_pipeline.assets.text import object_vocabulary
+        from juicer_pipeline.settings import ClassSettings
         from juicer_pipeline.definitions import DROP_JOB_NAME, GOVERNOR_JOB_NAME, build_definitions
         from juicer_pipeline.governance.caption_refiner import RulesRefiner, TransformersRefiner
         from juicer_pipeline.models.loader import cached_foundation_model
@@ -71,7 +72,7 @@ def main() -> None:
         image_emb = np.array([emb[s] for s in ids], dtype=np.float32)
         fm = cached_foundation_model("world")
         sim_before = (image_emb * fm.encode_text(before).numpy()).sum(-1).mean()
-        vocab = object_vocabulary()
+        vocab = object_vocabulary(ClassSettings())
         lm = a.lm or tiny_t5(Path(tmp) / "tiny_t5")
         backends = [("rules", RulesRefiner(vocab)), ("transformers", TransformersRefiner(lm, vocab, batch_size=16))]
         print(f"{len(ids)} captions of a {a.samples}-sample world drop; governor {fm.model_id[:12]}; "

@@ -174,11 +174,11 @@ def print_inference(root: Path, settings, storage) -> None:
     from juicer_pipeline.governance.clip_training import evaluate_student
     from juicer_pipeline.governance.salient_eval import salient_kept
     from juicer_pipeline.models.loader import load_foundation_model, load_world_clip
-    from juicer_pipeline.world.vocabulary import load_vocabulary
+    from juicer_pipeline.assets.vocabulary import class_vocabulary
 
     cfg = student_config(settings)
     tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
-    ev = _eval_set(storage.warehouse, tokenizer, cfg, load_vocabulary())
+    ev = _eval_set(storage.warehouse, tokenizer, cfg, class_vocabulary(settings.classes))
     governor = load_foundation_model(settings.governor.source, settings.governor.device)
     grid = (cfg.arch.grid, cfg.arch.grid)
     ev.retrieval_kept = salient_kept(governor, ev.retrieval_images, settings.saliency, grid)

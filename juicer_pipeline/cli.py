@@ -330,7 +330,8 @@ def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=Non
     """Region crops (the pipeline's choice) vs the pooled-embedding alternative, same τ and k."""
     import json as _json
 
-    from .assets.vision import _class_embeddings, _vocabulary
+    from .assets.vision import _class_embeddings
+    from .assets.vocabulary import class_vocabulary
     from .models.loader import cached_foundation_model
     from .settings import load_settings
     from .world.truth_metrics import pooled_class_baseline
@@ -338,11 +339,11 @@ def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=Non
     settings = settings or load_settings(data_dir=wh.root)
     record = _json.loads((wh.tables_dir / "governor" / "governor.json").read_text())
     fm = cached_foundation_model(settings.governor.source, settings.governor.device)
-    names, _ = _vocabulary()
+    vocab = class_vocabulary(settings.classes)
     from .governance.classes import model_temperature
 
-    b = pooled_class_baseline(drop_dir, wh.partition_path("patch_saliency", drop), drop, _class_embeddings(fm),
-                              names, record["tau"], settings.classes.k, model_temperature(fm))
+    b = pooled_class_baseline(drop_dir, wh.partition_path("patch_saliency", drop), drop, _class_embeddings(fm, vocab),
+                              list(vocab.names), record["tau"], settings.classes.k, model_temperature(fm))
     return (f"  pooled-embedding alternative at the same τ={record['tau']:.2f}: precision {b['precision']:.3f}, "
             f"recall {b['recall']:.3f}")
 

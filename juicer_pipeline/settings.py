@@ -72,6 +72,10 @@ class SaliencySettings(_Section):
 
 
 class ClassSettings(_Section):
+    vocabulary: str | None = Field(None, description="class vocabulary file: one class per line, optionally "
+                                                     "'name: synonym, synonym'; unset: the world's shapes")
+    prompt_templates: list[str] | None = Field(None, min_length=1, description="zero-shot prompt templates, each "
+                                                                                "with one '{}'; unset: the built-in four")
     k: int = Field(3, ge=1, description="at most k classes per image")
     target_precision: float = Field(0.9, gt=0.0, le=1.0, description="τ is calibrated to reach this precision")
     # The unsmoothed rollout separates neighbouring objects; blurred maps merge them into one region
@@ -86,6 +90,13 @@ class ClassSettings(_Section):
                                             "whose best match is the background names no class")
     fallback_tau: float = Field(0.9, gt=0.0, le=1.0, description="τ when the governor has no calibration set")
     calibration_images: int = Field(600, ge=10, description="world-corpus validation images used to calibrate τ")
+
+    @model_validator(mode="after")
+    def _templates_have_a_slot(self):
+        bad = [t for t in self.prompt_templates or [] if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"prompt_templates need exactly one '{{}}' for the class phrase: {bad}")
+        return self
 
     @model_validator(mode="after")
     def _fractions_are_shares(self):

@@ -4,10 +4,11 @@ import math
 import pytest
 
 from juicer_pipeline.assets.text import object_vocabulary
+from juicer_pipeline.settings import ClassSettings
 from juicer_pipeline.governance.caption_refiner import (RulesRefiner, TransformersRefiner, caption_version,
                                                        clean_caption, validate)
 
-VOCAB = object_vocabulary()
+VOCAB = object_vocabulary(ClassSettings())
 
 RULES_TABLE = [
     # (raw caption, extracted classes, expected rules output)

@@ -9,7 +9,7 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 
 from ..governance.saliency import METHODS
 from ..settings import JuicerSettings
-from ..world.vocabulary import load_vocabulary
+from .vocabulary import class_vocabulary
 from .partitions import drops_partitions
 from .resources import StorageResource
 from .vision import read_governor_record
@@ -135,9 +135,9 @@ def build_checks(settings: JuicerSettings) -> list:
             "offending_samples": _ids(offending)})
 
     @asset_check(asset="extracted_classes", partitions_def=drops_partitions, blocking=False,
-                 description="Every extracted class is a shape of the world vocabulary.")
+                 description="Every extracted class is a class of the configured vocabulary.")
     def classes_in_vocabulary(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
-        shapes = set(load_vocabulary().shapes)
+        shapes = set(class_vocabulary(settings.classes).names)
         df = duckdb.execute("SELECT sample_id, classes FROM read_parquet(?)",
                             [str(storage.warehouse.partition_path("extracted_classes", context.partition_key))]).df()
         unknown = {sid: [c for c in classes if c not in shapes]

@@ -11,11 +11,11 @@ from ..governance.caption_refiner import ObjectVocabulary, RulesRefiner, Transfo
 from ..governance.vision import stored_vectors
 from ..models.loader import cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP
-from ..settings import JuicerSettings, code_version
+from ..settings import ClassSettings, JuicerSettings, code_version
 from ..storage import LineageRow, write_lineage
-from ..world.vocabulary import load_vocabulary
 from .partitions import drops_partitions
 from .resources import StorageResource
+from .vocabulary import class_vocabulary, vocabulary_fingerprint
 from .ui import markdown_table
 
 _PAIRS = 8
@@ -25,17 +25,17 @@ SCHEMA = pa.schema([("sample_id", pa.string()), ("raw_caption", pa.string()), ("
                     ("fallback_reason", pa.string()), ("sim_before", pa.float32()), ("sim_after", pa.float32())])
 
 
-def object_vocabulary() -> ObjectVocabulary:
-    vocab = load_vocabulary()
-    return ObjectVocabulary(vocab.shapes, vocab.synonyms, vocab.colour_names)
+def object_vocabulary(cls: ClassSettings) -> ObjectVocabulary:
+    vocab = class_vocabulary(cls)
+    return ObjectVocabulary(vocab.names, vocab.synonyms, vocab.attributes)
 
 
 def make_refiner(settings: JuicerSettings):
     cap = settings.captions
     if cap.backend == "transformers":
-        return TransformersRefiner(cap.model_path, object_vocabulary(), cap.batch_size, cap.max_new_tokens,
-                                   settings.governor.device)
-    return RulesRefiner(object_vocabulary())
+        return TransformersRefiner(cap.model_path, object_vocabulary(settings.classes), cap.batch_size,
+                                   cap.max_new_tokens, settings.governor.device)
+    return RulesRefiner(object_vocabulary(settings.classes))
 
 
 def build_text_assets(settings: JuicerSettings) -> list:
@@ -44,7 +44,8 @@ def build_text_assets(settings: JuicerSettings) -> list:
     model_part = model_fingerprint(f"file:{cap.model_path}") if cap.backend == "transformers" else "rules"
 
     @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=["raw_samples", "extracted_classes", "patch_saliency"],
-           group_name="text", code_version=code_version("enriched_captions-1", cap, fingerprint, model_part),
+           group_name="text", code_version=code_version("enriched_captions-1", cap, fingerprint, model_part,
+                                                     vocabulary_fingerprint(settings.classes)),
            kinds={"parquet"},
            check_specs=[AssetCheckSpec("similarity_not_worse", asset="enriched_captions",
                                        description="mean governor image-text similarity after enrichment ≥ before")],

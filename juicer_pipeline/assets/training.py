@@ -26,8 +26,9 @@ from ..models.students import load_student_arch
 from ..automation.conditions import FOLLOW_UPSTREAM, SHARED
 from ..settings import JuicerSettings, SaliencySettings, code_version
 from ..storage import LineageRow, atomic_path, replace_checkpoints, replace_training_set, write_lineage
-from ..world.vocabulary import load_vocabulary
+from ..governance.vocabulary import ClassVocabulary
 from .resources import StorageResource
+from .vocabulary import class_vocabulary
 from .ui import curves_chart, line_chart, markdown_table, metadata_table, png_markdown
 
 recipe_partitions = StaticPartitionsDefinition(RECIPE_NAMES)
@@ -85,7 +86,6 @@ def build_training_assets(settings: JuicerSettings) -> list:
     tr = settings.training
     cfg = student_config(settings)
     budgets = [cfg] + ([student_config(settings, wallclock=True)] if tr.wallclock_s else [])
-    vocab = load_vocabulary()
 
     @asset(group_name="evaluation", code_version="eval_sets-2", kinds={"parquet"}, automation_condition=SHARED,
            description="The clean held-out evaluation sets (retrieval pairs; single-object images for zero-shot "
@@ -167,7 +167,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
         members = wh.read_table("training_set", recipe.name).to_pandas()
         data = _train_data(wh, members, recipe.patches, cfg, settings.saliency)
         tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
-        ev = _eval_set(wh, tokenizer, cfg, vocab)
+        ev = _eval_set(wh, tokenizer, cfg, class_vocabulary(settings.classes))
         ts_id = members.training_set_id.iloc[0]
         version = context.assets_def.code_versions_by_key[context.asset_key]
         rows, curves = [], {}
@@ -215,7 +215,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
         if ckpts.empty:
             raise FileNotFoundError(f"no checkpoint of recipe {recipe}: materialise clip_checkpoint[{recipe}] first")
         tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
-        ev = _eval_set(wh, tokenizer, cfg, vocab)
+        ev = _eval_set(wh, tokenizer, cfg, class_vocabulary(settings.classes))
         rows, shown = [], []
         for c in ckpts.itertuples():
             fm = load_world_clip(c.path, cfg.device)
@@ -318,9 +318,11 @@ def _kept_on_student_grid(wh, members: pd.DataFrame, grid: tuple[int, int], sali
     return kept
 
 
-def _eval_set(wh, tokenizer, cfg: StudentConfig, vocab):
-    return load_eval_set(wh.partition_path("eval_sets", "retrieval"), wh.partition_path("eval_sets", "classification"),
-                         tokenizer, cfg.arch.image_size, vocab.shapes, vocab.colour_names)
+def _eval_set(wh, tokenizer, cfg: StudentConfig, vocab: ClassVocabulary):
+    ev = load_eval_set(wh.partition_path("eval_sets", "retrieval"), wh.partition_path("eval_sets", "classification"),
+                       tokenizer, cfg.arch.image_size, vocab.names, vocab.attributes)
+    ev.class_templates = vocab.templates
+    return ev
 
 
 BUDGETS = ("tokens", "wallclock")

@@ -21,29 +21,24 @@ from ..models.loader import cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP, SHARED
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, atomic_path, upsert_model, write_lineage
-from ..world.vocabulary import load_vocabulary
+from ..governance.vocabulary import ClassVocabulary
 from .partitions import drops_partitions
 from .resources import StorageResource
+from .vocabulary import class_vocabulary, vocabulary_fingerprint
 from .ui import bar_chart, line_chart, markdown_table, png_markdown, prune_preview
 
 _PREVIEWS = 4
 
 
-def _vocabulary() -> tuple[list[str], tuple[str, ...]]:
-    vocab = load_vocabulary()
-    return list(vocab.shapes), vocab.colour_names
+_CLASS_EMBEDDINGS: dict[tuple[str, str], torch.Tensor] = {}
 
 
-_CLASS_EMBEDDINGS: dict[str, torch.Tensor] = {}
-
-
-def _class_embeddings(fm) -> torch.Tensor:
-    """The vocabulary's prompt-ensembled text embeddings, computed once per model and process (the
-    world vocabulary is fixed, so the model id is the whole key)."""
-    if fm.model_id not in _CLASS_EMBEDDINGS:
-        names, attributes = _vocabulary()
-        _CLASS_EMBEDDINGS[fm.model_id] = class_embeddings(fm.encode_text, names, attributes)
-    return _CLASS_EMBEDDINGS[fm.model_id]
+def _class_embeddings(fm, vocab: ClassVocabulary) -> torch.Tensor:
+    """The vocabulary's prompt-ensembled text embeddings, computed once per model, vocabulary and process."""
+    key = (fm.model_id, vocab.fingerprint())
+    if key not in _CLASS_EMBEDDINGS:
+        _CLASS_EMBEDDINGS[key] = class_embeddings(fm.encode_text, list(vocab.names), vocab.attributes, vocab.templates)
+    return _CLASS_EMBEDDINGS[key]
 
 
 def _crop_plan(cls) -> CropPlan:
@@ -75,14 +70,19 @@ def build_vision_assets(settings: JuicerSettings) -> list:
     fingerprint = model_fingerprint(gov.source)
     load = lambda: cached_foundation_model(gov.source, gov.device)  # noqa: E731
 
-    @asset(code_version=code_version("governor-2", gov, fingerprint, cls), group_name="vision",
+    vocab_version = vocabulary_fingerprint(cls)
+
+    @asset(code_version=code_version("governor-2", gov, fingerprint, cls, vocab_version), group_name="vision",
            kinds={"pytorch", "duckdb"}, automation_condition=SHARED,
            description="The foundation model every stage uses (settings `governor.source`), its held-out "
                        "scores and its calibrated class threshold τ. Catalog row in `models`.")
     def governor(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         fm = load()
-        class_emb = _class_embeddings(fm)
-        if gov.source == "world" or gov.source.startswith("file:"):
+        vocab = class_vocabulary(cls)
+        class_emb = _class_embeddings(fm, vocab)
+        # the world's calibration split is labelled with the world's shapes: it calibrates τ for
+        # that vocabulary only
+        if (gov.source == "world" or gov.source.startswith("file:")) and cls.vocabulary is None:
             context.log.info("calibrating τ on the world corpus validation split")
             calibration = calibrate_world_governor(fm, class_emb, cls.saliency_method, _crop_plan(cls),
                                                    cls.target_precision, cls.k, n_images=cls.calibration_images,
@@ -90,7 +90,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
                                                    abstain_emb=_abstain_embedding(fm, cls.abstain))
         else:
             calibration = {"calibrated": False, "tau": cls.fallback_tau,
-                           "reason": "no labelled validation split for this governor; fallback τ used"}
+                           "reason": "no labelled calibration split for this governor and vocabulary; fallback τ used"}
         record = {k: v for k, v in fm.info.items() if k not in ("loss_curve",)}
         def register(con):
             upsert_model(con, fm.model_id, "governor", fm.source, fm.info.get("arch", {}), record,
@@ -171,7 +171,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         return MaterializeResult(metadata=meta)
 
     @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=[patch_saliency, governor], group_name="vision",
-           code_version=code_version("extracted_classes-2", fingerprint, cls), kinds={"pytorch", "parquet"},
+           code_version=code_version("extracted_classes-2", fingerprint, cls, vocab_version), kinds={"pytorch", "parquet"},
            description="At most k object classes per image with probability ≥ τ (calibrated), from zero-shot "
                        "classification of crops around connected salient regions (a second, small FM pass).")
     def extracted_classes(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
@@ -180,8 +180,9 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         fm = load()
         info = read_governor_record(storage)
         tau = float(info["tau"])
-        names, _ = _vocabulary()
-        class_emb = _class_embeddings(fm)
+        vocab = class_vocabulary(cls)
+        names = list(vocab.names)
+        class_emb = _class_embeddings(fm, vocab)
         abstain = _abstain_embedding(fm, cls.abstain)
         table = wh.read_table("patch_saliency", drop, ["sample_id", cls.saliency_method])
         saliency = stored_vectors(table, cls.saliency_method, fm.grid[0] * fm.grid[1])

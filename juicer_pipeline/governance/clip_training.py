@@ -270,6 +270,7 @@ class EvalSet:
     class_labels: np.ndarray
     class_names: list[str]
     class_attributes: tuple[str, ...]
+    class_templates: tuple[str, ...] | None = None  # zero-shot prompt templates (None: the built-in ones)
     # Optional, for salient-token inference: the governor-salient ⌈ρN⌉ patches of every image
     retrieval_kept: torch.Tensor | None = None
     class_kept: torch.Tensor | None = None
@@ -309,7 +310,7 @@ def evaluate_student(model, tokenizer, ev: EvalSet, device: str = "cpu", salient
     txt = torch.cat([F.normalize(model.encode_text(ev.retrieval_tokens[i:i + 512].long().to(dev)), dim=-1).cpu()
                      for i in range(0, len(ev.retrieval_tokens), 512)])
     scores = retrieval_recall(img, txt, keys=ev.retrieval_keys)
-    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names, zero_shot_templates(ev.class_attributes),
+    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names, zero_shot_templates(ev.class_attributes, *([ev.class_templates] if ev.class_templates else [])),
                                          num_classes_per_batch=None, device=dev).T.cpu()
     scores.update(zero_shot_accuracy(images(ev.class_images, ev.class_kept), classes, ev.class_labels))
     scores["images_per_second"] = seconds[1] / max(seconds[0], 1e-9)

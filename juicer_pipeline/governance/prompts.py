@@ -13,24 +13,25 @@ def with_article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
-def class_prompts(name: str, attributes: tuple[str, ...] = ()) -> list[str]:
+def class_prompts(name: str, attributes: tuple[str, ...] = (), templates: tuple[str, ...] = TEMPLATES) -> list[str]:
     """Prompts for one class; with attributes (the world's colours) each is prefixed in turn,
     because the training captions always name a colour with a shape."""
     names = [with_article(f"{a} {name}") for a in attributes] or [with_article(name)]
-    return [t.format(n) for t in TEMPLATES for n in names]
+    return [t.format(n) for t in templates for n in names]
 
 
-def zero_shot_templates(attributes: tuple[str, ...] = ()) -> list:
+def zero_shot_templates(attributes: tuple[str, ...] = (), templates: tuple[str, ...] = TEMPLATES) -> list:
     """`class_prompts` as open_clip's `build_zero_shot_classifier` takes them: one callable per prompt."""
     prefixes = list(attributes) or [""]
-    return [lambda name, t=t, a=a: t.format(with_article(f"{a} {name}".strip())) for t in TEMPLATES for a in prefixes]
+    return [lambda name, t=t, a=a: t.format(with_article(f"{a} {name}".strip())) for t in templates for a in prefixes]
 
 
-def class_embeddings(encode_text, class_names: list[str], attributes: tuple[str, ...] = ()) -> torch.Tensor:
+def class_embeddings(encode_text, class_names: list[str], attributes: tuple[str, ...] = (),
+                     templates: tuple[str, ...] = TEMPLATES) -> torch.Tensor:
     """One normalised embedding per class: the mean of its prompt embeddings (CLIP's ensembling)."""
     rows = []
     for name in class_names:
-        emb = encode_text(class_prompts(name, attributes))
+        emb = encode_text(class_prompts(name, attributes, templates))
         rows.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
     return torch.stack(rows)
 

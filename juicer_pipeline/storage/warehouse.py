@@ -10,6 +10,7 @@ Layout under the data root (``JUICER_DATA_DIR``, default ``./data``)::
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,18 +31,31 @@ def default_data_dir() -> Path:
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it into place only if the block succeeds.
 
-    Readers therefore see the old file or the new one, never half of one, and a crash leaves
-    no partial artifact behind.
+    Readers therefore see the old file or the new one, never half of one. A process killed
+    mid-write leaves only its hidden temporary file (no reader globs it); the next successful
+    write of the same artifact removes such leftovers.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         os.replace(tmp, final)
+        _remove_leftovers(final, started)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_leftovers(final: Path, before: float) -> None:
+    """Temporary files of `final` begun before this write: left by a killed or failed writer."""
+    for old in final.parent.glob(f".{final.name}.*.tmp"):
+        try:
+            if old.stat().st_mtime < before:
+                old.unlink()
+        except FileNotFoundError:  # another writer's own cleanup got there first
+            pass
 
 
 @dataclass(frozen=True)
