@@ -141,6 +141,11 @@ class TrainingSettings(_Section):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     threads: int = Field(2, ge=1)
     schedule_cron: str = Field("0 2 * * *", description="when the retraining schedule runs (stale recipes only)")
+    retrieval_set: str | None = Field(None, description="held-out retrieval set: a drop folder (manifest or "
+                                                        "shards) of image + caption; unset: the world's")
+    classification_set: str | None = Field(None, description="held-out classification set: a drop folder of "
+                                                             "image + caption + label (a vocabulary class); "
+                                                             "unset: the world's")
 
     @model_validator(mode="after")
     def _student_exists(self):

@@ -64,3 +64,33 @@ def test_extraction_and_captions_use_the_configured_vocabulary(data_dir, instanc
     assert set(c for cs in classes.classes for c in cs) <= {"star", "heart", "circle"}
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["classes_in_vocabulary"].passed
+
+
+def test_held_out_sets_from_folders_of_ones_own(data_dir, instance, tmp_path):
+    from dagster import AssetKey
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from juicer_pipeline.definitions import GOVERNOR_JOB_NAME, build_definitions
+    from juicer_pipeline.governance.eval_data import load_eval_set
+    from juicer_pipeline.settings import TrainingSettings
+
+    shapes = [("star", "red"), ("heart", "blue"), ("circle", "yellow"), ("star", "green")]
+    files = {f"{i}.png": _clear_scene(i, s, c) for i, (s, c) in enumerate(shapes)}
+    retrieval = write_folder_drop(tmp_path / "ret", files, [
+        {"image": f"{i}.png", "caption": f"a {c} {s}", "sample_id": str(i)} for i, (s, c) in enumerate(shapes)])
+    classification = write_folder_drop(tmp_path / "cls", files, [
+        {"image": f"{i}.png", "caption": s, "label": s, "sample_id": str(i)} for i, (s, _) in enumerate(shapes)],
+        manifest="csv")
+    settings = JuicerSettings(training=TrainingSettings(retrieval_set=str(retrieval),
+                                                        classification_set=str(classification)))
+    defs = build_definitions(settings, data_dir)
+    result = defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(
+        instance=instance, asset_selection=[AssetKey("eval_sets")],
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+    assert result.success
+    meta = result.asset_materializations_for_node("eval_sets")[0].metadata
+    assert meta["retrieval_images"].value == meta["classification_images"].value == 4
+    wh = data_dir / "warehouse" / "eval_sets"
+    ev = load_eval_set(wh / "retrieval.parquet", wh / "classification.parquet", SimpleTokenizer(context_length=24), 64,
+                       ("star", "heart", "circle"), ())
+    assert len(ev.retrieval_images) == 4 and ev.class_labels.tolist() == [0, 1, 2, 0]

@@ -2,6 +2,7 @@
 import hashlib
 import json
 from collections import Counter
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -50,6 +51,12 @@ def student_config(settings: JuicerSettings, wallclock: bool = False) -> Student
                          threads=t.threads)
 
 
+def eval_folders(wh, tr) -> dict:
+    """kind -> the folder its held-out set is ingested from."""
+    own = {"retrieval": tr.retrieval_set, "classification": tr.classification_set}
+    return {k: Path(own[k]) if own[k] else wh.world_dir / "evalsets" / k for k in EVAL_KINDS}
+
+
 def juiced_drops(storage: StorageResource) -> list[str]:
     """Drops with every per-drop input of a training set materialised."""
     wh = storage.warehouse
@@ -87,25 +94,27 @@ def build_training_assets(settings: JuicerSettings) -> list:
     cfg = student_config(settings)
     budgets = [cfg] + ([student_config(settings, wallclock=True)] if tr.wallclock_s else [])
 
-    @asset(group_name="evaluation", code_version="eval_sets-2", kinds={"parquet"}, automation_condition=SHARED,
-           description="The clean held-out evaluation sets (retrieval pairs; single-object images for zero-shot "
-                       "classification), ingested like drops. Their content hashes can never enter a training set.")
+    eval_version = code_version("eval_sets-3", tr.retrieval_set or "world", tr.classification_set or "world")
+
+    @asset(group_name="evaluation", code_version=eval_version, kinds={"parquet"}, automation_condition=SHARED,
+           description="The held-out evaluation sets (retrieval pairs; labelled images for zero-shot "
+                       "classification), ingested like drops: the world's, or the folders named by "
+                       "training.retrieval_set / classification_set. Their images never enter a training set.")
     def eval_sets(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         wh = storage.warehouse
-        counts = {}
-        for kind in EVAL_KINDS:
-            folder = wh.world_dir / "evalsets" / kind
+        counts, folders = {}, eval_folders(wh, tr)
+        for kind, folder in folders.items():
             source = open_drop(folder)
             stats = IngestStats()
             with wh.stream_table("eval_sets", kind, RAW_SAMPLES_SCHEMA) as writer:
                 for batch in ingest_batches(source, f"eval-{kind}", ImageLimits(), 4000, stats):
                     writer.write_batch(batch)
             counts[kind] = stats.n_valid
-            context.log.info(f"eval set {kind}: {stats.n_valid} valid of {stats.n_samples}")
+            context.log.info(f"eval set {kind} ({folder}): {stats.n_valid} valid of {stats.n_samples}")
         storage.catalog.write(lambda con: write_lineage(con, LineageRow(
-            "eval_sets", None, [f"folder:{wh.world_dir / 'evalsets' / k}" for k in EVAL_KINDS],
-            context.run.run_id, "eval_sets-2", "none")))
-        return MaterializeResult(metadata={f"{k}_images": v for k, v in counts.items()})
+            "eval_sets", None, [f"folder:{f}" for f in folders.values()], context.run.run_id, eval_version, "none")))
+        return MaterializeResult(metadata={**{f"{k}_images": v for k, v in counts.items()},
+                                           **{f"{k}_folder": MetadataValue.path(str(f)) for k, f in folders.items()}})
 
     @asset(partitions_def=recipe_partitions, group_name="training", kinds={"parquet", "duckdb"},
            deps=[*(AssetDep(a, partition_mapping=AllPartitionMapping()) for a in PER_DROP_INPUTS), eval_sets],
