@@ -22,12 +22,14 @@ from .helpers import run_drop, run_governor
 # Runs the whole drop job for one partition in its own process (so that it can be killed).
 RUN_DROP = textwrap.dedent("""
     import sys
-    from dagster import DagsterInstance
+    from pathlib import Path
+    from dagster import AssetKey, DagsterInstance
     from juicer_pipeline.definitions import DROP_JOB_NAME, GOVERNOR_JOB_NAME, build_definitions
-    defs = build_definitions(data_dir=sys.argv[1])
+    defs = build_definitions(data_dir=Path(sys.argv[1]))
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     with DagsterInstance.ephemeral() as inst:
-        defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=inst, run_config=quiet)
+        defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=inst, run_config=quiet,
+                                                                   asset_selection=[AssetKey("governor")])
         inst.add_dynamic_partitions("drops", ["d"])
         defs.resolve_job_def(DROP_JOB_NAME).execute_in_process(instance=inst, partition_key="d", run_config=quiet)
 """)
@@ -37,21 +39,28 @@ STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes",
 def _kill_when_writing(data_dir: Path, asset: str, timeout: float = 300) -> None:
     """Start the drop job and SIGKILL its process group once `asset` is half-written."""
     env = {**os.environ, "JUICER_DATA_DIR": str(data_dir)}
+    log = open(data_dir / "killed-run.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", RUN_DROP, str(data_dir)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     folder = data_dir / "warehouse" / asset
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if folder.exists() and any(folder.glob(".d.parquet.*.tmp")):
                 break
-            assert proc.poll() is None, f"the run ended before {asset} was being written"
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before {asset} was being written:\n"
+                            f"{(data_dir / 'killed-run.log').read_text()[-3000:]}")
             time.sleep(0.005)
         else:
             pytest.fail(f"{asset} was never being written")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it had already ended
+            pass
         proc.wait()
+        log.close()
 
 
 def _outputs(data_dir: Path) -> dict:
