@@ -3,6 +3,7 @@
 Whatever the input, a drop is either ingested with one row per input record (valid, or quarantined
 with a named reason; ids unique) or refused as a whole with a `DropError` that names the problem.
 """
+import csv
 import io
 import tarfile
 import tempfile
@@ -74,8 +75,8 @@ def test_folder_drops_keep_one_row_per_manifest_row(records, manifest):
         df = pd.DataFrame(rows)
         if manifest == "parquet":
             df.to_parquet(root / "captions.parquet", index=False)
-        elif manifest == "csv":
-            df.to_csv(root / "captions.csv", index=False)
+        elif manifest == "csv":  # every field quoted: a bare carriage return in a field is a line break in CSV
+            df.to_csv(root / "captions.csv", index=False, quoting=csv.QUOTE_ALL)
         else:
             df.to_json(root / "captions.jsonl", orient="records", lines=True)
         try:
