@@ -284,7 +284,7 @@ def evaluate_student(model, tokenizer, ev: EvalSet, device: str = "cpu", salient
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
     from ..models.kept_tokens import KeptTokens
-    from .prompts import zero_shot_templates
+    from .prompts import TEMPLATES, zero_shot_templates
 
     model.eval()
     dev = torch.device(device)
@@ -310,7 +310,7 @@ def evaluate_student(model, tokenizer, ev: EvalSet, device: str = "cpu", salient
     txt = torch.cat([F.normalize(model.encode_text(ev.retrieval_tokens[i:i + 512].long().to(dev)), dim=-1).cpu()
                      for i in range(0, len(ev.retrieval_tokens), 512)])
     scores = retrieval_recall(img, txt, keys=ev.retrieval_keys)
-    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names, zero_shot_templates(ev.class_attributes, *([ev.class_templates] if ev.class_templates else [])),
+    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names, zero_shot_templates(ev.class_attributes, ev.class_templates or TEMPLATES),
                                          num_classes_per_batch=None, device=dev).T.cpu()
     scores.update(zero_shot_accuracy(images(ev.class_images, ev.class_kept), classes, ev.class_labels))
     scores["images_per_second"] = seconds[1] / max(seconds[0], 1e-9)
