@@ -18,7 +18,8 @@ from juicer_pipeline.governance.drop_sources import DropError, open_drop
 from juicer_pipeline.governance.images import ImageLimits
 from juicer_pipeline.governance.ingest import IngestStats, ingest_batches
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI sees the same 40 examples every run (explore more with --hypothesis-seed=N locally)
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _image(kind: str, side: int, mode: str) -> bytes | None:
@@ -122,5 +123,12 @@ def test_tar_drops_never_crash_and_name_every_rejection(members, cut):
             return
         _rows_ok(got)
         if cut is None:  # an intact shard: every key that has an image member keeps a row
-            keys = {n.rsplit(".", 1)[0] for n, _ in members if n.rsplit(".", 1)[1] in ("png", "gif", "jpg", "bin")}
+            keys = {_wds_key(n) for n, _ in members if n.rsplit(".", 1)[1] in ("png", "gif", "jpg", "bin")}
             assert len(got) >= len(keys)
+
+
+def _wds_key(name: str) -> str:
+    """WebDataset's key of a member: its path up to the first dot of the file name
+    ("dir/k1.extra.png" -> "dir/k1")."""
+    folder, _, base = name.rpartition("/")
+    return (folder + "/" if folder else "") + base.split(".", 1)[0]
