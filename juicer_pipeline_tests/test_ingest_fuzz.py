@@ -18,7 +18,7 @@ from juicer_pipeline.governance.drop_sources import DropError, open_drop
 from juicer_pipeline.governance.images import ImageLimits
 from juicer_pipeline.governance.ingest import IngestStats, ingest_batches
 
-# derandomized: CI sees the same 40 examples every run (explore more with --hypothesis-seed=N locally)
+# derandomized: CI sees the same 40 examples every run (set derandomize=False locally to explore more)
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
