@@ -64,3 +64,17 @@ def test_the_method_never_imports_the_synthetic_world():
             offenders += [f"{path.name}: {n}" for n in names
                           if n.startswith("..world") or n.startswith("juicer_pipeline.world")]
     assert offenders == []
+
+
+def test_editing_a_student_file_makes_the_checkpoints_unsynced(tmp_path):
+    from juicer_pipeline.definitions import build_definitions
+    from juicer_pipeline.settings import JuicerSettings
+
+    path = tmp_path / "mine.json"
+    versions = []
+    for width in (48, 64):  # same file name, edited content
+        path.write_text(json.dumps({"vision_width": width, "vision_layers": 1, "vision_heads": 2, "conv_stem": True}))
+        defs = build_definitions(JuicerSettings(training=TrainingSettings(student=str(path))), tmp_path)
+        versions.append({k.to_user_string(): v for ad in defs.assets for k, v in ad.code_versions_by_key.items()})
+    assert versions[0]["clip_checkpoint"] != versions[1]["clip_checkpoint"]
+    assert versions[0]["training_set"] == versions[1]["training_set"]

@@ -51,6 +51,11 @@ def student_config(settings: JuicerSettings, wallclock: bool = False) -> Student
                          threads=t.threads)
 
 
+def _arch_hash(cfg: StudentConfig) -> str:
+    """The student architecture's own hash: a student JSON file edited in place changes it."""
+    return hashlib.sha256(json.dumps(cfg.arch.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def eval_folders(wh, tr) -> dict:
     """kind -> the folder its held-out set is ingested from."""
     own = {"retrieval": tr.retrieval_set, "classification": tr.classification_set}
@@ -165,7 +170,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
             "excluded_by_reason": MetadataValue.md(markdown_table([{"reason": k, "count": v} for k, v in why.most_common()]))})
 
     @asset(partitions_def=recipe_partitions, deps=[training_set, eval_sets], group_name="training",
-           code_version=code_version("clip_checkpoint-2", tr, settings.saliency, cfg.arch.to_dict()),
+           code_version=code_version("clip_checkpoint-2", tr, settings.saliency, _arch_hash(cfg)),
            kinds={"pytorch"},
            description="Student CLIPs (one per seed) trained with the contrastive loss at an equal budget of "
                        "vision tokens, and with `training.wallclock_s` also at an equal wall-clock budget; "
