@@ -170,8 +170,8 @@ def print_inference(root: Path, settings, storage) -> None:
     import pandas as pd
     from open_clip.tokenizer import SimpleTokenizer
 
-    from juicer_pipeline.assets.training import CURRENT_CHECKPOINTS_SQL, _eval_set, student_config
-    from juicer_pipeline.governance.clip_training import evaluate_student
+    from juicer_pipeline.assets.training import CURRENT_CHECKPOINTS_SQL, _eval_set
+    from juicer_pipeline.governance.clip_training import evaluate_student, student_config
     from juicer_pipeline.governance.salient_eval import salient_kept
     from juicer_pipeline.models.loader import load_foundation_model, load_world_clip
     from juicer_pipeline.assets.vocabulary import class_vocabulary

@@ -80,7 +80,7 @@ def main() -> None:
 
     from open_clip.tokenizer import SimpleTokenizer
 
-    from juicer_pipeline.assets.training import student_config
+    from juicer_pipeline.governance.clip_training import student_config
     from juicer_pipeline.governance.clip_training import evaluate_student, train_student
     from juicer_pipeline.settings import JuicerSettings, TrainingSettings
     from juicer_pipeline.world import DropConfig

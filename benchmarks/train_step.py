@@ -2,6 +2,8 @@
 and where a step's time goes.
 
     .venv/bin/python benchmarks/train_step.py [--rho 0.5] [--steps 20] [--student world-s] [--device cpu]
+    # the GPU preset at ViT-B/16 scale
+    python benchmarks/train_step.py --student vit-b-16 --device cuda --precision bf16 --batch-size 256
 
 Uses the training step itself (`clip_loss`, the students' `Optimizers`, uint8 batches normalised
 per step as in training) on the configured student, measured interleaved in one run: mean seconds
@@ -22,19 +24,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--student", default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the settings' batch size")
     a = ap.parse_args()
 
     import torch.nn.functional as F
 
-    from juicer_pipeline.assets.training import student_config
+    from juicer_pipeline.governance.clip_training import student_config
     from juicer_pipeline.governance.clip_training import _CLIP_LOSS, Optimizers, clip_loss
-    from juicer_pipeline.governance.images import normalise_batch
+    from juicer_pipeline.governance.images import autocast, normalise_batch
     from juicer_pipeline.governance.pruning import kept_count
     from juicer_pipeline.models.kept_tokens import install_kept_tokens
     from juicer_pipeline.models.world_clip import build_clip
     from juicer_pipeline.settings import JuicerSettings, TrainingSettings
 
-    training = TrainingSettings() if a.student is None else TrainingSettings(student=a.student)
+    overrides = {k: v for k, v in (("student", a.student), ("batch_size", a.batch_size)) if v is not None}
+    training = TrainingSettings(**overrides)
     cfg = student_config(JuicerSettings(training=training))
     torch.manual_seed(0)
     torch.set_num_threads(cfg.threads)
@@ -60,17 +65,18 @@ def main() -> None:
             marks.append(time.perf_counter())
 
         kept.indices = indices
-        images = normalise_batch(images_u8).to(dev)
+        images = normalise_batch(images_u8.to(dev))
         mark()
-        if parts is None:
-            loss = clip_loss(model, images, tokens)
-        else:  # the same computation, split so that each part is timed
-            img = F.normalize(model.encode_image(images), dim=-1)
-            mark()
-            txt = F.normalize(model.encode_text(tokens), dim=-1)
-            mark()
-            loss = _CLIP_LOSS(img, txt, model.logit_scale.exp().clamp(max=100))
-            mark()
+        with autocast(dev, a.precision):
+            if parts is None:
+                loss = clip_loss(model, images, tokens)
+            else:  # the same computation, split so that each part is timed
+                img = F.normalize(model.encode_image(images), dim=-1)
+                mark()
+                txt = F.normalize(model.encode_text(tokens), dim=-1)
+                mark()
+                loss = _CLIP_LOSS(img, txt, model.logit_scale.exp().clamp(max=100))
+                mark()
         opts.zero_grad()
         loss.backward()
         mark()
@@ -90,7 +96,8 @@ def main() -> None:
             times[name].append(step(indices))
     full, pruned = (sum(v) / len(v) for v in (times["full"], times["kept"]))
     print(f"student {training.student} ({cfg.arch.vision_width}w/{cfg.arch.vision_layers}L vision, conv stem "
-          f"{cfg.arch.conv_stem}), batch {b}, {n} patches, device {a.device}, {torch.get_num_threads()} threads, "
+          f"{cfg.arch.conv_stem}), batch {b}, {n} patches, device {_device_name(dev)}, {a.precision}, "
+          f"{torch.get_num_threads()} threads, "
           f"{a.steps} interleaved steps each")
     print(f"full-patch step      : {full:.4f} s")
     print(f"kept-token step (ρ={a.rho}, {k} tokens): {pruned:.4f} s")
@@ -103,6 +110,10 @@ def main() -> None:
     for part in profile["full"]:
         f, p = profile["full"][part] / a.steps, profile["kept"][part] / a.steps
         print(f"  {part:15s} full {f:.4f}   kept {p:.4f}")
+
+
+def _device_name(dev) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 if __name__ == "__main__":

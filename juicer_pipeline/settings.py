@@ -139,6 +139,8 @@ class TrainingSettings(_Section):
     full_tune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     eval_points: int = Field(3, ge=1, description="learning-curve evaluations over the budget")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the training step runs under autocast "
+                                                                   "(GPU); evaluation stays fp32")
     threads: int = Field(2, ge=1)
     schedule_cron: str = Field("0 2 * * *", description="when the retraining schedule runs (stale recipes only)")
     retrieval_set: str | None = Field(None, description="held-out retrieval set: a drop folder (manifest or "

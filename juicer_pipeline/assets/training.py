@@ -14,7 +14,8 @@ from dagster import (AllPartitionMapping, AssetDep, AssetExecutionContext, Mater
                      StaticPartitionsDefinition, asset)
 from open_clip.tokenizer import SimpleTokenizer
 
-from ..governance.clip_training import StudentConfig, TrainData, evaluate_student, train_student
+from ..governance.clip_training import (StudentConfig, TrainData, evaluate_student, student_config,
+                                        train_student)
 from ..governance.drop_sources import open_drop
 from ..governance.eval_data import load_eval_set
 from ..governance.images import ImageLimits, load_rgb, to_uint8_chw
@@ -23,7 +24,6 @@ from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
 from ..governance.recipes import RECIPE_NAMES, RECIPES
 from ..governance.training_set import assemble_training_set
 from ..models.loader import load_world_clip, save_world_clip
-from ..models.students import load_student_arch
 from ..automation.conditions import FOLLOW_UPSTREAM, SHARED
 from ..settings import JuicerSettings, SaliencySettings, code_version
 from ..storage import LineageRow, atomic_path, replace_checkpoints, replace_training_set, write_lineage
@@ -36,19 +36,6 @@ recipe_partitions = StaticPartitionsDefinition(RECIPE_NAMES)
 EVAL_KINDS = ("retrieval", "classification")
 PER_DROP_INPUTS = ("raw_samples", "pruned_images", "enriched_captions", "sieve_scores")
 HEADLINE = ["i2t_r@1", "i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@5", "t2i_r@10", "top1", "top5"]
-
-
-def student_config(settings: JuicerSettings, wallclock: bool = False) -> StudentConfig:
-    """The student run the settings describe: the token budget, or with `wallclock` the
-    equal wall-clock budget (`training.wallclock_s`)."""
-    t = settings.training
-    arch = load_student_arch(t.student)
-    return StudentConfig(arch=arch, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps,
-                         schedule=t.schedule, rho=settings.saliency.rho,
-                         budget_tokens=t.budget_full_steps * t.batch_size * (arch.grid ** 2 + 1),
-                         wallclock_s=t.wallclock_s if wallclock else None,
-                         full_tune_fraction=t.full_tune_fraction, eval_points=t.eval_points, device=t.device,
-                         threads=t.threads)
 
 
 def _arch_hash(cfg: StudentConfig) -> str:

@@ -25,8 +25,9 @@ from open_clip.loss import ClipLoss
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..models.kept_tokens import install_kept_tokens
+from ..models.students import load_student_arch
 from ..models.world_clip import ClipArch, build_clip
-from .images import normalise_batch
+from .images import autocast, normalise_batch
 from .metrics import retrieval_recall, zero_shot_accuracy
 from .pruning import kept_count
 
@@ -49,6 +50,7 @@ class StudentConfig:
     full_tune_fraction: float = 0.1
     eval_points: int = 3  # learning curve: evaluations spread over the budget
     device: str = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the training step runs under torch.autocast
     threads: int = 2
 
     @property
@@ -89,6 +91,19 @@ def plan(cfg: StudentConfig, patches: str, n_patches: int) -> list[Phase]:
     pruned_budget = cfg.budget_tokens - tune_steps * per_full
     return [Phase(f"{patches}_tokens", max(1, round(pruned_budget / (cfg.batch_size * k))), k),
             Phase("full_tune", tune_steps, full)]
+
+
+def student_config(settings, wallclock: bool = False) -> StudentConfig:
+    """The student run that `JuicerSettings` describe: the token budget, or with `wallclock` the
+    equal wall-clock budget (`training.wallclock_s`)."""
+    t = settings.training
+    arch = load_student_arch(t.student)
+    return StudentConfig(arch=arch, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps,
+                         schedule=t.schedule, rho=settings.saliency.rho,
+                         budget_tokens=t.budget_full_steps * t.batch_size * (arch.grid ** 2 + 1),
+                         wallclock_s=t.wallclock_s if wallclock else None,
+                         full_tune_fraction=t.full_tune_fraction, eval_points=t.eval_points, device=t.device,
+                         precision=t.precision, threads=t.threads)
 
 
 _CLIP_LOSS = ClipLoss()
@@ -206,8 +221,9 @@ def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None,
             idx = order[cursor:cursor + cfg.batch_size]
             cursor += cfg.batch_size
             kept_module.indices = _indices(data, idx, phase, n_patches, gen)
-            images = normalise_batch(data.images[idx]).to(device)
-            loss = clip_loss(model, images, data.tokens[idx].long().to(device))
+            images = normalise_batch(data.images[idx].to(device))
+            with autocast(device, cfg.precision):
+                loss = clip_loss(model, images, data.tokens[idx].long().to(device))
             opts.zero_grad()
             loss.backward()
             opts.step()
@@ -300,7 +316,7 @@ def evaluate_student(model, tokenizer, ev: EvalSet, device: str = "cpu", salient
         for i in range(0, len(u8), 512):
             kept_module.indices = kept[i:i + 512] if salient_only else None
             t0 = time.perf_counter()
-            out.append(F.normalize(model.encode_image(normalise_batch(u8[i:i + 512]).to(dev)), dim=-1).cpu())
+            out.append(F.normalize(model.encode_image(normalise_batch(u8[i:i + 512].to(dev))), dim=-1).cpu())
             seconds[0] += time.perf_counter() - t0
             seconds[1] += len(u8[i:i + 512])
         kept_module.indices = None

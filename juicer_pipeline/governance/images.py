@@ -1,6 +1,7 @@
 """Decoding and verifying images: one place, so ingestion and every later stage agree."""
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -122,11 +123,22 @@ def to_uint8_chw(img: Image.Image, size: int | None = None):
 
 
 def normalise_batch(images_u8):
-    """uint8 [B, 3, H, W] -> float, normalised as every model here was trained (OpenAI statistics)."""
+    """uint8 [B, 3, H, W] -> float, normalised as every model here was trained (OpenAI statistics),
+    on the batch's own device (moving uint8 to a GPU first moves a quarter of the bytes)."""
     import torch
 
     from ..models.loader import OPENAI_MEAN, OPENAI_STD
 
-    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(OPENAI_MEAN, device=images_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=images_u8.device).view(1, 3, 1, 1)
     return (images_u8.float() / 255.0 - mean) / std
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for a forward pass: "fp32" runs as is; "bf16"/"fp16" under torch.autocast."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,7 +1,6 @@
 """Driving the governor over a partition: batches in, saliency + embeddings + classes out."""
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator
 
 import numpy as np
@@ -10,7 +9,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from .images import load_rgb
+from .images import autocast, load_rgb
 from .saliency import METHODS, VisionPass
 
 SALIENCY_SCHEMA = pa.schema(
@@ -34,13 +33,6 @@ def iter_valid_images(raw_samples: str, batch_size: int) -> Iterator[tuple[list[
                 ids, images = [], []
     if ids:
         yield ids, images
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def score_batch(fm, vision: VisionPass, images: list[Image.Image], precision: str = "fp32"):
