@@ -21,12 +21,12 @@ CONFIG_ENV = "JUICER_CONFIG"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    # keys that only steer asset checks: they change no asset's output, so they stay out of the
-    # hash (changing one never makes a stage unsynced)
-    _check_only: ClassVar[frozenset[str]] = frozenset()
+    # keys that change no asset's output (they steer asset checks, or how fast a stage runs), so
+    # they stay out of the hash: changing one never makes a stage unsynced
+    _unhashed: ClassVar[frozenset[str]] = frozenset()
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.model_dump(mode="json", exclude=set(self._check_only)), sort_keys=True)
+        payload = json.dumps(self.model_dump(mode="json", exclude=set(self._unhashed)), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -43,8 +43,10 @@ class IngestSettings(_Section):
     quarantine_alarm: float = Field(0.5, gt=0.0, le=1.0, description="the raw_samples check `quarantine_share` "
                                                                       "fails when this share of a drop or more "
                                                                       "is quarantined (check only: not hashed)")
+    workers: int = Field(2, ge=1, description="threads that decode, hash and fingerprint images; rows and "
+                                              "their order are the same for any value (not hashed)")
 
-    _check_only: ClassVar[frozenset[str]] = frozenset({"quarantine_alarm"})
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"quarantine_alarm", "workers"})
 
     @model_validator(mode="after")
     def _sides_ordered(self):

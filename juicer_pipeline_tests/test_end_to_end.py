@@ -1,19 +1,16 @@
 """Slow end-to-end tests: the demo command and the real Dagster UI server."""
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from juicer_pipeline.cli import main
 from juicer_pipeline.storage import Catalog
+
+from .helpers import DagsterDev
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,63 +33,6 @@ def test_demo_generates_world_juices_drops_and_prints_summary(data_dir, tmp_path
     # a second run reuses the world and replaces rows instead of adding them
     assert main(args) == 0
     assert Catalog(data_dir / "catalog.duckdb").query("SELECT count(*) AS n FROM samples").n[0] == 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DagsterDev:
-    """`dagster dev` on a free loopback port, in its own process group so that it can be killed whole
-    (it does not exit promptly on SIGINT)."""
-
-    def __init__(self, data_dir: Path, home: Path):
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
-        self.port = _free_port()
-        env = {**os.environ, "DAGSTER_HOME": str(home), "JUICER_DATA_DIR": str(data_dir)}
-        dagster = Path(sys.executable).with_name("dagster")
-        self.proc = subprocess.Popen([str(dagster), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1",
-                                      "-p", str(self.port)], cwd=REPO, env=env, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def query(self, query: str, variables: dict | None = None) -> dict:
-        body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/graphql", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            out = json.loads(resp.read())
-        assert "errors" not in out, out
-        return out["data"]
-
-    def wait_ready(self, timeout: float = 120) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                data = self.query("""{ repositoriesOrError { ... on RepositoryConnection { nodes {
-                    name location { name } sensors { name sensorState { status } } jobs { name }
-                    schedules { name scheduleState { status } } } } }
-                    assetNodes { assetKey { path } partitionDefinition { description } } }""")
-                if data["repositoriesOrError"]["nodes"]:
-                    return data
-            except (OSError, AssertionError):
-                pass
-            time.sleep(2)
-        raise AssertionError(f"the UI did not answer GraphQL within {timeout} s")
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
 
 
 @pytest.fixture

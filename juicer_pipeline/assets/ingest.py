@@ -39,7 +39,8 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
         stats, preview, thumbs = IngestStats(), [], []
         t0 = time.perf_counter()
         with wh.stream_table("raw_samples", drop_id, RAW_SAMPLES_SCHEMA) as writer:
-            for batch in ingest_batches(source, drop_id, limits, cfg.max_caption_chars, stats, cfg.batch_rows):
+            for batch in ingest_batches(source, drop_id, limits, cfg.max_caption_chars, stats, cfg.batch_rows,
+                                        cfg.workers):
                 writer.write_batch(batch)
                 _collect_previews(batch, preview, thumbs)
                 context.log.info(f"{drop_id}: {stats.n_samples} samples read, {stats.n_quarantined} quarantined")

@@ -99,7 +99,8 @@ def build_training_assets(settings: JuicerSettings) -> list:
             source = open_drop(folder)
             stats = IngestStats()
             with wh.stream_table("eval_sets", kind, RAW_SAMPLES_SCHEMA) as writer:
-                for batch in ingest_batches(source, f"eval-{kind}", ImageLimits(), 4000, stats):
+                for batch in ingest_batches(source, f"eval-{kind}", ImageLimits(), 4000, stats,
+                                            workers=settings.ingest.workers):
                     writer.write_batch(batch)
             counts[kind] = stats.n_valid
             context.log.info(f"eval set {kind} ({folder}): {stats.n_valid} valid of {stats.n_samples}")

@@ -6,9 +6,10 @@ does. Rows stream out in batches so memory stays bounded whatever the drop size.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 
@@ -59,12 +60,17 @@ def sample_id_for(drop_id: str, local_id: str) -> str:
 
 
 def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_caption_chars: int,
-                   stats: IngestStats, batch_rows: int = 512) -> Iterator[pa.RecordBatch]:
+                   stats: IngestStats, batch_rows: int = 512, workers: int = 1) -> Iterator[pa.RecordBatch]:
+    """Rows of the drop, in record order. `workers` threads inspect images (decode, hash,
+    fingerprint: Pillow and hashlib release the GIL there); the decisions that depend on earlier
+    rows (repeated ids, repeated content) are taken here, in order, so the rows are the same for
+    any number of workers."""
     seen_hashes: set[str] = set()
     seen_ids: dict[str, int] = {}  # local id -> how many later duplicates it has had
     batch: list[dict] = []
-    for rec in iter_records(source, limits.max_file_bytes):
-        row = _row(rec, drop_id, limits, max_caption_chars, seen_hashes, seen_ids)
+    records = iter_records(source, limits.max_file_bytes)
+    for rec, seen in _inspect_all(records, limits, workers):
+        row = _row(rec, seen, drop_id, max_caption_chars, seen_hashes, seen_ids)
         stats.n_samples += 1
         stats.bytes += row["n_bytes"] or 0
         if row["status"] == "valid":
@@ -79,13 +85,55 @@ def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_ca
         yield pa.RecordBatch.from_pylist(batch, schema=RAW_SAMPLES_SCHEMA)
 
 
-def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: int,
+@dataclass(frozen=True)
+class Inspection:
+    """What one record's bytes are, found without looking at any other record."""
+    content_hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    format: str | None = None
+    thumbprint: bytes | None = None
+    rejected: ImageRejected | None = None
+
+
+def inspect_image(data: bytes | None, limits: ImageLimits) -> Inspection:
+    digest = hashlib.sha256(data).hexdigest() if data is not None else None
+    try:
+        decoded = decode_image(data, limits)
+    except ImageRejected as exc:
+        return Inspection(content_hash=digest, rejected=exc)
+    return Inspection(digest, decoded.width, decoded.height, decoded.mode, decoded.format,
+                      thumbprint(decoded.image))
+
+
+def _inspect_all(records: Iterable[RawRecord], limits: ImageLimits,
+                 workers: int) -> Iterator[tuple[RawRecord, Inspection]]:
+    """(record, inspection) in record order. With workers > 1 a bounded window of records is in
+    flight (reading stays on this thread, so tar members are read in order and memory stays flat)."""
+    if workers <= 1:
+        for rec in records:
+            yield rec, inspect_image(rec.image_bytes, limits)
+        return
+    window: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
+        for rec in records:
+            window.append((rec, pool.submit(inspect_image, rec.image_bytes, limits)))
+            if len(window) >= 8 * workers:
+                done, future = window.popleft()
+                yield done, future.result()
+        while window:
+            done, future = window.popleft()
+            yield done, future.result()
+
+
+def _row(rec: RawRecord, seen: Inspection, drop_id: str, max_caption_chars: int,
          seen_hashes: set[str], seen_ids: dict[str, int]) -> dict:
     data = rec.image_bytes
     repeated_id = _claim_id(rec, seen_ids)
     row = {
         "sample_id": sample_id_for(drop_id, rec.local_id), "drop_id": drop_id, "local_id": rec.local_id,
-        "path": rec.path, "content_hash": hashlib.sha256(data).hexdigest() if data is not None else None,
+        "path": rec.path, "content_hash": seen.content_hash,
         "n_bytes": len(data) if data is not None else None, "width": None, "height": None, "mode": None,
         "format": None, "raw_caption": raw_caption_text(rec.caption), "caption": None, "url": rec.url,
         "label": rec.label, "status": "valid", "quarantine_reason": None, "quarantine_detail": None,
@@ -97,14 +145,15 @@ def _row(rec: RawRecord, drop_id: str, limits: ImageLimits, max_caption_chars: i
             raise ImageRejected("duplicate_sample_id", f"{repeated_id!r} appears earlier in the drop")
         if rec.fetch_error:
             raise ImageRejected(rec.fetch_error, rec.fetch_detail or rec.path)
-        decoded = decode_image(data, limits)
-        row.update(width=decoded.width, height=decoded.height, mode=decoded.mode, format=decoded.format)
+        if seen.rejected is not None:
+            raise seen.rejected
+        row.update(width=seen.width, height=seen.height, mode=seen.mode, format=seen.format)
         row["caption"] = normalise_caption(rec.caption, max_caption_chars)
         if row["content_hash"] in seen_hashes:
             raise ImageRejected("duplicate_content", f"same bytes as an earlier sample ({row['content_hash'][:12]})")
         seen_hashes.add(row["content_hash"])
         row["image"] = data
-        row["thumbprint"] = thumbprint(decoded.image)
+        row["thumbprint"] = seen.thumbprint
     except (ImageRejected, CaptionRejected) as exc:
         row.update(status="quarantined", quarantine_reason=exc.reason, quarantine_detail=str(exc), caption=None)
     return row
