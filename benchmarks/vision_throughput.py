@@ -2,8 +2,7 @@
 
     .venv/bin/python benchmarks/vision_throughput.py --samples 2000 [--source world] [--device cpu]
     # the GPU preset at ViT-B/16 scale (any open_clip ViT-B-16 weights file)
-    python benchmarks/vision_throughput.py --source open_clip:ViT-B-16:vit_b_16.pt --device cuda --precision bf16 \
-        --batch-size 512 --workers 12
+    python benchmarks/vision_throughput.py --source open_clip:ViT-B-16:vit_b_16.pt --device cuda --precision bf16 --batch-size 512
 
 Both sides start from the same stored image bytes and include decoding and preprocessing; the
 bare side then calls `model.encode_image` on the batch, the stage side does everything the asset
@@ -36,15 +35,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    ap.add_argument("--workers", type=int, default=1, help="governor.workers: decoding/preprocessing threads")
     a = ap.parse_args()
 
     from juicer_pipeline.governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
     from juicer_pipeline.governance.drop_sources import open_drop
     from juicer_pipeline.governance.images import ImageLimits, autocast
     from juicer_pipeline.governance.saliency import VisionPass
-    from juicer_pipeline.governance.vision import (SALIENCY_SCHEMA, image_pool, iter_valid_images,
-                                                   saliency_record_batch, score_batch)
+    from juicer_pipeline.governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_record_batch,
+                                                   score_batch)
     from juicer_pipeline.models.loader import load_foundation_model
     from juicer_pipeline.storage import Warehouse
     from juicer_pipeline.world import DropConfig, generate_drop
@@ -66,10 +64,9 @@ def main() -> None:
 
         def bare() -> int:
             n = 0
-            with torch.inference_mode(), autocast(fm.device, a.precision), image_pool(a.workers) as pool:
-                for _, images in iter_valid_images(raw, a.batch_size, pool):
-                    x = torch.stack(list(pool.map(fm.preprocess, images)) if pool else
-                                    [fm.preprocess(im) for im in images]).to(fm.device)
+            with torch.inference_mode(), autocast(fm.device, a.precision):
+                for _, images in iter_valid_images(raw, a.batch_size):
+                    x = torch.stack([fm.preprocess(im) for im in images]).to(fm.device)
                     fm.model.encode_image(x)
                     n += len(images)
             _sync()
@@ -78,10 +75,9 @@ def main() -> None:
         def stage() -> int:
             n = 0
             vision = VisionPass(fm.model)
-            with wh.stream_table("patch_saliency", "bench", SALIENCY_SCHEMA) as w, image_pool(a.workers) as pool:
-                for ids, images in iter_valid_images(raw, a.batch_size, pool):
-                    out = score_batch(fm, vision, images, a.precision, pool)
-                    w.write_batch(saliency_record_batch(ids, fm.grid, out))
+            with wh.stream_table("patch_saliency", "bench", SALIENCY_SCHEMA) as w:
+                for ids, images in iter_valid_images(raw, a.batch_size):
+                    w.write_batch(saliency_record_batch(ids, fm.grid, score_batch(fm, vision, images, a.precision)))
                     n += len(ids)
             vision.close()
             return n
@@ -96,7 +92,7 @@ def main() -> None:
     best = {k: max(v) for k, v in results.items()}
     device = torch.cuda.get_device_name(fm.device) if fm.device.type == "cuda" else "cpu"
     print(f"device {device}, {a.precision}, governor {fm.model_id[:12]} ({a.source}), {n} images, "
-          f"batch {a.batch_size}, {torch.get_num_threads()} torch threads, {a.workers} image worker(s)")
+          f"batch {a.batch_size}, {torch.get_num_threads()} threads")
     print(f"bare batched forward : {best['bare']:.1f} images/s")
     print(f"patch_saliency stage : {best['stage']:.1f} images/s")
     print(f"ratio stage/bare     : {best['stage'] / best['bare']:.3f}   (best of {a.repeats} interleaved runs each)")

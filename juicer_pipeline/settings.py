@@ -62,10 +62,6 @@ class GovernorSettings(_Section):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     batch_size: int = Field(256, ge=1)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    workers: int = Field(1, ge=1, description="threads that decode and preprocess images for the governor (a GPU "
-                                              "needs several to stay busy); same outputs for any value")
-
-    _unhashed: ClassVar[frozenset[str]] = frozenset({"workers"})
 
 
 SaliencyMethod = Literal["cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness"]

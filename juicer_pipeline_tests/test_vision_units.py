@@ -194,32 +194,3 @@ def test_smoothing_keeps_flat_maps_flat_and_spreads_a_peak_to_its_neighbours():
     out = _smooth(peak, (4, 4)).reshape(4, 4)
     assert out[1, 1] == pytest.approx(0.25) and out[0, 1] == pytest.approx(0.125) and out[0, 0] == pytest.approx(0.0625)
     assert out[3, 3] == 0 and out.sum() == pytest.approx(1.0)
-
-
-def test_image_workers_change_no_score(tmp_path):
-    """Decoding and preprocessing on threads (governor.workers) gives the same batches, in order,
-    and the same saliency and embeddings as on one thread."""
-    from juicer_pipeline.governance.drop_sources import open_drop
-    from juicer_pipeline.governance.images import ImageLimits
-    from juicer_pipeline.governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
-    from juicer_pipeline.governance.vision import image_pool, iter_valid_images, score_batch
-    from juicer_pipeline.world import DropConfig, generate_drop
-    import pyarrow.parquet as pq
-
-    drop = generate_drop(tmp_path / "d", DropConfig(n_samples=40, broken_rate=0.1, seed=2)).path
-    raw = tmp_path / "raw.parquet"
-    pq.write_table(pa.Table.from_batches(list(ingest_batches(open_drop(drop), "d", ImageLimits(), 4000, IngestStats())),
-                                         RAW_SAMPLES_SCHEMA), raw)
-    fm = load_foundation_model("world")
-    vision = VisionPass(fm.model)
-    results = []
-    for workers in (1, 3):
-        with image_pool(workers) as pool:
-            results.append([(ids, score_batch(fm, vision, images, pool=pool))
-                            for ids, images in iter_valid_images(str(raw), 16, pool)])
-    vision.close()
-    (one, three) = results
-    assert [ids for ids, _ in one] == [ids for ids, _ in three] and sum(len(ids) for ids, _ in one) > 30
-    for (_, a), (_, b) in zip(one, three):
-        assert torch.equal(a.embeddings, b.embeddings)
-        assert all(torch.equal(a.saliency[m], b.saliency[m]) for m in a.saliency)

@@ -15,8 +15,8 @@ from ..governance.images import load_rgb
 from ..governance.prompts import abstain_embedding, class_embeddings
 from ..governance.pruning import keep_top
 from ..governance.saliency import VisionPass
-from ..governance.vision import (SALIENCY_SCHEMA, image_pool, iter_valid_images, saliency_record_batch,
-                                 score_batch, stored_vectors)
+from ..governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_record_batch, score_batch,
+                                 stored_vectors)
 from ..models.loader import cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP, SHARED
 from ..settings import JuicerSettings, code_version
@@ -125,9 +125,9 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         vision = VisionPass(fm.model)
         t0, n = time.perf_counter(), 0
         try:
-            with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer, image_pool(gov.workers) as pool:
-                for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size, pool):
-                    out = score_batch(fm, vision, images, gov.precision, pool)
+            with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer:
+                for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size):
+                    out = score_batch(fm, vision, images, gov.precision)
                     writer.write_batch(saliency_record_batch(ids, fm.grid, out))
                     n += len(ids)
                     context.log.info(f"{drop}: {n} images scored")

@@ -1,8 +1,6 @@
 """Driving the governor over a partition: batches in, saliency + embeddings + classes out."""
 from __future__ import annotations
 
-import contextlib
-from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -20,37 +18,25 @@ SALIENCY_SCHEMA = pa.schema(
 )
 
 
-def image_pool(workers: int):
-    """Threads that decode and preprocess images for the governor (Pillow releases the GIL), so
-    that one host thread does not starve a GPU; with 1 worker everything stays on this thread."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="images") if workers > 1 else contextlib.nullcontext()
-
-
-def _map(fn, items: list, pool: Executor | None) -> list:
-    return list(pool.map(fn, items)) if pool is not None else [fn(x) for x in items]
-
-
-def iter_valid_images(raw_samples: str, batch_size: int,
-                      pool: Executor | None = None) -> Iterator[tuple[list[str], list[Image.Image]]]:
+def iter_valid_images(raw_samples: str, batch_size: int) -> Iterator[tuple[list[str], list[Image.Image]]]:
     """Valid samples of a raw_samples Parquet file, decoded, in batches (bounded memory)."""
     pf = pq.ParquetFile(raw_samples)
-    ids, blobs = [], []
+    ids, images = [], []
     for batch in pf.iter_batches(batch_size=batch_size, columns=["sample_id", "status", "image"]):
         for sid, status, data in zip(*(batch.column(i).to_pylist() for i in range(3))):
             if status != "valid":
                 continue
             ids.append(sid)
-            blobs.append(data)
+            images.append(load_rgb(data))
             if len(ids) == batch_size:
-                yield ids, _map(load_rgb, blobs, pool)
-                ids, blobs = [], []
+                yield ids, images
+                ids, images = [], []
     if ids:
-        yield ids, _map(load_rgb, blobs, pool)
+        yield ids, images
 
 
-def score_batch(fm, vision: VisionPass, images: list[Image.Image], precision: str = "fp32",
-                pool: Executor | None = None):
-    x = torch.stack(_map(fm.preprocess, images, pool)).to(fm.device)
+def score_batch(fm, vision: VisionPass, images: list[Image.Image], precision: str = "fp32"):
+    x = torch.stack([fm.preprocess(im) for im in images]).to(fm.device)
     with autocast(fm.device, precision):
         return vision.run(x)
 
