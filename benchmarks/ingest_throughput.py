@@ -1,12 +1,13 @@
 """Ingestion throughput and peak memory of the `raw_samples` stage vs a bare PIL decode.
 
-    .venv/bin/python benchmarks/ingest_throughput.py --samples 10000
+    .venv/bin/python benchmarks/ingest_throughput.py --samples 10000 [--workers 1 2]
 
 Generates a world drop in a temporary data dir, then in separate processes (so each peak RSS is
-its own): (1) a bare PIL loop that reads, decodes and converts every image file of the drop;
-(2) the full `raw_samples` asset through Dagster (manifest, checks, hashing, Parquet, catalog);
-(3) the same asset on a drop 1/5 the size, to show memory does not grow with the drop.
-Prints samples/s, the throughput ratio stage/bare, and peak RSS of each.
+its own): (1) a bare PIL loop that reads, decodes and converts every image file of the drop, on
+one thread; (2) the full `raw_samples` asset through Dagster (manifest, checks, hashing,
+thumbprints, Parquet, catalog) once per `ingest.workers` value; (3) the same asset on a drop 1/5
+the size, to show memory does not grow with the drop. Prints samples/s, the throughput ratio
+stage/bare for each worker count, and peak RSS of each.
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def bare_pil(drop: Path) -> dict:
             "peak_rss_mb": _peak_rss_mb()}
 
 
-def stage(data_dir: Path, drop: str) -> dict:
+def stage(data_dir: Path, drop: str, workers: int) -> dict:
     os.environ["JUICER_DATA_DIR"] = str(data_dir)
+    (data_dir / "juicer.toml").write_text(f"[ingest]\nworkers = {workers}\n")
     from dagster import AssetKey, DagsterInstance
 
     from juicer_pipeline.definitions import DROP_JOB_NAME, build_definitions
@@ -81,11 +83,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=10000)
     ap.add_argument("--format", choices=["folder"], default="folder")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="ingest.workers values to measure")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         mode, *rest = a.child
-        print(json.dumps(bare_pil(Path(rest[0])) if mode == "pil" else stage(Path(rest[0]), rest[1])))
+        print(json.dumps(bare_pil(Path(rest[0])) if mode == "pil" else stage(Path(rest[0]), rest[1], int(rest[2]))))
         return
 
     from juicer_pipeline.world import DropConfig, generate_drop
@@ -96,16 +99,19 @@ def main() -> None:
         small = generate_drop(data / "drops" / "small", DropConfig(n_samples=a.samples // 5, seed=12, drop_index=1))
         print(f"generated {big.n_samples} + {small.n_samples} samples ({big.images_per_second:.0f} images/s)")
         pil = _child("pil", str(big.path))
-        full = _child("stage", str(data), "big")
-        fifth = _child("stage", str(data), "small")
-    print(f"bare PIL decode   : {pil['files']} files in {pil['seconds']:.2f}s = {pil['per_s']:.0f} files/s, "
+        full = {w: _child("stage", str(data), "big", str(w)) for w in a.workers}
+        fifth = _child("stage", str(data), "small", str(a.workers[-1]))
+    print(f"bare PIL decode (1 thread): {pil['files']} files in {pil['seconds']:.2f}s = {pil['per_s']:.0f} files/s, "
           f"peak RSS {pil['peak_rss_mb']:.0f} MB")
-    print(f"raw_samples stage : {full['samples']} samples in {full['seconds']:.2f}s = {full['per_s']:.0f} samples/s, "
-          f"peak RSS {full['peak_rss_mb']:.0f} MB (process with Dagster loaded: {full['rss_before_mb']:.0f} MB)")
+    for w, r in full.items():
+        print(f"raw_samples, {w} worker(s): {r['samples']} samples in {r['seconds']:.2f}s = "
+              f"{r['per_s']:.0f} samples/s, peak RSS {r['peak_rss_mb']:.0f} MB (process with Dagster loaded: {r['rss_before_mb']:.0f} MB)")
     print(f"raw_samples 1/5   : {fifth['samples']} samples, peak RSS {fifth['peak_rss_mb']:.0f} MB")
-    print(f"throughput ratio stage/bare PIL: {full['per_s'] / pil['per_s']:.2f}")
-    print(f"peak RSS growth from {fifth['samples']} to {full['samples']} samples: "
-          f"{full['peak_rss_mb'] - fifth['peak_rss_mb']:+.0f} MB")
+    for w, r in full.items():
+        print(f"throughput ratio stage/bare PIL, {w} worker(s): {r['per_s'] / pil['per_s']:.2f}")
+    last = full[a.workers[-1]]
+    print(f"peak RSS growth from {fifth['samples']} to {last['samples']} samples: "
+          f"{last['peak_rss_mb'] - fifth['peak_rss_mb']:+.0f} MB")
 
 
 if __name__ == "__main__":
