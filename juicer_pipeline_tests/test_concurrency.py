@@ -98,9 +98,10 @@ def test_four_drops_juiced_at_once_beside_a_reader_equal_a_serial_run(data_dir, 
     stop = tmp_path / "stop-reader"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(data_dir), str(stop)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    # four runs at a time; the automation sensor's daemon is off so that only the drop sensor launches
+    # four runs at a time; the asset daemon (which evaluates the automation sensor) is off, so that
+    # only the drop sensor launches runs
     server = DagsterDev(data_dir, tmp_path / "dagster_home", max_concurrent_runs=4,
-                        extra_yaml="auto_materialize:\n  enabled: false\n")
+                        extra_yaml="auto_materialize:\n  enabled: false\n  use_sensors: false\n")
     try:
         server.wait_ready()
         deadline, runs = time.time() + 900, []
