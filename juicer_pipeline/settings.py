@@ -124,8 +124,8 @@ class CaptionSettings(_Section):
 
 class TrainingSettings(_Section):
     """Student CLIPs trained per recipe. The defaults are the CPU preset. There is no `preset` key
-    (unknown keys are rejected): for a CUDA machine set the GPU values as explicit keys, e.g.
-    `device = "cuda"`, `batch_size = 512`, `student = "world-m"`, `budget_full_steps = 3000`."""
+    (unknown keys are rejected): the GPU preset is a settings file, `deploy/gpu.toml` (`device =
+    "cuda"`, `precision = "bf16"`, `student = "vit-b-16"`, ...)."""
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     sieve_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of samples the sieve keeps")
