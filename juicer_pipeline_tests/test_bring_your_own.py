@@ -7,6 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from dagster import AssetCheckSeverity
 
 from juicer_pipeline.definitions import GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
 from juicer_pipeline.settings import (CaptionSettings, ClassSettings, GovernorSettings, JuicerSettings,
@@ -97,6 +98,10 @@ def test_real_architectures_run_the_whole_chain(data_dir, instance, vit_b16, tmp
     assert all(len(k) == 98 for k in pruned.column("kept").to_pylist())  # ⌈0.5 × 196⌉ on the governor's grid
     captions = pq.read_table(wh / "enriched_captions" / "d.parquet").to_pandas()
     assert len(captions) == 48 and captions.enriched_caption.map(bool).all()
+    # a randomly initialised governor knows no domain: its similarity check can only warn
+    similarity = {c.check_name: c for c in result.get_asset_check_evaluations()}["similarity_not_worse"]
+    assert similarity.metadata["governor_knows_domain"].value is False
+    assert similarity.severity == AssetCheckSeverity.WARN
     # one recipe through training: the student's 8×8 grid gets kept sets resampled from the 14×14 maps
     assert defs.resolve_job_def(RECIPES_JOB_NAME).execute_in_process(
         instance=instance, partition_key="datajuicer", run_config=QUIET).success

@@ -1,6 +1,7 @@
 """Caption refiners: the rules table, and the transformers backend with a tiny local model."""
 import math
 
+import numpy as np
 import pytest
 
 from juicer_pipeline.assets.text import object_vocabulary
@@ -108,3 +109,19 @@ def test_transformers_backend_keeps_valid_outputs(tiny_lm, monkeypatch):
 def test_transformers_backend_needs_a_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="caption model folder not found"):
         TransformersRefiner(tmp_path / "nope", VOCAB)
+
+
+def test_matched_caption_percentile_tells_a_domain_model_from_chance():
+    from juicer_pipeline.governance.metrics import matched_caption_percentile
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(300, 32))
+    aligned = images + 0.3 * rng.normal(size=images.shape)  # a model that knows the pairs
+    assert matched_caption_percentile(images, aligned) > 0.95
+    unrelated = rng.normal(size=images.shape)  # a model that does not: chance
+    assert abs(matched_caption_percentile(images, unrelated) - 0.5) < 0.05
+    same = np.tile(rng.normal(size=(1, 32)), (300, 1))  # one caption for every image: ties count half
+    assert matched_caption_percentile(images, same) == 0.5
+    assert np.isnan(matched_caption_percentile(images[:1], aligned[:1]))
+    # bounded cost: a subset spread over the set, still deciding the same way
+    assert matched_caption_percentile(images, aligned, max_samples=50) > 0.9
