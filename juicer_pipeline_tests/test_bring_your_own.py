@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from dagster import AssetCheckSeverity
+from dagster import AssetCheckSeverity, AssetKey
 
 from juicer_pipeline.definitions import GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
 from juicer_pipeline.settings import (CaptionSettings, ClassSettings, GovernorSettings, JuicerSettings,
@@ -110,3 +110,45 @@ def test_real_architectures_run_the_whole_chain(data_dir, instance, vit_b16, tmp
     ck = Catalog(data_dir / "catalog.duckdb").query("SELECT record FROM checkpoints WHERE recipe = 'datajuicer'")
     phases = json.loads(ck.record[0])["phases"]
     assert phases[0]["tokens_per_image"] == 33  # ⌈0.5 × 64⌉ + CLS on the student's grid
+
+
+def _juice_real_photos(data_dir, instance, settings) -> dict:
+    defs = build_definitions(settings, data_dir)
+    assert defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(
+        instance=instance, run_config=QUIET, asset_selection=[AssetKey("governor")]).success
+    result = run_drop(data_dir, instance, "photos", settings, assets=None)
+    assert result.success
+    captions = pq.read_table(data_dir / "warehouse" / "enriched_captions" / "photos.parquet").to_pandas()
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    for row in captions.head(4).itertuples():  # an excerpt, shown with -s
+        print(f"{row.sample_id}: {row.raw_caption!r} -> {row.enriched_caption!r} ({row.caption_version})")
+    print({name: (c.passed, c.severity.value) for name, c in sorted(checks.items())})
+    return {"captions": captions, "checks": checks,
+            "raw": pq.read_table(data_dir / "warehouse" / "raw_samples" / "photos.parquet").to_pandas()}
+
+
+@pytest.mark.slow
+def test_real_photos_in_img2dataset_layout_are_juiced_end_to_end(data_dir, instance, vit_b16, tmp_path):
+    """18 photographs (scikit-image, scikit-learn) as an img2dataset shard with hand-written
+    captions: juiced by the bring-your-own models with a vocabulary of real classes, and by the world
+    governor; neither governor knows these photos, so the similarity check can only warn."""
+    from .real_photos import PHOTOS, VOCABULARY, write_real_photo_drop
+
+    write_real_photo_drop(data_dir / "drops" / "photos")
+    vocabulary = tmp_path / "photo-classes.txt"
+    vocabulary.write_text(VOCABULARY)
+    byo = JuicerSettings(
+        governor=GovernorSettings(source=f"open_clip:ViT-B-16:{vit_b16 / 'vit_b_16.bin'}", batch_size=8),
+        classes=ClassSettings(vocabulary=str(vocabulary), fallback_tau=0.2),
+        captions=CaptionSettings(backend="transformers", model_path=str(tiny_seq2seq(tmp_path / "lm")), batch_size=8,
+                                 max_new_tokens=8))
+    for settings in (byo, JuicerSettings()):
+        out = _juice_real_photos(data_dir, instance, settings)
+        raw = out["raw"]
+        assert len(raw) == len(PHOTOS) and (raw.status == "valid").all()  # grey JPEGs included
+        assert set(raw["mode"]) == {"RGB", "L"}
+        assert len(out["captions"]) == len(PHOTOS) and out["captions"].enriched_caption.map(str.strip).all()
+        assert all(c.passed for name, c in out["checks"].items() if name != "similarity_not_worse")
+        similarity = out["checks"]["similarity_not_worse"]
+        assert similarity.metadata["governor_knows_domain"].value is False, similarity.metadata
+        assert similarity.severity == AssetCheckSeverity.WARN
