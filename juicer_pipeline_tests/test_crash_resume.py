@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterInstance
+from dagster import AssetCheckSeverity, DagsterInstance
 
 from juicer_pipeline.storage import Catalog
 from juicer_pipeline.world import DropConfig, generate_drop
@@ -71,10 +71,13 @@ def _outputs(data_dir: Path) -> dict:
     return {"tables": tables, "samples": samples, "lineage": lineage}
 
 
-def _juice(root: Path) -> None:
+def _juice(root: Path) -> dict:
+    """Juice drop d with the world governor; {check name: evaluation}."""
     with DagsterInstance.ephemeral() as inst:
         assert run_governor(root, inst, JuicerSettings()).success
-        assert run_drop(root, inst, "d", assets=None).success
+        result = run_drop(root, inst, "d", assets=None)
+        assert result.success
+        return {c.check_name: c for c in result.get_asset_check_evaluations()}
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +87,16 @@ def uninterrupted(tmp_path_factory):
     old = os.environ.get("JUICER_DATA_DIR")
     os.environ["JUICER_DATA_DIR"] = str(root)
     try:
-        _juice(root)
+        checks = _juice(root)
     finally:
         os.environ.pop("JUICER_DATA_DIR") if old is None else os.environ.update(JUICER_DATA_DIR=old)
-    return root, _outputs(root)
+    return root, _outputs(root), checks
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("killed_in", ["raw_samples", "patch_saliency"])
 def test_killed_stage_reruns_to_the_uninterrupted_result(tmp_path, killed_in, monkeypatch, uninterrupted):
-    clean, want = uninterrupted
+    clean, want, _ = uninterrupted
     crashed = tmp_path / "crashed"
     shutil.copytree(clean / "drops", crashed / "drops")
     _kill_when_writing(crashed, killed_in)
@@ -108,3 +111,15 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(tmp_path, killed_in, mo
     assert got["samples"].sample_id.is_unique
     assert got["lineage"].equals(want["lineage"])
     assert not list((crashed / "warehouse").rglob("*.tmp"))  # the killed run's temporary file is gone
+
+
+@pytest.mark.slow
+def test_world_governor_knows_world_drops(uninterrupted):
+    """The world governor ranks a world drop's own captions far above chance, so there its
+    similarity check is an error when it fails (on real photos it only warns: test_bring_your_own)."""
+    checks = uninterrupted[2]
+    similarity = checks["similarity_not_worse"]
+    print("matched caption percentile:", similarity.metadata["matched_caption_percentile"].value)
+    assert similarity.metadata["governor_knows_domain"].value is True
+    assert similarity.severity == AssetCheckSeverity.ERROR
+    assert all(c.passed for c in checks.values()), {n: c.passed for n, c in checks.items()}

@@ -51,5 +51,6 @@ def matched_caption_percentile(image_emb: np.ndarray, text_emb: np.ndarray, max_
     idx = np.unique(np.linspace(0, n - 1, min(n, max_samples)).round().astype(int))
     sims = np.asarray(image_emb)[idx] @ np.asarray(text_emb)[idx].T
     own = np.diag(sims)[:, None]
-    below, ties = (sims < own).sum(1), (sims == own).sum(1) - 1
+    tied = np.isclose(sims, own, rtol=1e-5, atol=1e-6)  # equal captions: equal up to the matmul's rounding
+    below, ties = ((sims < own) & ~tied).sum(1), tied.sum(1) - 1
     return float(np.mean((below + 0.5 * ties) / (len(idx) - 1)))
