@@ -48,11 +48,11 @@ READER = textwrap.dedent("""
                 most = max(most, con.execute("SELECT count(*) FROM samples").fetchone()[0])
             files = [str(p) for p in (data / "warehouse" / "raw_samples").glob("*.parquet")]
             if files:
-                duckdb.sql(f"SELECT count(*) FROM read_parquet({files})").fetchone()
+                duckdb.sql(f"SELECT count(*) FROM read_parquet({files})").fetchall()
             reads += 1
         except Exception as exc:  # every failure is reported, none hidden
             errors.append(f"{type(exc).__name__}: {exc}")
-        time.sleep(0.1)
+        time.sleep(0.5)
     print(json.dumps({"reads": reads, "errors": errors, "lock_retries": len(retries), "most_samples": most}))
 """)
 
