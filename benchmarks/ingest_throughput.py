@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _measure import peak_rss_mb
 
-def _peak_rss_mb() -> float:
-    """This process's own high-water RSS (VmHWM; ru_maxrss would include the parent's before exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 
 def bare_pil(drop: Path) -> dict:
@@ -47,7 +42,7 @@ def bare_pil(drop: Path) -> dict:
             pass
     seconds = time.perf_counter() - t0
     return {"files": len(files), "decoded": n, "seconds": seconds, "per_s": len(files) / seconds,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def stage(data_dir: Path, drop: str, workers: int) -> dict:
@@ -61,7 +56,7 @@ def stage(data_dir: Path, drop: str, workers: int) -> dict:
     job = defs.resolve_job_def(DROP_JOB_NAME)
     with DagsterInstance.ephemeral() as inst:
         inst.add_dynamic_partitions("drops", [drop])
-        rss_before = _peak_rss_mb()
+        rss_before = peak_rss_mb()
         t0 = time.perf_counter()
         # raw_samples alone: the later stages need a governor and are not what this measures
         result = job.execute_in_process(partition_key=drop, instance=inst, asset_selection=[AssetKey("raw_samples")],
@@ -70,7 +65,7 @@ def stage(data_dir: Path, drop: str, workers: int) -> dict:
     meta = result.asset_materializations_for_node("raw_samples")[0].metadata
     n = meta["samples"].value
     return {"samples": n, "valid": meta["valid"].value, "seconds": seconds, "per_s": n / seconds,
-            "rss_before_mb": rss_before, "peak_rss_mb": _peak_rss_mb()}
+            "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
 
 
 def _child(mode: str, *args: str) -> dict:

@@ -14,23 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _measure import peak_rss_mb
+
 STAGES = ("raw_samples", "patch_saliency")
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-def _peak_rss_mb() -> float:
-    """This process's own high-water RSS (VmHWM; ru_maxrss would include the parent's before exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _run(data_dir: Path, what: str, drop: str | None) -> dict:
@@ -47,7 +42,7 @@ def _run(data_dir: Path, what: str, drop: str | None) -> dict:
                 instance=inst, asset_selection=[AssetKey("governor")], run_config=QUIET).success
             return {"ok": ok}
         inst.add_dynamic_partitions("drops", [drop])
-        rss_before = _peak_rss_mb()
+        rss_before = peak_rss_mb()
         t0 = time.perf_counter()
         result = defs.resolve_job_def(DROP_JOB_NAME).execute_in_process(
             partition_key=drop, instance=inst, asset_selection=[AssetKey(what)], run_config=QUIET)
@@ -55,7 +50,7 @@ def _run(data_dir: Path, what: str, drop: str | None) -> dict:
     meta = result.asset_materializations_for_node(what)[0].metadata
     n = meta["samples"].value if "samples" in meta else meta["images"].value
     return {"ok": result.success, "samples": n, "seconds": seconds, "rss_before_mb": rss_before,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _child(*args: str) -> dict:

@@ -12,19 +12,13 @@ their ratio (target ≥ 0.9) and the peak RSS of the process.
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _measure import peak_rss_mb
 
 
 def main() -> None:
@@ -96,7 +90,7 @@ def main() -> None:
     print(f"bare batched forward : {best['bare']:.1f} images/s")
     print(f"patch_saliency stage : {best['stage']:.1f} images/s")
     print(f"ratio stage/bare     : {best['stage'] / best['bare']:.3f}   (best of {a.repeats} interleaved runs each)")
-    print(f"peak RSS             : {_hwm_mb():.0f} MB")
+    print(f"peak RSS             : {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":
