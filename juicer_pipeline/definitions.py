@@ -14,7 +14,8 @@ from .assets.vision import build_vision_assets
 from .assets.partitions import drops_partitions
 from .assets.resources import StorageResource
 from .automation.schedules import build_retrain_schedule
-from .automation.sensors import build_drop_sensor
+from .automation.sensors import build_commit_sensor, build_drop_sensor
+from .execution import build_executor
 from .settings import JuicerSettings, load_settings
 from .storage import default_data_dir
 
@@ -51,13 +52,15 @@ def build_definitions(settings: JuicerSettings | None = None, data_dir: Path | N
         asset_checks=build_checks(settings),
         jobs=[drop_job, governor_job, recipes_job, compare_job],
         sensors=[build_drop_sensor(drop_job),
+                 build_commit_sensor(settings.catalog.commit_interval_s, settings.catalog.writes == "commit_records"),
                  AutomationConditionSensorDefinition(
                      "automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING,
                      description="Re-materialises stale or missing per-drop partitions and shared assets "
                                  "(see juicer_pipeline/automation/conditions.py).")],
         schedules=[build_retrain_schedule(recipes_job, settings.training.schedule_cron)],
-        resources={"storage": StorageResource(data_dir=str(data_dir),
-                                              lock_timeout_s=settings.catalog.lock_timeout_s)},
+        resources={"storage": StorageResource(data_dir=str(data_dir), lock_timeout_s=settings.catalog.lock_timeout_s,
+                                              writes=settings.catalog.writes)},
+        executor=build_executor(settings.execution),
     )
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -164,6 +164,23 @@ class CatalogSettings(_Section):
 
     lock_timeout_s: float = Field(120.0, gt=0, description="how long a writer backs off (jittered, exponential) "
                                                             "on lock or write conflicts before CatalogLocked")
+    writes: Literal["direct", "commit_records"] = Field(
+        "direct", description="direct: each per-drop step writes the catalog itself (one machine). "
+                              "commit_records: it writes a commit record beside its Parquet, and the "
+                              "catalog_committer sensor folds records into the catalog, the only writer "
+                              "(workers on many machines; see docs/architecture.md)")
+    commit_interval_s: int = Field(5, ge=1, description="how often the catalog_committer sensor folds records")
+
+
+class ExecutionSettings(_Section):
+    """Which Dagster executor runs the steps of every job. Changes no asset's output."""
+
+    executor: Literal["multiprocess", "in_process", "celery", "k8s"] = Field(
+        "multiprocess", description="multiprocess: Dagster's default, one process per step on this machine; "
+                                    "celery: dagster-celery workers behind a broker; k8s: one Kubernetes "
+                                    "job per step (dagster-k8s)")
+    config: dict[str, Any] = Field(default_factory=dict, description="the executor's own config block, "
+                                                                     "validated against its schema at load")
 
 
 class JuicerSettings(_Section):
@@ -174,6 +191,7 @@ class JuicerSettings(_Section):
     captions: CaptionSettings = CaptionSettings()
     training: TrainingSettings = TrainingSettings()
     catalog: CatalogSettings = CatalogSettings()
+    execution: ExecutionSettings = ExecutionSettings()
 
 
 class SettingsError(ValueError):

@@ -50,39 +50,17 @@ def build_checks(settings: JuicerSettings) -> list:
     def rows_in_rows_out(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
         drop = context.partition_key
         path = str(storage.warehouse.partition_path("raw_samples", drop))
+        if storage.uses_commit_records:
+            # this worker never opens the catalog: compare with the counts it committed; the
+            # committer inserts the `samples` rows from this same Parquet file
+            entry = storage.commit_log.latest("replace_drop", drop)
+            counted = tuple(entry["drop"][k] for k in ("n_samples", "n_valid", "n_quarantined")) if entry else None
+            with duckdb.connect() as con:
+                return _rows_in_rows_out(con, drop, path, counted, against_catalog=False)
         with storage.catalog.connect(read_only=True) as con:
             counted = con.execute("SELECT n_samples, n_valid, n_quarantined FROM drops WHERE drop_id = ?",
                                   [drop]).fetchone()
-            out = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'valid'), "
-                              "count(*) FILTER (WHERE status = 'quarantined') FROM read_parquet(?)",
-                              [path]).fetchone()
-            not_in_parquet = con.execute(
-                "SELECT sample_id FROM samples WHERE drop_id = ? "
-                "EXCEPT SELECT sample_id FROM read_parquet(?) ORDER BY 1", [drop, path]).fetchall()
-            not_in_catalog = con.execute(
-                "SELECT sample_id FROM read_parquet(?) "
-                "EXCEPT SELECT sample_id FROM samples WHERE drop_id = ? ORDER BY 1", [path, drop]).fetchall()
-            duplicated = con.execute("SELECT sample_id FROM read_parquet(?) GROUP BY sample_id "
-                                     "HAVING count(*) > 1 ORDER BY 1", [path]).fetchall()
-            unexplained = con.execute(
-                "SELECT sample_id FROM read_parquet(?) WHERE status IS NULL "
-                "OR status NOT IN ('valid', 'quarantined') "
-                "OR (status = 'quarantined' AND coalesce(quarantine_reason, '') = '') ORDER BY 1",
-                [path]).fetchall()
-        if counted is None:
-            return AssetCheckResult(passed=False, metadata={
-                "rows_out": out[0], "note": f"no `drops` catalog row for {drop}: ingestion did not record it"})
-        rows_in, valid_in, quarantined_in = counted
-        problems = {"missing_from_parquet": [r[0] for r in not_in_parquet],
-                    "missing_from_catalog": [r[0] for r in not_in_catalog],
-                    "duplicated": [r[0] for r in duplicated],
-                    "no_status_or_reason": [r[0] for r in unexplained]}
-        offending = sorted({s for ids in problems.values() for s in ids})
-        passed = not offending and tuple(out) == (rows_in, valid_in, quarantined_in)
-        return AssetCheckResult(passed=passed, metadata={
-            "rows_in": rows_in, "rows_out": out[0], "valid": out[1], "quarantined": out[2],
-            "valid_counted": valid_in, "quarantined_counted": quarantined_in,
-            **{k: _ids(v) for k, v in problems.items() if v}, "offending_samples": _ids(offending)})
+            return _rows_in_rows_out(con, drop, path, counted, against_catalog=True)
 
     @asset_check(asset="raw_samples", partitions_def=drops_partitions, blocking=False,
                  description=f"The quarantined share of the drop is under `ingest.quarantine_alarm` ({alarm:g}).")
@@ -221,3 +199,35 @@ def build_checks(settings: JuicerSettings) -> list:
 
     return [rows_in_rows_out, quarantine_share, one_row_per_valid_image, finite_values, classes_in_vocabulary,
             probs_at_least_tau, coverage, retention, no_empty_caption, eval_disjoint]
+
+
+def _rows_in_rows_out(con, drop: str, path: str, counted, against_catalog: bool) -> AssetCheckResult:
+    out = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'valid'), "
+                      "count(*) FILTER (WHERE status = 'quarantined') FROM read_parquet(?)", [path]).fetchone()
+    if counted is None:
+        return AssetCheckResult(passed=False, metadata={
+            "rows_out": out[0], "note": f"no `drops` row for {drop} (catalog or commit record): "
+                                        "ingestion did not record it"})
+    problems = {}
+    if against_catalog:
+        problems["missing_from_parquet"] = con.execute(
+            "SELECT sample_id FROM samples WHERE drop_id = ? "
+            "EXCEPT SELECT sample_id FROM read_parquet(?) ORDER BY 1", [drop, path]).fetchall()
+        problems["missing_from_catalog"] = con.execute(
+            "SELECT sample_id FROM read_parquet(?) "
+            "EXCEPT SELECT sample_id FROM samples WHERE drop_id = ? ORDER BY 1", [path, drop]).fetchall()
+    problems["duplicated"] = con.execute("SELECT sample_id FROM read_parquet(?) GROUP BY sample_id "
+                                         "HAVING count(*) > 1 ORDER BY 1", [path]).fetchall()
+    problems["no_status_or_reason"] = con.execute(
+        "SELECT sample_id FROM read_parquet(?) WHERE status IS NULL "
+        "OR status NOT IN ('valid', 'quarantined') "
+        "OR (status = 'quarantined' AND coalesce(quarantine_reason, '') = '') ORDER BY 1", [path]).fetchall()
+    problems = {k: [r[0] for r in v] for k, v in problems.items()}
+    rows_in, valid_in, quarantined_in = counted
+    offending = sorted({s for ids in problems.values() for s in ids})
+    passed = not offending and tuple(out) == (rows_in, valid_in, quarantined_in)
+    return AssetCheckResult(passed=passed, metadata={
+        "rows_in": rows_in, "rows_out": out[0], "valid": out[1], "quarantined": out[2],
+        "valid_counted": valid_in, "quarantined_counted": quarantined_in,
+        "counted_in": "catalog" if against_catalog else "commit record",
+        **{k: _ids(v) for k, v in problems.items() if v}, "offending_samples": _ids(offending)})

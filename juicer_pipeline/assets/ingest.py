@@ -10,7 +10,7 @@ from ..governance.images import ImageLimits, load_rgb
 from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
 from ..automation.conditions import RERUN_ON_SETTINGS
 from ..settings import JuicerSettings, code_version
-from ..storage import LineageRow, replace_drop, write_lineage
+from ..storage import LineageRow, drop_op, lineage_op
 from .partitions import drops_partitions
 from .resources import StorageResource
 from .ui import image_strip, markdown_table, png_markdown
@@ -51,8 +51,7 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
                     "n_quarantined": stats.n_quarantined, "bytes": stats.bytes, "run_id": context.run.run_id}
         lineage = LineageRow("raw_samples", drop_id, [f"drop:{source.root}/{s}" for s in source.describe()],
                              context.run.run_id, version, cfg.config_hash())
-        storage.catalog.write(lambda con: (replace_drop(con, drop_row, path), write_lineage(con, lineage)))
-        storage.catalog.refresh_views(wh.tables_dir)
+        storage.commit([drop_op(drop_row, path), lineage_op(lineage)])
         return MaterializeResult(metadata=_metadata(stats, seconds, path, preview, thumbs))
 
     return [raw_samples]

@@ -4,7 +4,9 @@ from pathlib import Path
 
 from dagster import ConfigurableResource, InitResourceContext
 
-from ..storage import Catalog, Warehouse
+from ..storage import Catalog, CommitLog, Warehouse, apply_ops
+
+_MIGRATED: set[str] = set()  # catalogs this process has brought to the current schema
 
 
 class StorageResource(ConfigurableResource):
@@ -12,6 +14,7 @@ class StorageResource(ConfigurableResource):
 
     data_dir: str
     lock_timeout_s: float = 120.0  # settings: [catalog] lock_timeout_s
+    writes: str = "direct"  # settings: [catalog] writes ('direct' | 'commit_records')
 
     @property
     def warehouse(self) -> Warehouse:
@@ -19,7 +22,39 @@ class StorageResource(ConfigurableResource):
 
     @property
     def catalog(self) -> Catalog:
-        return Catalog(self.warehouse.catalog_path, lock_timeout_s=self.lock_timeout_s)
+        catalog = Catalog(self.warehouse.catalog_path, lock_timeout_s=self.lock_timeout_s)
+        if self.uses_commit_records and str(catalog.path) not in _MIGRATED:
+            # only shared steps (governor, training) and the committer reach the catalog in this
+            # mode: they run where it lives, and migrate it on first use
+            catalog.migrate()
+            _MIGRATED.add(str(catalog.path))
+        return catalog
+
+    @property
+    def commit_log(self) -> CommitLog:
+        return CommitLog(self.warehouse.commits_dir)
+
+    @property
+    def uses_commit_records(self) -> bool:
+        return self.writes == "commit_records"
+
+    def commit(self, ops: list[dict]) -> None:
+        """Record a per-drop step's catalog rows: directly in one transaction, or as a commit record
+        that the catalog_committer folds (then this step never opens the catalog)."""
+        if self.uses_commit_records:
+            self.commit_log.submit(ops)
+            return
+        self.catalog.write(lambda con: apply_ops(con, ops))
+        self.catalog.refresh_views(self.warehouse.tables_dir)
+
+    def fold_commits(self):
+        """The committer's work: fold pending records, then refresh the Parquet views."""
+        report = self.commit_log.fold(self.catalog)
+        if report.folded or report.already:
+            self.catalog.refresh_views(self.warehouse.tables_dir)
+        return report
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        self.catalog.migrate()
+        # workers that write commit records never open the catalog, not even to migrate it
+        if not self.uses_commit_records:
+            self.catalog.migrate()

@@ -13,7 +13,7 @@ from ..governance.vision import stored_vectors
 from ..models.loader import cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP
 from ..settings import ClassSettings, JuicerSettings, code_version
-from ..storage import LineageRow, write_lineage
+from ..storage import LineageRow, lineage_op
 from .partitions import drops_partitions
 from .resources import StorageResource
 from .vocabulary import class_vocabulary, vocabulary_fingerprint
@@ -91,10 +91,9 @@ def build_text_assets(settings: JuicerSettings) -> list:
             "sim_before": sim_before.astype(np.float32), "sim_after": sim_after.astype(np.float32)}, schema=SCHEMA)
         version = context.assets_def.code_versions_by_key[context.asset_key]
         path = wh.write_table("enriched_captions", drop, table)
-        storage.catalog.write(lambda con: write_lineage(con, LineageRow(
+        storage.commit([lineage_op(LineageRow(
             "enriched_captions", drop, [f"raw_samples/{drop}", f"extracted_classes/{drop}", f"patch_saliency/{drop}"],
-            context.run.run_id, version, cap.config_hash(), fm.model_id)))
-        storage.catalog.refresh_views(wh.tables_dir)
+            context.run.run_id, version, cap.config_hash(), fm.model_id))])
         mean_before = float(np.mean(sim_before)) if ids else 0.0
         mean_after = float(np.mean(sim_after)) if ids else 0.0
         fallbacks = Counter(r.fallback_reason for r in refined if r.fallback_reason)

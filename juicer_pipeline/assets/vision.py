@@ -20,7 +20,7 @@ from ..governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_re
 from ..models.loader import cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP, SHARED
 from ..settings import JuicerSettings, code_version
-from ..storage import LineageRow, atomic_path, upsert_model, write_lineage
+from ..storage import LineageRow, atomic_path, lineage_op, upsert_model, write_lineage
 from ..governance.vocabulary import ClassVocabulary
 from .partitions import drops_partitions
 from .resources import StorageResource
@@ -54,8 +54,7 @@ def _version(context) -> str:
 
 
 def _commit_lineage(storage: StorageResource, row: LineageRow) -> None:
-    storage.catalog.write(lambda con: write_lineage(con, row))
-    storage.catalog.refresh_views(storage.warehouse.tables_dir)
+    storage.commit([lineage_op(row)])
 
 
 def read_governor_record(storage: StorageResource) -> dict:

@@ -27,3 +27,19 @@ def build_drop_sensor(job):
         )
 
     return drop_sensor
+
+
+def build_commit_sensor(interval_s: int, enabled: bool):
+    """The one catalog writer when workers write commit records (`[catalog] writes`): the daemon
+    evaluates a sensor in one process at a time, so folds are serial by construction."""
+    @sensor(minimum_interval_seconds=interval_s,
+            default_status=DefaultSensorStatus.RUNNING if enabled else DefaultSensorStatus.STOPPED,
+            description="Folds the commit records that per-drop steps write (with `[catalog] writes = "
+                        "\"commit_records\"`) into the DuckDB catalog, oldest first, one transaction each.")
+    def catalog_committer(context: SensorEvaluationContext, storage: StorageResource):
+        if not storage.uses_commit_records:
+            return SkipReason("[catalog] writes = 'direct': steps write the catalog themselves")
+        report = storage.fold_commits()
+        return SkipReason(str(report))
+
+    return catalog_committer

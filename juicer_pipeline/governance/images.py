@@ -5,8 +5,12 @@ import contextlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # imported lazily at run time: ingestion workers never load torch
+    import torch
 
 
 # What a drop may hold. Multi-frame files (animated GIF, multi-page TIFF) count by their first
@@ -134,7 +138,7 @@ def normalise_batch(images_u8):
     return (images_u8.float() / 255.0 - mean) / std
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: "torch.device", precision: str):
     """Mixed precision for a forward pass: "fp32" runs as is; "bf16"/"fp16" under torch.autocast."""
     import torch
 

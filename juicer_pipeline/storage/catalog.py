@@ -160,6 +160,15 @@ MIGRATIONS: list[tuple[int, str]] = [
     ALTER TABLE checkpoints ADD COLUMN budget VARCHAR DEFAULT 'tokens';
     UPDATE checkpoints SET budget = 'tokens';
     """),
+    # Commit records folded by the committer (storage/commits.py): a record's id is written in the
+    # same transaction as its rows, so no record is ever applied twice.
+    (6, """
+    CREATE TABLE commits (
+        commit_id VARCHAR PRIMARY KEY,        -- '<submission time ns>-<random>'
+        n_ops INTEGER NOT NULL,
+        folded_at TIMESTAMP NOT NULL
+    );
+    """),
 ]
 
 

@@ -6,6 +6,7 @@ Layout under the data root (``JUICER_DATA_DIR``, default ``./data``)::
     world/                      the synthetic world's corpus and held-out sets
     warehouse/<asset>/<partition>.parquet
     catalog.duckdb
+    commits/pending|folded/     commit records, with [catalog] writes = "commit_records"
 """
 from __future__ import annotations
 
@@ -73,6 +74,10 @@ class Warehouse:
     @property
     def tables_dir(self) -> Path:
         return self.root / "warehouse"
+
+    @property
+    def commits_dir(self) -> Path:
+        return self.root / "commits"
 
     @property
     def catalog_path(self) -> Path:
