@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 
-from .storage import Catalog, CatalogLocked, Warehouse, default_data_dir
+from .storage import Catalog, CatalogLocked, CommitLog, Warehouse, default_data_dir
 from .world import CaptionCorruption, DropConfig, demo_drop_configs, generate_corpus, generate_drop, generate_eval_set
 
 log = logging.getLogger("juicer")
@@ -117,7 +117,34 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="drops, sample counts and quarantine reasons from the catalog")
     status.set_defaults(func=cmd_status)
+
+    catalog = sub.add_parser("catalog", help="the catalog's commit records").add_subparsers(required=True,
+                                                                                          metavar="what")
+    fold = catalog.add_parser("fold", help="fold pending commit records into the catalog (what the "
+                                           "catalog_committer sensor does), once or every --every seconds")
+    fold.add_argument("--every", type=float, default=None, help="keep folding at this interval until stopped")
+    fold.set_defaults(func=cmd_catalog_fold)
     return p
+
+
+def cmd_catalog_fold(a) -> None:
+    """The committer outside the Dagster daemon: run only one per catalog (folds are idempotent, but
+    a second committer only adds lock waits)."""
+    import json
+    import signal
+
+    from .assets.resources import StorageResource
+
+    storage = StorageResource(data_dir=str(default_data_dir()), writes="commit_records")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    while True:
+        report = storage.fold_commits()
+        print(json.dumps({"folded": report.folded, "already": report.already, "pending": report.pending,
+                          "lock_backoffs": report.lock_backoffs}), flush=True)
+        if a.every is None or stop:
+            return
+        time.sleep(a.every)
 
 
 def cmd_world_drop(a) -> None:
@@ -400,8 +427,11 @@ def _snapshot_catalog(wh: Warehouse) -> Catalog:
 
     if not wh.catalog_path.exists():
         raise FileNotFoundError(f"no catalog at {wh.catalog_path}: run `make demo` or materialise a drop first")
-    timeout = load_settings(data_dir=wh.root).catalog.lock_timeout_s
-    return Catalog(Catalog(wh.catalog_path, lock_timeout_s=timeout).snapshot())
+    settings = load_settings(data_dir=wh.root).catalog
+    live = Catalog(wh.catalog_path, lock_timeout_s=settings.lock_timeout_s)
+    if settings.writes == "commit_records" and live.snapshot_path.exists():
+        return Catalog(live.snapshot_path)  # the committer publishes it after every fold: the live file stays its own
+    return Catalog(live.snapshot())
 
 
 def cmd_status(a) -> None:
@@ -412,6 +442,10 @@ def cmd_status(a) -> None:
           .to_string(index=False))
     print(cat.query("SELECT drop_id, quarantine_reason, count(*) AS n FROM samples WHERE status = 'quarantined' "
                     "GROUP BY ALL ORDER BY 1, 3 DESC").to_string(index=False))
+    pending = CommitLog(wh.commits_dir).pending()
+    if pending:
+        print(f"{len(pending)} commit record(s) not yet folded into the catalog (catalog_committer sensor, "
+              f"or `juicer catalog fold`)")
     print(reader_recipe(wh, snap))
 
 

@@ -5,10 +5,12 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -123,3 +125,87 @@ class DagsterDev:
         except ProcessLookupError:
             pass
         self.proc.wait(10)
+
+
+def free_port() -> int:
+    return _free_port()
+
+
+def wait_for(check, timeout: float, what: str, every: float = 0.2) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+class RedisServer:
+    """Debian's redis-server on a free loopback port, nothing saved to disk."""
+
+    def __init__(self, workdir: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(workdir)], start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
+                                        text=True).stdout.strip() == "PONG", 30, "redis-server answering PING")
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql; `make test` does it)")
+    return str(found[-1])
+
+
+class PostgresServer:
+    """Debian's PostgreSQL in a temporary cluster on a free loopback port. initdb refuses to run as
+    root, so the cluster belongs to the `postgres` user when the tests run as root."""
+
+    USER = "dagster"
+
+    def __init__(self):
+        # its own folder under /tmp: the postgres user cannot enter pytest's root-only tmp_path
+        self.root = Path(tempfile.mkdtemp(prefix="juicer-pg-"))
+        self.root.chmod(0o755)
+        self.dir = self.root / "pgdata"
+        self.dir.mkdir()
+        self.port = _free_port()
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if as_postgres:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True, text=True)
+        self._run(_pg_bin("initdb"), "-D", str(self.dir), "-A", "trust", "-U", self.USER)
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.dir), "-l", str(self.dir / "server.log"), "-w", "-o",
+                  f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir}", "start")
+        self._run(_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.USER, "dagster")
+
+    def env(self) -> dict[str, str]:
+        """What deploy/postgres/dagster.yaml reads."""
+        return {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_USER": self.USER,
+                "DAGSTER_PG_PASSWORD": "unused-with-trust", "DAGSTER_PG_DB": "dagster"}
+
+    def stop(self) -> None:
+        try:
+            self._run(_pg_bin("pg_ctl"), "-D", str(self.dir), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -48,10 +48,14 @@ class StorageResource(ConfigurableResource):
         self.catalog.refresh_views(self.warehouse.tables_dir)
 
     def fold_commits(self):
-        """The committer's work: fold pending records, then refresh the Parquet views."""
-        report = self.commit_log.fold(self.catalog)
-        if report.folded or report.already:
-            self.catalog.refresh_views(self.warehouse.tables_dir)
+        """The committer's work: fold pending records, refresh the Parquet views, and publish a
+        snapshot for readers (catalog-snapshot.duckdb), so that no reader ever opens the live file
+        and the committer stays its only user."""
+        catalog = self.catalog
+        report = self.commit_log.fold(catalog)
+        if report.folded or report.already or not catalog.snapshot_path.exists():
+            catalog.refresh_views(self.warehouse.tables_dir)
+            catalog.snapshot()
         return report
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

@@ -176,6 +176,13 @@ class CatalogLocked(RuntimeError):
     pass
 
 
+_lock_backoffs = 0  # back-offs on lock or write conflicts in this process (reported by the committer)
+
+
+def lock_backoffs() -> int:
+    return _lock_backoffs
+
+
 @dataclass(frozen=True)
 class LineageRow:
     asset: str
@@ -237,6 +244,8 @@ class Catalog:
                 if left <= 0:
                     raise CatalogLocked(f"catalog {self.path} stayed locked for {self.lock_timeout_s:g} s "
                                         f"(catalog.lock_timeout_s): {exc}") from exc
+                global _lock_backoffs
+                _lock_backoffs += 1
                 delay = min(self.base_delay_s * 2 ** min(n, 10), self.max_delay_s) * random.uniform(0.5, 1.5)
                 log.info("catalog locked (attempt %d), retrying in %.2fs", n + 1, delay)
                 time.sleep(min(delay, max(left, 0.001)))
@@ -263,11 +272,15 @@ class Catalog:
                 return work(con)
         return self._retry_locked(once)
 
+    @property
+    def snapshot_path(self) -> Path:
+        return Path(self.path).with_name(SNAPSHOT_NAME)
+
     def snapshot(self, dest: Path | None = None) -> Path:
         """Copy the catalog to `dest` (default: catalog-snapshot.duckdb beside it) for readers outside
         the pipeline: they open the copy, so they never hold the lock that writers need. The copy
         is written to a temporary file and renamed, so an open snapshot is never half-written."""
-        dest = Path(dest) if dest is not None else Path(self.path).with_name(SNAPSHOT_NAME)
+        dest = Path(dest) if dest is not None else self.snapshot_path
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with self.connect() as con:  # read-write: ATTACH needs it; held only for the copy

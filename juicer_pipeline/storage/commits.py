@@ -23,7 +23,7 @@ from pathlib import Path
 
 import duckdb
 
-from .catalog import Catalog, LineageRow, replace_drop, write_lineage
+from .catalog import Catalog, LineageRow, lock_backoffs, replace_drop, write_lineage
 from .warehouse import atomic_path
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,11 @@ class FoldReport:
     folded: int        # records whose rows were written now
     already: int       # records found in `commits` already (a re-fold after a crash): moved, not re-applied
     pending: int       # records still waiting (written while this fold ran)
+    lock_backoffs: int  # this fold's waits on a catalog lock or write conflict (0 when it is the only writer)
 
     def __str__(self) -> str:
-        return f"folded {self.folded} commit record(s), {self.already} already in the catalog, {self.pending} pending"
+        return (f"folded {self.folded} commit record(s), {self.already} already in the catalog, "
+                f"{self.pending} pending, {self.lock_backoffs} lock back-off(s)")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class CommitLog:
     def fold(self, catalog: Catalog) -> FoldReport:
         """Fold every pending record, oldest first; the caller refreshes views afterwards."""
         folded = already = 0
+        backoffs_before = lock_backoffs()
         for path in self.pending():
             record = json.loads(path.read_text())
             if catalog.write(lambda con: _fold_one(con, record)):
@@ -95,7 +98,7 @@ class CommitLog:
                 already += 1
             self.folded_dir.mkdir(parents=True, exist_ok=True)
             os.replace(path, self.folded_dir / path.name)
-        report = FoldReport(folded, already, len(self.pending()))
+        report = FoldReport(folded, already, len(self.pending()), lock_backoffs() - backoffs_before)
         if folded or already:
             log.info("%s", report)
         return report
