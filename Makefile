@@ -6,7 +6,7 @@ PORT ?= 3000
 export JUICER_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(JUICER_DATA_DIR)/dagster_home
 
-.PHONY: install browser demo test test-fast ui clean-data
+.PHONY: install browser system-packages demo test test-fast ui clean-data
 
 install: $(STAMP)
 
@@ -22,12 +22,18 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/juicer demo
 
-# The browser tests drive Debian's headless Chromium: installed here, so `make test` passes alone.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+# Debian packages the tests start themselves on 127.0.0.1: headless Chromium (browser tests), Redis
+# (celery broker) and PostgreSQL (Dagster instance). Installed here, so `make test` passes alone.
+system-packages:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  if [ -n "$$missing" ]; then export DEBIAN_FRONTEND=noninteractive; echo "installing:$$missing"; \
+	    apt-get install -y -q $$missing >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; }; fi
 
-test: $(STAMP) browser
+browser: system-packages
+
+test: $(STAMP) system-packages
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: $(STAMP)
