@@ -133,9 +133,7 @@ def cmd_catalog_fold(a) -> None:
     import json
     import signal
 
-    from .assets.resources import StorageResource
-
-    storage = StorageResource(data_dir=str(default_data_dir()), writes="commit_records")
+    storage = _storage(writes="commit_records")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     while True:
@@ -337,13 +335,13 @@ def truth_report(wh: Warehouse, drop: str, rho: float, settings=None) -> str:
     lines = [f"saliency vs truth on {drop} (ρ={rho}, {int(table.images[0])} images):",
              table.drop(columns=["images"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
     classes_path = wh.partition_path("extracted_classes", drop)
-    if classes_path.exists():
+    if wh.exists(classes_path):
         c = class_table(drop_dir, classes_path, drop)
         lines.append(f"classes vs truth: precision {c['precision']:.3f}, recall {c['recall']:.3f} "
                      f"({c['true_positives']} correct, {c['false_positives']} wrong, {c['missed']} missed)")
         lines.append(_pooled_baseline_line(wh, drop_dir, drop, settings))
     captions_path = wh.partition_path("enriched_captions", drop)
-    if captions_path.exists():
+    if wh.exists(captions_path):
         from .world.truth_metrics import caption_table
 
         t = caption_table(drop_dir, captions_path, drop)
@@ -364,7 +362,7 @@ def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=Non
     from .world.truth_metrics import pooled_class_baseline
 
     settings = settings or load_settings(data_dir=wh.root)
-    record = _json.loads((wh.tables_dir / "governor" / "governor.json").read_text())
+    record = _json.loads(wh.read_text(wh.object_path("governor", "governor.json")))
     fm = cached_foundation_model(settings.governor.source, settings.governor.device)
     vocab = class_vocabulary(settings.classes)
     from .governance.classes import model_temperature
@@ -386,7 +384,7 @@ def cmd_truth(a) -> None:
 def cmd_lineage(a) -> None:
     from .storage.lineage import trace_back, trace_forward
 
-    cat = _snapshot_catalog(Warehouse(default_data_dir()))
+    cat = _snapshot_catalog(_storage().warehouse)
     try:
         if a.sample:
             out = trace_forward(cat, a.sample)
@@ -417,25 +415,34 @@ def cmd_lineage(a) -> None:
 def cmd_report(a) -> None:
     from .report import write_report
 
-    print(f"wrote {write_report(Warehouse(default_data_dir()), a.out)}")
+    print(f"wrote {write_report(_storage().warehouse, a.out)}")
+
+
+def _storage(**override):
+    """The storage resource of the data root and its settings (warehouse location, catalog mode)."""
+    from .assets.resources import StorageResource
+    from .settings import load_settings
+
+    data_dir = default_data_dir()
+    return StorageResource.from_settings(data_dir, load_settings(data_dir=data_dir), **override)
 
 
 def _snapshot_catalog(wh: Warehouse) -> Catalog:
     """A fresh snapshot of the catalog to read from: a long query or an open reader never holds
     the lock that pipeline writers need (the live file is locked only while it is copied)."""
-    from .settings import load_settings
-
     if not wh.catalog_path.exists():
         raise FileNotFoundError(f"no catalog at {wh.catalog_path}: run `make demo` or materialise a drop first")
-    settings = load_settings(data_dir=wh.root).catalog
-    live = Catalog(wh.catalog_path, lock_timeout_s=settings.lock_timeout_s)
-    if settings.writes == "commit_records" and live.snapshot_path.exists():
-        return Catalog(live.snapshot_path)  # the committer publishes it after every fold: the live file stays its own
-    return Catalog(live.snapshot())
+    storage = _storage()
+    fs = None if storage.warehouse.is_local else storage.warehouse.filesystem  # views read the tables
+    live = Catalog(wh.catalog_path, lock_timeout_s=storage.lock_timeout_s, filesystem=fs)
+    if storage.uses_commit_records and live.snapshot_path.exists():
+        # the committer publishes it after every fold: the live file stays the committer's own
+        return Catalog(live.snapshot_path, filesystem=fs)
+    return Catalog(live.snapshot(), filesystem=fs)
 
 
 def cmd_status(a) -> None:
-    wh = Warehouse(default_data_dir())
+    wh = _storage().warehouse
     cat = _snapshot_catalog(wh)  # read the copy: no lock on the live catalog while printing
     snap = cat.path
     print(cat.query("SELECT drop_id, format, n_samples, n_valid, n_quarantined, ingested_at FROM drops ORDER BY 1")

@@ -58,8 +58,7 @@ def build_definitions(settings: JuicerSettings | None = None, data_dir: Path | N
                      description="Re-materialises stale or missing per-drop partitions and shared assets "
                                  "(see juicer_pipeline/automation/conditions.py).")],
         schedules=[build_retrain_schedule(recipes_job, settings.training.schedule_cron)],
-        resources={"storage": StorageResource(data_dir=str(data_dir), lock_timeout_s=settings.catalog.lock_timeout_s,
-                                              writes=settings.catalog.writes)},
+        resources={"storage": StorageResource.from_settings(data_dir, settings)},
         executor=build_executor(settings.execution),
     )
 

@@ -20,9 +20,9 @@ def write_report(wh: Warehouse, out: Path | None = None) -> Path:
     ckpts = cat.query("SELECT recipe, seed, checkpoint_id, tokens_seen, samples_seen, wall_seconds FROM checkpoints "
                       "ORDER BY recipe, seed")
     gov = cat.query("SELECT model_id, source, tau FROM models WHERE role = 'governor' ORDER BY created_at DESC LIMIT 1")
-    chart = wh.tables_dir / "recipe_comparison" / "learning_curves_tokens.png"
-    img = (f'<img alt="learning curves" src="data:image/png;base64,{base64.b64encode(chart.read_bytes()).decode()}">'
-           if chart.exists() else "")
+    chart = wh.object_path("recipe_comparison", "learning_curves_tokens.png")
+    img = (f'<img alt="learning curves" src="data:image/png;base64,'
+           f'{base64.b64encode(wh.filesystem.cat_file(chart)).decode()}">' if wh.exists(chart) else "")
     rows = "".join(
         "<tr>" + f"<td>{html.escape(r['recipe'])}</td><td>{r['seeds']}</td><td>{r['tokens_seen']:,}</td>"
         f"<td>{r['samples_seen']:,}</td><td>{r['step_seconds']:.3f}</td>"

@@ -172,6 +172,28 @@ class CatalogSettings(_Section):
     commit_interval_s: int = Field(5, ge=1, description="how often the catalog_committer sensor folds records")
 
 
+class WarehouseSettings(_Section):
+    """Where the Parquet tables live. Moving them changes no asset's output."""
+
+    url: str | None = Field(None, description="unset: <data dir>/warehouse; or an fsspec URL every worker "
+                                               "reaches, e.g. s3://bucket/juicer (needs s3fs)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec, e.g. "
+                                                                              "endpoint_url, key, secret")
+
+    @model_validator(mode="after")
+    def _protocol_available(self):
+        if self.url:
+            import fsspec
+
+            protocol = fsspec.core.split_protocol(self.url)[0] or "file"
+            try:
+                fsspec.get_filesystem_class(protocol)
+            except (ImportError, ValueError) as exc:
+                raise ValueError(f"warehouse.url {self.url!r}: no filesystem for {protocol!r} ({exc}); for s3:// "
+                                 f"install the distributed extra: pip install -e '.[distributed]'") from exc
+        return self
+
+
 class ExecutionSettings(_Section):
     """Which Dagster executor runs the steps of every job. Changes no asset's output."""
 
@@ -191,6 +213,7 @@ class JuicerSettings(_Section):
     captions: CaptionSettings = CaptionSettings()
     training: TrainingSettings = TrainingSettings()
     catalog: CatalogSettings = CatalogSettings()
+    warehouse: WarehouseSettings = WarehouseSettings()
     execution: ExecutionSettings = ExecutionSettings()
 
 

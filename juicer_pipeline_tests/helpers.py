@@ -209,3 +209,33 @@ class PostgresServer:
             self._run(_pg_bin("pg_ctl"), "-D", str(self.dir), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+class MotoS3Server:
+    """moto's S3-compatible server on a free loopback port (no data leaves the process)."""
+
+    KEY, SECRET = "juicer-test", "juicer-test-secret"
+
+    def __init__(self):
+        self.port = _free_port()
+        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                      "-p", str(self.port)], start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/", timeout=2)
+                return True
+            except OSError:
+                return False
+        wait_for(answers, 60, "moto_server answering")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def storage_options(self) -> dict:
+        return {"endpoint_url": self.endpoint, "key": self.KEY, "secret": self.SECRET}
+
+    def stop(self) -> None:
+        _stop_group(self.proc)

@@ -1,7 +1,6 @@
 """Asset checks: each failing check names the offending sample ids in its metadata."""
 import math
 
-import duckdb
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,10 +22,16 @@ def _ids(values) -> str:
     return ", ".join(values[:_SHOW]) + (f" … (+{len(values) - _SHOW})" if len(values) > _SHOW else "")
 
 
-def _non_finite_ids(path, column: str, batch_rows: int = 4096) -> list[str]:
+def _sql(wh, sql: str, params: list):
+    """A query over warehouse tables (local or object storage), as a DataFrame."""
+    with wh.duckdb() as con:
+        return con.execute(sql, params).df()
+
+
+def _non_finite_ids(pf: pq.ParquetFile, column: str, batch_rows: int = 4096) -> list[str]:
     """Sample ids whose list column is null, empty, or holds a null, NaN or ±inf (streamed)."""
     bad = []
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["sample_id", column]):
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["sample_id", column]):
         values = batch.column(1)
         lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False)
         row_bad = lengths == 0
@@ -49,13 +54,13 @@ def build_checks(settings: JuicerSettings) -> list:
                              "catalog `samples` rows of the drop.")
     def rows_in_rows_out(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
         drop = context.partition_key
-        path = str(storage.warehouse.partition_path("raw_samples", drop))
+        path = storage.warehouse.partition_path("raw_samples", drop)
         if storage.uses_commit_records:
             # this worker never opens the catalog: compare with the counts it committed; the
             # committer inserts the `samples` rows from this same Parquet file
             entry = storage.commit_log.latest("replace_drop", drop)
             counted = tuple(entry["drop"][k] for k in ("n_samples", "n_valid", "n_quarantined")) if entry else None
-            with duckdb.connect() as con:
+            with storage.warehouse.duckdb() as con:
                 return _rows_in_rows_out(con, drop, path, counted, against_catalog=False)
         with storage.catalog.connect(read_only=True) as con:
             counted = con.execute("SELECT n_samples, n_valid, n_quarantined FROM drops WHERE drop_id = ?",
@@ -65,11 +70,10 @@ def build_checks(settings: JuicerSettings) -> list:
     @asset_check(asset="raw_samples", partitions_def=drops_partitions, blocking=False,
                  description=f"The quarantined share of the drop is under `ingest.quarantine_alarm` ({alarm:g}).")
     def quarantine_share(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
-        df = duckdb.execute("SELECT sample_id, quarantine_reason FROM read_parquet(?) "
-                            "WHERE status <> 'valid' ORDER BY sample_id",
-                            [str(storage.warehouse.partition_path("raw_samples", context.partition_key))]).df()
-        total = pq.ParquetFile(storage.warehouse.partition_path("raw_samples", context.partition_key)
-                               ).metadata.num_rows
+        df = _sql(storage.warehouse, "SELECT sample_id, quarantine_reason FROM read_parquet(?) "
+                                     "WHERE status <> 'valid' ORDER BY sample_id",
+                  [storage.warehouse.partition_path("raw_samples", context.partition_key)])
+        total = storage.warehouse.parquet_file("raw_samples", context.partition_key).metadata.num_rows
         share = len(df) / total if total else 0.0
         reasons = df.quarantine_reason.fillna("(none)").value_counts()
         return AssetCheckResult(passed=bool(share < alarm), metadata={
@@ -82,9 +86,8 @@ def build_checks(settings: JuicerSettings) -> list:
     def one_row_per_valid_image(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
         wh = storage.warehouse
         drop = context.partition_key
-        raw, sal = str(wh.partition_path("raw_samples", drop)), str(wh.partition_path("patch_saliency", drop))
-        con = duckdb.connect()
-        try:
+        raw, sal = wh.partition_path("raw_samples", drop), wh.partition_path("patch_saliency", drop)
+        with wh.duckdb() as con:
             q = lambda sql, params: [r[0] for r in con.execute(sql, params).fetchall()]  # noqa: E731
             missing = q("SELECT sample_id FROM read_parquet(?) WHERE status = 'valid' "
                         "EXCEPT SELECT sample_id FROM read_parquet(?) ORDER BY 1", [raw, sal])
@@ -95,8 +98,6 @@ def build_checks(settings: JuicerSettings) -> list:
             n_valid, n_rows = con.execute(
                 "SELECT (SELECT count(*) FROM read_parquet(?) WHERE status = 'valid'), "
                 "(SELECT count(*) FROM read_parquet(?))", [raw, sal]).fetchone()
-        finally:
-            con.close()
         offending = sorted({*missing, *extra, *twice})
         return AssetCheckResult(passed=not offending and n_valid == n_rows, metadata={
             "valid_images": n_valid, "rows": n_rows, "missing": _ids(missing), "not_valid_or_unknown": _ids(extra),
@@ -105,8 +106,8 @@ def build_checks(settings: JuicerSettings) -> list:
     @asset_check(asset="patch_saliency", partitions_def=drops_partitions, blocking=False,
                  description="The embedding and every saliency column are non-empty and all finite.")
     def finite_values(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
-        path = storage.warehouse.partition_path("patch_saliency", context.partition_key)
-        bad = {c: _non_finite_ids(path, c) for c in ("embedding", *METHODS)}
+        pf = storage.warehouse.parquet_file("patch_saliency", context.partition_key)
+        bad = {c: _non_finite_ids(pf, c) for c in ("embedding", *METHODS)}
         offending = sorted({s for ids in bad.values() for s in ids})
         return AssetCheckResult(passed=not offending, metadata={
             "columns": ", ".join(bad), **{f"non_finite_{c}": _ids(v) for c, v in bad.items() if v},
@@ -116,8 +117,8 @@ def build_checks(settings: JuicerSettings) -> list:
                  description="Every extracted class is a class of the configured vocabulary.")
     def classes_in_vocabulary(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
         shapes = set(class_vocabulary(settings.classes).names)
-        df = duckdb.execute("SELECT sample_id, classes FROM read_parquet(?)",
-                            [str(storage.warehouse.partition_path("extracted_classes", context.partition_key))]).df()
+        df = _sql(storage.warehouse, "SELECT sample_id, classes FROM read_parquet(?)",
+                  [storage.warehouse.partition_path("extracted_classes", context.partition_key)])
         unknown = {sid: [c for c in classes if c not in shapes]
                    for sid, classes in zip(df.sample_id, df.classes) if classes is not None}
         unknown = {s: u for s, u in unknown.items() if u}
@@ -134,8 +135,8 @@ def build_checks(settings: JuicerSettings) -> list:
         except FileNotFoundError as exc:
             return AssetCheckResult(passed=False, metadata={"note": str(exc)})
         tau = float(record["tau"])
-        df = duckdb.execute("SELECT sample_id, classes, probs FROM read_parquet(?)",
-                            [str(storage.warehouse.partition_path("extracted_classes", context.partition_key))]).df()
+        df = _sql(storage.warehouse, "SELECT sample_id, classes, probs FROM read_parquet(?)",
+                  [storage.warehouse.partition_path("extracted_classes", context.partition_key)])
         bad = []
         for sid, classes, probs in zip(df.sample_id, df.classes, df.probs):
             classes = [] if classes is None else list(classes)
@@ -152,13 +153,13 @@ def build_checks(settings: JuicerSettings) -> list:
     def coverage(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
         drop = context.partition_key
         wh = storage.warehouse
-        valid = set(duckdb.execute("SELECT sample_id FROM read_parquet(?) WHERE status = 'valid'",
-                                   [str(wh.partition_path("raw_samples", drop))]).df().sample_id)
+        valid = set(_sql(storage.warehouse, "SELECT sample_id FROM read_parquet(?) WHERE status = 'valid'",
+                         [wh.partition_path("raw_samples", drop)]).sample_id)
         missing = {}
         for asset in ("patch_saliency", "pruned_images", "extracted_classes", "enriched_captions"):
             path = wh.partition_path(asset, drop)
-            have = set(duckdb.execute("SELECT sample_id FROM read_parquet(?)", [str(path)]).df().sample_id) \
-                if path.exists() else set()
+            have = set(_sql(wh, "SELECT sample_id FROM read_parquet(?)", [path]).sample_id) \
+                if wh.exists(path) else set()
             if valid - have:
                 missing[asset] = sorted(valid - have)
         return AssetCheckResult(passed=not missing, metadata={
@@ -167,8 +168,8 @@ def build_checks(settings: JuicerSettings) -> list:
     @asset_check(asset="pruned_images", partitions_def=drops_partitions, blocking=False,
                  description="Each image keeps ⌈ρ·N⌉ patches (retention within one patch of ρ).")
     def retention(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
-        df = duckdb.execute("SELECT sample_id, n_kept, n_patches FROM read_parquet(?)",
-                            [str(storage.warehouse.partition_path("pruned_images", context.partition_key))]).df()
+        df = _sql(storage.warehouse, "SELECT sample_id, n_kept, n_patches FROM read_parquet(?)",
+                  [storage.warehouse.partition_path("pruned_images", context.partition_key)])
         expected = df.n_patches.map(lambda n: math.ceil(rho * n - 1e-9))
         bad = df[df.n_kept != expected]
         share = float(df.n_kept.sum() / max(df.n_patches.sum(), 1))
@@ -178,8 +179,8 @@ def build_checks(settings: JuicerSettings) -> list:
     @asset_check(asset="enriched_captions", partitions_def=drops_partitions, blocking=False,
                  description="No enriched caption is empty or whitespace.")
     def no_empty_caption(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
-        df = duckdb.execute("SELECT sample_id FROM read_parquet(?) WHERE trim(coalesce(enriched_caption, '')) = ''",
-                            [str(storage.warehouse.partition_path("enriched_captions", context.partition_key))]).df()
+        df = _sql(storage.warehouse, "SELECT sample_id FROM read_parquet(?) WHERE trim(coalesce(enriched_caption, '')) = ''",
+                  [storage.warehouse.partition_path("enriched_captions", context.partition_key)])
         return AssetCheckResult(passed=df.empty, metadata={"empty": len(df), "offending_samples": _ids(df.sample_id)})
 
     @asset_check(asset="training_set", blocking=True,
@@ -187,13 +188,13 @@ def build_checks(settings: JuicerSettings) -> list:
     def eval_disjoint(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
         wh = storage.warehouse
         members, evals = wh.asset_dir("training_set"), wh.asset_dir("eval_sets")
-        if not any(members.glob("*.parquet")) or not any(evals.glob("*.parquet")):
+        if not wh.partitions("training_set") or not wh.partitions("eval_sets"):
             return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN,
                                     metadata={"note": "no training set or eval set materialised yet"})
-        leaked = duckdb.execute(
-            "SELECT m.recipe_file, m.sample_id FROM (SELECT filename AS recipe_file, sample_id, content_hash "
-            "FROM read_parquet(?, filename = true)) m JOIN read_parquet(?) e USING (content_hash)",
-            [f"{members.as_posix()}/*.parquet", f"{evals.as_posix()}/*.parquet"]).df()
+        leaked = _sql(
+            wh, "SELECT m.recipe_file, m.sample_id FROM (SELECT filename AS recipe_file, sample_id, content_hash "
+                "FROM read_parquet(?, filename = true)) m JOIN read_parquet(?) e USING (content_hash)",
+            [f"{members}/*.parquet", f"{evals}/*.parquet"])
         return AssetCheckResult(passed=leaked.empty, metadata={"leaked": len(leaked),
                                                                "offending_samples": _ids(leaked.sample_id)})
 

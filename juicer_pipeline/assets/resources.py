@@ -15,14 +15,25 @@ class StorageResource(ConfigurableResource):
     data_dir: str
     lock_timeout_s: float = 120.0  # settings: [catalog] lock_timeout_s
     writes: str = "direct"  # settings: [catalog] writes ('direct' | 'commit_records')
+    warehouse_url: str = ""  # settings: [warehouse] url ('' = <data dir>/warehouse)
+    storage_options: dict = {}  # settings: [warehouse] storage_options (fsspec)
+
+    @classmethod
+    def from_settings(cls, data_dir: Path, settings, **override) -> "StorageResource":
+        """The resource for a data root and its settings (`JuicerSettings`), as the definitions build it."""
+        return cls(**{"data_dir": str(data_dir), "lock_timeout_s": settings.catalog.lock_timeout_s,
+                      "writes": settings.catalog.writes, "warehouse_url": settings.warehouse.url or "",
+                      "storage_options": settings.warehouse.storage_options, **override})
 
     @property
     def warehouse(self) -> Warehouse:
-        return Warehouse(Path(self.data_dir))
+        return Warehouse(Path(self.data_dir), self.warehouse_url or None, dict(self.storage_options))
 
     @property
     def catalog(self) -> Catalog:
-        catalog = Catalog(self.warehouse.catalog_path, lock_timeout_s=self.lock_timeout_s)
+        wh = self.warehouse
+        catalog = Catalog(wh.catalog_path, lock_timeout_s=self.lock_timeout_s,
+                          filesystem=None if wh.is_local else wh.filesystem)
         if self.uses_commit_records and str(catalog.path) not in _MIGRATED:
             # only shared steps (governor, training) and the committer reach the catalog in this
             # mode: they run where it lives, and migrate it on first use
@@ -45,7 +56,7 @@ class StorageResource(ConfigurableResource):
             self.commit_log.submit(ops)
             return
         self.catalog.write(lambda con: apply_ops(con, ops))
-        self.catalog.refresh_views(self.warehouse.tables_dir)
+        self.catalog.refresh_views(self.warehouse)
 
     def fold_commits(self):
         """The committer's work: fold pending records, refresh the Parquet views, and publish a
@@ -54,7 +65,7 @@ class StorageResource(ConfigurableResource):
         catalog = self.catalog
         report = self.commit_log.fold(catalog)
         if report.folded or report.already or not catalog.snapshot_path.exists():
-            catalog.refresh_views(self.warehouse.tables_dir)
+            catalog.refresh_views(self.warehouse)
             catalog.snapshot()
         return report
 

@@ -4,11 +4,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from dagster import (AllPartitionMapping, AssetDep, AssetExecutionContext, MaterializeResult, MetadataValue,
                      StaticPartitionsDefinition, asset)
@@ -26,7 +24,7 @@ from ..governance.training_set import assemble_training_set
 from ..models.loader import load_world_clip, save_world_clip
 from ..automation.conditions import FOLLOW_UPSTREAM, SHARED
 from ..settings import JuicerSettings, SaliencySettings, code_version
-from ..storage import LineageRow, atomic_path, replace_checkpoints, replace_training_set, write_lineage
+from ..storage import LineageRow, replace_checkpoints, replace_training_set, write_lineage
 from ..governance.vocabulary import ClassVocabulary
 from .resources import StorageResource
 from .vocabulary import class_vocabulary
@@ -52,16 +50,15 @@ def eval_folders(wh, tr) -> dict:
 def juiced_drops(storage: StorageResource) -> list[str]:
     """Drops with every per-drop input of a training set materialised."""
     wh = storage.warehouse
-    names = [{p.stem for p in wh.asset_dir(a).glob("*.parquet")} for a in PER_DROP_INPUTS]
+    names = [set(wh.partitions(a)) for a in PER_DROP_INPUTS]
     return sorted(set.intersection(*names)) if names else []
 
 
 def _samples_frame(storage: StorageResource, drops: list[str]) -> pd.DataFrame:
     """Every ingested sample of the drops, joined with its juice (DuckDB over the Parquet files)."""
     wh = storage.warehouse
-    files = {a: [str(wh.partition_path(a, d)) for d in drops] for a in PER_DROP_INPUTS}
-    con = duckdb.connect()
-    try:
+    files = {a: [wh.partition_path(a, d) for d in drops] for a in PER_DROP_INPUTS}
+    with wh.duckdb() as con:
         return con.execute("""
             SELECT r.sample_id, r.drop_id, r.content_hash, r.status, r.caption, r.thumbprint,
                    c.enriched_caption, c.caption_version AS enriched_version, p.kept, s.sieve_score
@@ -70,8 +67,6 @@ def _samples_frame(storage: StorageResource, drops: list[str]) -> pd.DataFrame:
             LEFT JOIN read_parquet(?) c USING (sample_id)
             LEFT JOIN read_parquet(?) s USING (sample_id)""",
             [files["raw_samples"], files["pruned_images"], files["enriched_captions"], files["sieve_scores"]]).df()
-    finally:
-        con.close()
 
 
 def _training_set_id(recipe: str, members: pd.DataFrame) -> str:
@@ -120,9 +115,9 @@ def build_training_assets(settings: JuicerSettings) -> list:
         drops = juiced_drops(storage)
         if not drops:
             raise FileNotFoundError("no juiced drop yet: materialise the per-drop assets (job juice_drop) first")
-        evals = duckdb.sql(
-            f"SELECT content_hash, thumbprint FROM read_parquet('{wh.asset_dir('eval_sets').as_posix()}/*.parquet', "
-            f"union_by_name = true) WHERE content_hash IS NOT NULL").df()
+        with wh.duckdb() as con:
+            evals = con.execute("SELECT content_hash, thumbprint FROM read_parquet(?, union_by_name = true) "
+                                "WHERE content_hash IS NOT NULL", [f"{wh.asset_dir('eval_sets')}/*.parquet"]).df()
         eval_prints = [p for p in evals.thumbprint if isinstance(p, (bytes, bytearray))]
         if len(eval_prints) < len(evals):
             context.log.warning(f"{len(evals) - len(eval_prints)} evaluation images have no thumbprint (ingested "
@@ -179,9 +174,10 @@ def build_training_assets(settings: JuicerSettings) -> list:
                 context.log.info(f"{recipe.name}: training {name} ({run_cfg.budget} budget) on {len(members)} samples")
                 model, record = train_student(data, run_cfg, seed, progress=context.log.info,
                                               evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device))
-                path = wh.asset_dir("clip_checkpoint") / recipe.name / f"{name}.safetensors"
-                ckpt_id = save_world_clip(model, cfg.arch, path, {"recipe": recipe.name, "seed": seed,
-                                                                   "training_set_id": ts_id, **record})
+                path = wh.object_path("clip_checkpoint", f"{recipe.name}/{name}.safetensors")
+                with wh.writing(path) as tmp:
+                    ckpt_id = save_world_clip(model, cfg.arch, tmp, {"recipe": recipe.name, "seed": seed,
+                                                                      "training_set_id": ts_id, **record})
                 curves[name] = record["loss_curve"]
                 rows.append({"checkpoint_id": ckpt_id, "name": name, "path": str(path), **record})
         recorded = [({"checkpoint_id": r["checkpoint_id"], "recipe": recipe.name, "seed": r["seed"],
@@ -220,7 +216,8 @@ def build_training_assets(settings: JuicerSettings) -> list:
         ev = _eval_set(wh, tokenizer, cfg, class_vocabulary(settings.classes))
         rows, shown = [], []
         for c in ckpts.itertuples():
-            fm = load_world_clip(c.path, cfg.device)
+            with wh.local_copy(c.path) as local:
+                fm = load_world_clip(local, cfg.device)
             if fm.model_id != c.checkpoint_id:
                 raise ValueError(f"checkpoint file {c.path} changed since it was recorded ({fm.model_id[:12]} != "
                                  f"{c.checkpoint_id[:12]}): re-materialise clip_checkpoint[{recipe}]")
@@ -251,8 +248,6 @@ def build_training_assets(settings: JuicerSettings) -> list:
                        "the learning curves.")
     def recipe_comparison(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         wh = storage.warehouse
-        out = wh.tables_dir / "recipe_comparison"
-        out.mkdir(parents=True, exist_ok=True)
         metadata, shown = {}, []
         for budget in BUDGETS:
             table = comparison_table(storage, budget)
@@ -262,7 +257,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
             metadata[f"equal_{budget}"] = metadata_table(comparison_rows(table))
             chart = curves_chart(learning_curves(storage, budget), title=f"t2i R@1 over the budget (equal {budget}, "
                                  "mean over seeds)", x_label="M tokens" if budget == "tokens" else "s")
-            with atomic_path(out / f"learning_curves_{budget}.png") as tmp:
+            with wh.writing(wh.object_path("recipe_comparison", f"learning_curves_{budget}.png")) as tmp:
                 chart.save(tmp, "PNG")
             metadata[f"learning_curves_{budget}"] = MetadataValue.md(png_markdown(chart, f"learning curves {budget}"))
             shown += list(table.recipe)
@@ -272,7 +267,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
         storage.catalog.write(lambda con: write_lineage(con, LineageRow(
             "recipe_comparison", None, [f"benchmark_scores/{r}" for r in dict.fromkeys(shown)],
             context.run.run_id, "recipe_comparison-2", tr.config_hash())))
-        storage.catalog.refresh_views(wh.tables_dir)
+        storage.catalog.refresh_views(wh)
         return MaterializeResult(metadata=metadata)
 
     return [eval_sets, training_set, clip_checkpoint, benchmark_scores, recipe_comparison]
@@ -289,8 +284,7 @@ def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig, sal
     images = torch.zeros((len(members), 3, size, size), dtype=torch.uint8)
     for drop in sorted(set(members.drop_id)):
         wanted = list(members.sample_id[members.drop_id == drop])
-        raw = pq.read_table(wh.partition_path("raw_samples", drop), columns=["sample_id", "image"],
-                            filters=[("sample_id", "in", wanted)])
+        raw = wh.read_table("raw_samples", drop, columns=["sample_id", "image"], filters=[("sample_id", "in", wanted)])
         for sid, data in zip(raw.column("sample_id").to_pylist(), raw.column("image").to_pylist()):
             images[position[sid]] = to_uint8_chw(load_rgb(data), size)
     tokens = SimpleTokenizer(context_length=cfg.arch.context_length)(list(members.train_caption))
@@ -305,8 +299,7 @@ def _kept_on_student_grid(wh, members: pd.DataFrame, grid: tuple[int, int], sali
     kept = list(members.kept)
     for drop in sorted(set(members.drop_id)):
         wanted = list(members.sample_id[members.drop_id == drop])
-        table = pq.read_table(wh.partition_path("patch_saliency", drop),
-                              columns=["sample_id", "grid_h", "grid_w", saliency.method],
+        table = wh.read_table("patch_saliency", drop, columns=["sample_id", "grid_h", "grid_w", saliency.method],
                               filters=[("sample_id", "in", wanted)])
         if not len(table):
             continue
@@ -321,7 +314,8 @@ def _kept_on_student_grid(wh, members: pd.DataFrame, grid: tuple[int, int], sali
 
 
 def _eval_set(wh, tokenizer, cfg: StudentConfig, vocab: ClassVocabulary):
-    ev = load_eval_set(wh.partition_path("eval_sets", "retrieval"), wh.partition_path("eval_sets", "classification"),
+    ev = load_eval_set(wh.read_table("eval_sets", "retrieval", ["caption", "image", "status"]),
+                       wh.read_table("eval_sets", "classification", ["label", "image", "status"]),
                        tokenizer, cfg.arch.image_size, vocab.names, vocab.attributes)
     ev.class_templates = vocab.templates
     return ev

@@ -5,7 +5,6 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
@@ -20,7 +19,7 @@ from ..governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_re
 from ..models.loader import cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP, SHARED
 from ..settings import JuicerSettings, code_version
-from ..storage import LineageRow, atomic_path, lineage_op, upsert_model, write_lineage
+from ..storage import LineageRow, lineage_op, upsert_model, write_lineage
 from ..governance.vocabulary import ClassVocabulary
 from .partitions import drops_partitions
 from .resources import StorageResource
@@ -58,10 +57,11 @@ def _commit_lineage(storage: StorageResource, row: LineageRow) -> None:
 
 
 def read_governor_record(storage: StorageResource) -> dict:
-    path = storage.warehouse.tables_dir / "governor" / "governor.json"
-    if not path.exists():
+    wh = storage.warehouse
+    path = wh.object_path("governor", "governor.json")
+    if not wh.exists(path):
         raise FileNotFoundError(f"{path} is missing: materialise the `governor` asset first")
-    return json.loads(path.read_text())
+    return json.loads(wh.read_text(path))
 
 
 def build_vision_assets(settings: JuicerSettings) -> list:
@@ -98,10 +98,9 @@ def build_vision_assets(settings: JuicerSettings) -> list:
                                           _version(context), gov.config_hash(), fm.model_id))
 
         storage.catalog.write(register)
-        out = storage.warehouse.tables_dir / "governor" / "governor.json"
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps({"model_id": fm.model_id, "source": fm.source, "tau": calibration["tau"],
-                                       "calibration": calibration}, indent=1))
+        storage.warehouse.write_bytes(storage.warehouse.object_path("governor", "governor.json"), json.dumps(
+            {"model_id": fm.model_id, "source": fm.source, "tau": calibration["tau"], "calibration": calibration},
+            indent=1).encode())
         scores = fm.info.get("scores", {})
         meta = {
             "model_id": fm.model_id, "source": fm.source, "tau": calibration["tau"],
@@ -125,7 +124,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         t0, n = time.perf_counter(), 0
         try:
             with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer:
-                for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size):
+                for ids, images in iter_valid_images(wh.parquet_file("raw_samples", drop), gov.batch_size):
                     out = score_batch(fm, vision, images, gov.precision)
                     writer.write_batch(saliency_record_batch(ids, fm.grid, out))
                     n += len(ids)
@@ -187,7 +186,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
         saliency = stored_vectors(table, cls.saliency_method, fm.grid[0] * fm.grid[1])
         position = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
         rows, crops, t0 = [], 0, time.perf_counter()
-        for ids, images in iter_valid_images(wh.partition_path("raw_samples", drop), gov.batch_size):
+        for ids, images in iter_valid_images(wh.parquet_file("raw_samples", drop), gov.batch_size):
             idx = [position[s] for s in ids]
             scores, n_regions = region_class_scores(fm, images, saliency[idx], fm.grid, class_emb, _crop_plan(cls),
                                                     gov.batch_size, abstain)
@@ -246,8 +245,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
 
 def _previews(wh, drop: str, table, scores: np.ndarray, kept: list) -> str:
     wanted = set(table.column("sample_id").to_pylist()[:_PREVIEWS])
-    raw = pq.read_table(wh.partition_path("raw_samples", drop), columns=["sample_id", "image"],
-                        filters=[("sample_id", "in", list(wanted))])
+    raw = wh.read_table("raw_samples", drop, columns=["sample_id", "image"], filters=[("sample_id", "in", list(wanted))])
     images = dict(zip(raw.column("sample_id").to_pylist(), raw.column("image").to_pylist()))
     grid = (int(table.column("grid_h")[0].as_py()), int(table.column("grid_w")[0].as_py()))
     parts = []

@@ -29,12 +29,17 @@ def _images_u8(column, size: int) -> torch.Tensor:
     return torch.stack([to_uint8_chw(load_rgb(data), size) for data in column])
 
 
-def load_eval_set(retrieval_parquet, classification_parquet, tokenizer, image_size: int,
+def _table(source, columns: list[str]):
+    return source.select(columns) if hasattr(source, "select") else pq.read_table(source, columns=columns)
+
+
+def load_eval_set(retrieval, classification, tokenizer, image_size: int,
                   names: tuple[str, ...], attributes: tuple[str, ...]) -> EvalSet:
-    ret = pq.read_table(retrieval_parquet, columns=["caption", "image", "status"]).to_pydict()
+    """`retrieval` and `classification`: the ingested held-out sets, as Parquet paths or tables."""
+    ret = _table(retrieval, ["caption", "image", "status"]).to_pydict()
     keep = [i for i, s in enumerate(ret["status"]) if s == "valid"]
     captions = [ret["caption"][i] for i in keep]
-    cls = pq.read_table(classification_parquet, columns=["label", "image", "status"]).to_pydict()
+    cls = _table(classification, ["label", "image", "status"]).to_pydict()
     ckeep = [i for i, (s, l) in enumerate(zip(cls["status"], cls["label"])) if s == "valid" and l in names]
     return EvalSet(
         retrieval_images=_images_u8([ret["image"][i] for i in keep], image_size),

@@ -18,9 +18,10 @@ SALIENCY_SCHEMA = pa.schema(
 )
 
 
-def iter_valid_images(raw_samples: str, batch_size: int) -> Iterator[tuple[list[str], list[Image.Image]]]:
-    """Valid samples of a raw_samples Parquet file, decoded, in batches (bounded memory)."""
-    pf = pq.ParquetFile(raw_samples)
+def iter_valid_images(raw_samples: "str | pq.ParquetFile", batch_size: int) -> Iterator[tuple[list[str], list[Image.Image]]]:
+    """Valid samples of a raw_samples Parquet file (a path, or an open file on any filesystem),
+    decoded, in batches (bounded memory)."""
+    pf = raw_samples if isinstance(raw_samples, pq.ParquetFile) else pq.ParquetFile(raw_samples)
     ids, images = [], []
     for batch in pf.iter_batches(batch_size=batch_size, columns=["sample_id", "status", "image"]):
         for sid, status, data in zip(*(batch.column(i).to_pylist() for i in range(3))):

@@ -16,7 +16,7 @@ import random
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -217,6 +217,9 @@ class Catalog:
     lock_timeout_s: float = 120.0  # settings: [catalog] lock_timeout_s
     base_delay_s: float = 0.05
     max_delay_s: float = 2.0
+    # an fsspec filesystem registered on every connection, when the warehouse is on object storage
+    # (the views and drop rows read its Parquet files)
+    filesystem: object | None = field(default=None, compare=False)
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -228,7 +231,10 @@ class Catalog:
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        return self._retry_locked(lambda: duckdb.connect(str(self.path), read_only=read_only))
+        con = self._retry_locked(lambda: duckdb.connect(str(self.path), read_only=read_only))
+        if self.filesystem is not None:
+            con.register_filesystem(self.filesystem)
+        return con
 
     def _retry_locked(self, attempt: Callable[[], T]) -> T:
         """Run `attempt`, backing off (jittered, exponential, capped) while it fails on a lock or
@@ -296,9 +302,10 @@ class Catalog:
         """Apply pending migrations; return the schema version."""
         return self.write(_migrate)
 
-    def refresh_views(self, tables_dir: Path) -> list[str]:
+    def refresh_views(self, warehouse) -> list[str]:
         """A view per warehouse asset over all its partition files (read per query, never copied)."""
-        return self.write(lambda con: _refresh_views(con, Path(tables_dir)))
+        assets = warehouse.assets()
+        return self.write(lambda con: _refresh_views(con, {a: f"{warehouse.asset_dir(a)}/*.parquet" for a in assets}))
 
     def query(self, sql: str, params: list | None = None):
         with self.connect(read_only=True) as con:
@@ -323,15 +330,11 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> int:
     return current
 
 
-def _refresh_views(con: duckdb.DuckDBPyConnection, tables_dir: Path) -> list[str]:
-    names = []
-    for asset_dir in sorted(p for p in tables_dir.glob("*") if p.is_dir()):
-        if any(asset_dir.glob("*.parquet")):
-            glob = (asset_dir / "*.parquet").as_posix().replace("'", "''")
-            con.execute(f"CREATE OR REPLACE VIEW {asset_dir.name} AS "
-                        f"SELECT * FROM read_parquet('{glob}', union_by_name = true)")
-            names.append(asset_dir.name)
-    return names
+def _refresh_views(con: duckdb.DuckDBPyConnection, globs: dict[str, str]) -> list[str]:
+    for name, glob in globs.items():
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS "
+                    f"SELECT * FROM read_parquet('{glob.replace(chr(39), chr(39) * 2)}', union_by_name = true)")
+    return list(globs)
 
 
 def write_lineage(con: duckdb.DuckDBPyConnection, row: LineageRow) -> int:
@@ -349,7 +352,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def replace_drop(con: duckdb.DuckDBPyConnection, drop: dict, samples_parquet: Path) -> None:
+def replace_drop(con: duckdb.DuckDBPyConnection, drop: dict, samples_parquet: "str | Path") -> None:
     """Replace exactly one drop's catalog rows from its raw_samples Parquet (read by DuckDB
     directly, so no per-sample Python objects are built)."""
     con.execute("DELETE FROM samples WHERE drop_id = ?", [drop["drop_id"]])

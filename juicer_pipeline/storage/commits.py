@@ -33,7 +33,7 @@ def lineage_op(row: LineageRow) -> dict:
     return {"op": "lineage", "row": asdict(row)}
 
 
-def drop_op(drop: dict, samples_parquet: Path) -> dict:
+def drop_op(drop: dict, samples_parquet: str) -> dict:
     """Replace one drop's `drops` and `samples` rows from its raw_samples Parquet."""
     return {"op": "replace_drop", "drop": drop, "samples_parquet": str(samples_parquet)}
 
@@ -45,7 +45,7 @@ def apply_ops(con: duckdb.DuckDBPyConnection, ops: list[dict]) -> None:
         if op["op"] == "lineage":
             write_lineage(con, LineageRow(**op["row"]))
         elif op["op"] == "replace_drop":
-            replace_drop(con, op["drop"], Path(op["samples_parquet"]))
+            replace_drop(con, op["drop"], op["samples_parquet"])
         else:
             raise ValueError(f"unknown catalog operation {op['op']!r}")
 

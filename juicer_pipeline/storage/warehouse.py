@@ -4,20 +4,25 @@ Layout under the data root (``JUICER_DATA_DIR``, default ``./data``)::
 
     drops/                      incoming drops, one folder each
     world/                      the synthetic world's corpus and held-out sets
-    warehouse/<asset>/<partition>.parquet
+    warehouse/<asset>/<partition>.parquet   (or under [warehouse] url, e.g. s3://bucket/prefix)
     catalog.duckdb
     commits/pending|folded/     commit records, with [catalog] writes = "commit_records"
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+import duckdb
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -61,7 +66,17 @@ def _remove_leftovers(final: Path, before: float) -> None:
 
 @dataclass(frozen=True)
 class Warehouse:
+    """The data root (a local folder: drops, the world, the catalog, commit records) and the tables.
+
+    The tables live under ``<root>/warehouse`` by default, or under any fsspec URL
+    (``[warehouse] url``, e.g. ``s3://bucket/juicer``) shared by workers on many machines. Every
+    table path this class hands out is a string that pyarrow (with `filesystem`) and DuckDB (after
+    `register`) both read, local or not.
+    """
+
     root: Path
+    url: str | None = None
+    storage_options: dict = field(default_factory=dict, hash=False, compare=False, repr=False)  # may hold keys
 
     @property
     def drops_dir(self) -> Path:
@@ -72,10 +87,6 @@ class Warehouse:
         return self.root / "world"
 
     @property
-    def tables_dir(self) -> Path:
-        return self.root / "warehouse"
-
-    @property
     def commits_dir(self) -> Path:
         return self.root / "commits"
 
@@ -83,31 +94,121 @@ class Warehouse:
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
 
-    def asset_dir(self, asset: str) -> Path:
-        return self.tables_dir / asset
+    # --- the tables: local or object storage ----------------------------------------------
 
-    def partition_path(self, asset: str, partition: str) -> Path:
-        return self.asset_dir(asset) / f"{partition}.parquet"
+    @property
+    def is_local(self) -> bool:
+        return not self.url
 
-    def write_table(self, asset: str, partition: str, table: pa.Table) -> Path:
+    @property
+    def tables_dir(self) -> str:
+        """The tables' root: a local path, or the URL as given (what DuckDB and pyarrow read)."""
+        return str(self.root / "warehouse") if self.is_local else self.url.rstrip("/")
+
+    @cached_property
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.tables_dir, **self.storage_options)[0]
+
+    def asset_dir(self, asset: str) -> str:
+        return f"{self.tables_dir}/{asset}"
+
+    def partition_path(self, asset: str, partition: str) -> str:
+        return f"{self.asset_dir(asset)}/{partition}.parquet"
+
+    def object_path(self, asset: str, name: str) -> str:
+        """A non-table artifact of an asset (governor.json, a checkpoint, a chart)."""
+        return f"{self.asset_dir(asset)}/{name}"
+
+    def exists(self, path: str) -> bool:
+        return self.filesystem.exists(path)
+
+    def partitions(self, asset: str) -> list[str]:
+        """Partition names of an asset's Parquet files, sorted."""
+        if not self.exists(self.asset_dir(asset)):
+            return []
+        names = self.filesystem.glob(f"{self.asset_dir(asset)}/*.parquet")
+        return sorted(PurePosixPath(n).stem for n in names if not PurePosixPath(n).name.startswith("."))
+
+    def assets(self) -> list[str]:
+        """Asset folders holding at least one Parquet file (one catalog view each)."""
+        if not self.exists(self.tables_dir):
+            return []
+        folders = sorted(PurePosixPath(p).name for p in self.filesystem.ls(self.tables_dir, detail=False)
+                         if self.filesystem.isdir(p))
+        return [a for a in folders if self.partitions(a)]
+
+    @contextmanager
+    def duckdb(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """An in-memory DuckDB connection that can read these tables."""
+        con = duckdb.connect()
+        try:
+            self.register(con)
+            yield con
+        finally:
+            con.close()
+
+    def local_copy(self, path: str) -> "contextlib.AbstractContextManager[Path]":
+        """A local file with `path`'s content (the file itself when local), for readers that need one."""
+        if self.is_local:
+            return contextlib.nullcontext(Path(path))
+        return self._downloaded(path)
+
+    @contextmanager
+    def _downloaded(self, path: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="juicer-download-") as folder:
+            local = Path(folder) / PurePosixPath(path).name
+            self.filesystem.get_file(path, str(local))
+            yield local
+
+    def register(self, con) -> None:
+        """Let a DuckDB connection read these tables (object storage through fsspec, since DuckDB's
+        httpfs extension is not assumed to be installable)."""
+        if not self.is_local:
+            con.register_filesystem(self.filesystem)
+
+    def write_table(self, asset: str, partition: str, table: pa.Table) -> str:
         path = self.partition_path(asset, partition)
-        with atomic_path(path) as tmp:
+        with self.writing(path) as tmp:
             pq.write_table(table, tmp)
         return path
 
     @contextmanager
     def stream_table(self, asset: str, partition: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
         """A Parquet writer for row batches, so memory stays bounded whatever the partition size."""
-        path = self.partition_path(asset, partition)
-        with atomic_path(path) as tmp:
+        with self.writing(self.partition_path(asset, partition)) as tmp:
             writer = pq.ParquetWriter(tmp, schema)
             try:
                 yield writer
             finally:
                 writer.close()
 
-    def read_table(self, asset: str, partition: str, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, asset: str, partition: str, columns: list[str] | None = None,
+                   filters=None) -> pa.Table:
         path = self.partition_path(asset, partition)
-        if not path.exists():
+        if not self.exists(path):
             raise FileNotFoundError(f"{asset} has no partition {partition!r} at {path}; materialise it first")
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, filters=filters, filesystem=self.filesystem)
+
+    def parquet_file(self, asset: str, partition: str) -> pq.ParquetFile:
+        return pq.ParquetFile(self.partition_path(asset, partition), filesystem=self.filesystem)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.writing(path) as tmp:
+            Path(tmp).write_bytes(data)
+
+    def read_text(self, path: str) -> str:
+        with self.filesystem.open(path, "r") as f:
+            return f.read()
+
+    @contextmanager
+    def writing(self, path: str) -> Iterator[Path]:
+        """A local temporary file that becomes `path` only if the block succeeds: renamed into
+        place locally; uploaded on object storage, where an object appears whole or not at all."""
+        if self.is_local:
+            with atomic_path(Path(path)) as tmp:
+                yield tmp
+            return
+        with tempfile.TemporaryDirectory(prefix="juicer-upload-") as folder:
+            tmp = Path(folder) / PurePosixPath(path).name
+            yield tmp
+            self.filesystem.put_file(str(tmp), path)
