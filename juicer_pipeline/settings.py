@@ -144,12 +144,27 @@ class TrainingSettings(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the training step runs under autocast "
                                                                    "(GPU); evaluation stays fp32")
     threads: int = Field(2, ge=1)
+    processes: int = Field(1, ge=1, description="data-parallel training processes on this machine: 1 trains in the "
+                                                "asset's process; N > 1 runs torch DDP under torchrun with N processes "
+                                                "(gloo on CPU; NCCL on CUDA, one GPU each). batch_size stays the global "
+                                                "batch and must split into N equal shares")
+    collective_timeout_s: float = Field(1800.0, gt=0, description="with processes > 1: how long a process waits for "
+                                                                   "the others (a collective, or rank 0's evaluation) "
+                                                                   "before the run fails (not hashed)")
     schedule_cron: str = Field("0 2 * * *", description="when the retraining schedule runs (stale recipes only)")
     retrieval_set: str | None = Field(None, description="held-out retrieval set: a drop folder (manifest or "
                                                         "shards) of image + caption; unset: the world's")
     classification_set: str | None = Field(None, description="held-out classification set: a drop folder of "
                                                              "image + caption + label (a vocabulary class); "
                                                              "unset: the world's")
+
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"collective_timeout_s"})
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self):
+        if self.batch_size % self.processes:
+            raise ValueError(f"batch_size ({self.batch_size}) must split into processes ({self.processes}) equal shares")
+        return self
 
     @model_validator(mode="after")
     def _student_exists(self):

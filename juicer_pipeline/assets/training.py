@@ -14,6 +14,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from ..governance.clip_training import (StudentConfig, TrainData, evaluate_student, student_config,
                                         train_student)
+from ..governance.distributed_training import train_student_processes
 from ..governance.drop_sources import open_drop
 from ..governance.eval_data import load_eval_set
 from ..governance.images import ImageLimits, load_rgb, to_uint8_chw
@@ -172,8 +173,14 @@ def build_training_assets(settings: JuicerSettings) -> list:
             for run_cfg in budgets:
                 name = f"seed{seed}" + ("" if run_cfg.budget == "tokens" else f"-{run_cfg.budget}")
                 context.log.info(f"{recipe.name}: training {name} ({run_cfg.budget} budget) on {len(members)} samples")
-                model, record = train_student(data, run_cfg, seed, progress=context.log.info,
-                                              evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device))
+                if tr.processes > 1:  # torch DDP under torchrun; the same global batch, loss and budget
+                    model, record = train_student_processes(data, run_cfg, seed, tr.processes, eval_set=ev,
+                                                            progress=context.log.info,
+                                                            timeout_s=tr.collective_timeout_s,
+                                                            scratch=wh.root / "scratch")
+                else:
+                    model, record = train_student(data, run_cfg, seed, progress=context.log.info,
+                                                  evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device))
                 path = wh.object_path("clip_checkpoint", f"{recipe.name}/{name}.safetensors")
                 with wh.writing(path) as tmp:
                     ckpt_id = save_world_clip(model, cfg.arch, tmp, {"recipe": recipe.name, "seed": seed,

@@ -190,28 +190,50 @@ def check_kept(data: TrainData, n_patches: int, rho: float) -> None:
         raise ValueError(f"stored kept indices reach {int(data.kept.max())}, outside the student's {n_patches} patches")
 
 
-def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None, progress=None):
-    """Train one student; return (model, record). `evaluate(model) -> dict` gives the learning curve."""
+def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None, progress=None, on_step=None):
+    """Train one student; return (model, record). `evaluate(model) -> dict` gives the learning curve;
+    `on_step(step, loss)` sees every step's loss."""
+    return _train(data, cfg, seed, evaluate, progress, on_step, replicas=None)
+
+
+def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, on_step, replicas):
+    """The training loop. `replicas` (governance/distributed_training.py) is None in one process; in
+    a data-parallel run every process draws the same global batches, patch sets and schedule from
+    the same seed, trains on its share of each batch, and `replicas` does the exchanges."""
     torch.manual_seed(seed)
     torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
+    device = torch.device(cfg.device) if replicas is None else replicas.device
     model = build_clip(cfg.arch).to(device)
     kept_module = install_kept_tokens(model)
     n_patches = model.visual.grid_size[0] * model.visual.grid_size[1]
     check_kept(data, n_patches, cfg.rho)
     phases = plan(cfg, data.patches, n_patches)
     total_steps = sum(p.steps for p in phases)
-    clock = TrainClock()
+    clock = TrainClock() if replicas is None else replicas.clock()
     opts = Optimizers(model, cfg)
     scheds = [_scheduler(o, cfg, total_steps, clock) for o in opts.all]
     gen = torch.Generator().manual_seed(seed)
     n = len(data.images)
     if n < cfg.batch_size:
         raise ValueError(f"training set has {n} samples, fewer than one batch ({cfg.batch_size})")
+    step_model = model if replicas is None else replicas.wrap(model, cfg.batch_size)
     order, cursor = torch.randperm(n, generator=gen), 0
     eval_marks = [(i + 1) / cfg.eval_points for i in range(cfg.eval_points)]  # shares of the budget
     curve, evals, phase_stats = [], [], []
     samples_seen = step = 0
+
+    def tokens_fed() -> int:  # over all processes
+        return kept_module.tokens_fed if replicas is None else replicas.sum(kept_module.tokens_fed)
+
+    def evaluation():
+        kept_module.indices = None
+        point = {"step": step, "tokens_seen": tokens_fed(), "train_seconds": round(clock.elapsed(), 2)}
+        if replicas is None or replicas.rank == 0:
+            point.update(evaluate(model))
+        if replicas is not None:
+            replicas.barrier()  # the others wait while the first evaluates
+        evals.append(point)
+
     model.train()
     for phase in phases:
         t_phase, steps = clock.elapsed(), 0
@@ -220,25 +242,31 @@ def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None,
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + cfg.batch_size]
             cursor += cfg.batch_size
-            kept_module.indices = _indices(data, idx, phase, n_patches, gen)
+            kept = _indices(data, idx, phase, n_patches, gen)
+            if replicas is not None:  # this process's share of the global batch and of its patch sets
+                idx, kept = replicas.share(idx), None if kept is None else replicas.share(kept)
+            kept_module.indices = kept
             images = normalise_batch(data.images[idx].to(device))
+            tokens = data.tokens[idx].long().to(device)
             with autocast(device, cfg.precision):
-                loss = clip_loss(model, images, data.tokens[idx].long().to(device))
+                loss = clip_loss(model, images, tokens) if replicas is None else replicas.loss(step_model, images, tokens)
             opts.zero_grad()
             loss.backward()
+            if replicas is not None:
+                replicas.average_sparse_grad(model.token_embedding.weight, tokens)
             opts.step()
             for sched in scheds:
                 sched.step()
             step, steps = step + 1, steps + 1
-            samples_seen += len(idx)
+            samples_seen += cfg.batch_size
             curve.append(loss.item())
+            if on_step is not None:
+                on_step(step, curve[-1])
             done = step / total_steps if cfg.wallclock_s is None else clock.elapsed() / cfg.wallclock_s
             if evaluate is not None and eval_marks and done >= eval_marks[0] - 1e-9:
                 eval_marks = [m for m in eval_marks if m > done + 1e-9]
                 with clock.pause():
-                    kept_module.indices = None
-                    evals.append({"step": step, "tokens_seen": kept_module.tokens_fed,
-                                  "train_seconds": round(clock.elapsed(), 2), **evaluate(model)})
+                    evaluation()
                     model.train()
             if progress and step % 50 == 0:
                 progress(f"step {step}{'' if not total_steps else f'/{total_steps}'} ({phase.name}) "
@@ -247,17 +275,17 @@ def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None,
         phase_stats.append({"phase": phase.name, "steps": steps, "tokens_per_image": phase.tokens_per_image,
                             "seconds": seconds, "step_seconds": seconds / max(steps, 1)})
     if evaluate is not None and eval_marks:  # a wall-clock run can end between marks
-        kept_module.indices = None
-        evals.append({"step": step, "tokens_seen": kept_module.tokens_fed,
-                      "train_seconds": round(clock.elapsed(), 2), **evaluate(model)})
+        evaluation()
     kept_module.indices = None
     model.eval()
     record = {"seed": seed, "config": {**asdict(cfg), "arch": cfg.arch.to_dict()}, "patches": data.patches,
-              "budget": cfg.budget, "tokens_seen": kept_module.tokens_fed, "samples_seen": samples_seen,
+              "budget": cfg.budget, "tokens_seen": tokens_fed(), "samples_seen": samples_seen,
               "steps": step, "wall_seconds": sum(p["seconds"] for p in phase_stats),
               "final_loss": float(np.mean(curve[-20:])), "phases": phase_stats,
               "loss_curve": [float(np.mean(curve[i:i + 10])) for i in range(0, len(curve), 10)],
               "learning_curve": evals, "train_samples": n}
+    if replicas is not None:
+        record.update(processes=replicas.world, tokens_fed_per_process=replicas.gather(kept_module.tokens_fed))
     return model, record
 
 
