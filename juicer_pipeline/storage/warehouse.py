@@ -5,6 +5,8 @@ Layout under the data root (``JUICER_DATA_DIR``, default ``./data``)::
     drops/                      incoming drops, one folder each
     world/                      the synthetic world's corpus and held-out sets
     warehouse/<asset>/<partition>.parquet
+    shards/<asset>/<partition>/ pieces of a partition being computed by several steps (removed
+                                once merged into the warehouse)
     catalog.duckdb
 """
 from __future__ import annotations
@@ -58,6 +60,17 @@ def _remove_leftovers(final: Path, before: float) -> None:
             pass
 
 
+@contextmanager
+def stream_parquet(final: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer for row batches into `final`, renamed into place only if the block succeeds."""
+    with atomic_path(final) as tmp:
+        writer = pq.ParquetWriter(tmp, schema)
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
 @dataclass(frozen=True)
 class Warehouse:
     root: Path
@@ -93,13 +106,26 @@ class Warehouse:
     @contextmanager
     def stream_table(self, asset: str, partition: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
         """A Parquet writer for row batches, so memory stays bounded whatever the partition size."""
+        with stream_parquet(self.partition_path(asset, partition), schema) as writer:
+            yield writer
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    def shard_dir(self, asset: str, partition: str) -> Path:
+        """Where the steps that compute one partition in pieces put their pieces (no catalog view
+        and no reader of the warehouse looks here)."""
+        return self.shards_dir / asset / partition
+
+    def adopt(self, asset: str, partition: str, finished: Path) -> Path:
+        """Move a finished file (written under the same data root) into place as the partition, atomically."""
         path = self.partition_path(asset, partition)
-        with atomic_path(path) as tmp:
-            writer = pq.ParquetWriter(tmp, schema)
-            try:
-                yield writer
-            finally:
-                writer.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        os.replace(finished, path)
+        _remove_leftovers(path, started)
+        return path
 
     def read_table(self, asset: str, partition: str, columns: list[str] | None = None) -> pa.Table:
         path = self.partition_path(asset, partition)
