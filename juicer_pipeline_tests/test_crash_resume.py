@@ -34,6 +34,9 @@ RUN_DROP = textwrap.dedent("""
         defs.resolve_job_def(DROP_JOB_NAME).execute_in_process(instance=inst, partition_key="d", run_config=quiet)
 """)
 STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "enriched_captions")
+# where a stage's half-written file shows: its warehouse folder, or for patch_saliency (scored in
+# row-range shards, then merged) the drop's shard folder
+WRITING = {"patch_saliency": ("shards/patch_saliency/d", ".*.parquet.*.tmp")}
 
 
 def _kill_when_writing(data_dir: Path, asset: str, timeout: float = 300) -> None:
@@ -42,11 +45,12 @@ def _kill_when_writing(data_dir: Path, asset: str, timeout: float = 300) -> None
     log = open(data_dir / "killed-run.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", RUN_DROP, str(data_dir)], env=env, start_new_session=True,
                             stdout=log, stderr=subprocess.STDOUT)
-    folder = data_dir / "warehouse" / asset
+    where, pattern = WRITING.get(asset, (f"warehouse/{asset}", ".d.parquet.*.tmp"))
+    folder = data_dir / where
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if folder.exists() and any(folder.glob(".d.parquet.*.tmp")):
+            if folder.exists() and any(folder.glob(pattern)):
                 break
             if proc.poll() is not None:
                 pytest.fail(f"the run ended before {asset} was being written:\n"
@@ -111,6 +115,7 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(tmp_path, killed_in, mo
     assert got["samples"].sample_id.is_unique
     assert got["lineage"].equals(want["lineage"])
     assert not list((crashed / "warehouse").rglob("*.tmp"))  # the killed run's temporary file is gone
+    assert not (crashed / "shards" / "patch_saliency" / "d").exists()  # and so are its shards
 
 
 @pytest.mark.slow
