@@ -62,6 +62,11 @@ class GovernorSettings(_Section):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     batch_size: int = Field(256, ge=1)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    shards: int = Field(1, ge=1, description="row-range shards one drop's patch_saliency is split into: each is "
+                                             "its own step (own worker, own retries); the table is the same "
+                                             "for any value (not hashed)")
+
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"shards"})
 
 
 SaliencyMethod = Literal["cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness"]

@@ -1,12 +1,17 @@
 """Vision branch: the governor, and per drop one FM pass → saliency, kept patches, classes, sieve."""
+import hashlib
 import json
+import shutil
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (AssetExecutionContext, AssetIn, Backoff, DynamicOut, DynamicOutput, Failure, In, MaterializeResult,
+                     MetadataValue, Nothing, OpExecutionContext, Out, Output, RetryPolicy, asset, graph_asset, op)
 
 from ..world.calibration import calibrate_world_governor
 from ..governance.classes import CropPlan, decide_classes, region_class_scores
@@ -14,12 +19,13 @@ from ..governance.images import load_rgb
 from ..governance.prompts import abstain_embedding, class_embeddings
 from ..governance.pruning import keep_top
 from ..governance.saliency import VisionPass
-from ..governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_record_batch, score_batch,
-                                 stored_vectors)
-from ..models.loader import cached_foundation_model, model_fingerprint
+from ..governance.vision import (SALIENCY_SCHEMA, count_valid_images, iter_valid_images, range_digests,
+                                 saliency_record_batch, score_batch, shard_ranges, stored_vectors)
+from ..models.loader import ModelNotFound, cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP, SHARED
-from ..settings import JuicerSettings, code_version
-from ..storage import LineageRow, lineage_op, upsert_model, write_lineage
+from ..settings import GovernorSettings, JuicerSettings, code_version
+from ..storage import LineageRow, atomic_path, lineage_op, upsert_model, write_lineage
+from ..storage.warehouse import stream_parquet
 from ..governance.vocabulary import ClassVocabulary
 from .partitions import drops_partitions
 from .resources import StorageResource
@@ -62,6 +68,188 @@ def read_governor_record(storage: StorageResource) -> dict:
     if not wh.exists(path):
         raise FileNotFoundError(f"{path} is missing: materialise the `governor` asset first")
     return json.loads(wh.read_text(path))
+
+
+# A shard that fails (a lost worker, a flaky device) is retried on its own; the other shards keep
+# their results. Errors that a retry cannot fix (a missing model) fail at once.
+SHARD_RETRY = RetryPolicy(max_retries=2, delay=1.0, backoff=Backoff.EXPONENTIAL)
+_SHARD_META = ".json"  # a shard is finished when its metadata file sits next to its Parquet file
+
+
+def _build_patch_saliency(gov: GovernorSettings, fingerprint: str, load):
+    """`patch_saliency` as a graph-backed asset: plan row-range shards, score each in its own step,
+    merge them in row order into the drop's one Parquet file.
+
+    The asset key, partitions, code version, automation condition, kinds and upstream assets are
+    those of the single-step asset it replaces, so downstream assets, the drop job and the UI see
+    the same asset; only its steps differ (`patch_saliency.plan_saliency_shards`,
+    `patch_saliency.score_saliency_shard[rows_<start>_<stop>]`, `patch_saliency.merge_saliency_shards`).
+    """
+    version = code_version("patch_saliency-2", fingerprint)
+    config_hash = gov.config_hash()  # `shards` is not in it: the split changes no output
+    if gov.shards == 1:
+        return _single_step_patch_saliency(gov, version, load)
+
+    @op(ins={"raw_samples": In(Nothing), "governor": In(Nothing)}, out=DynamicOut(dict),
+        description="Split the drop's valid images into row ranges of whole batches ([governor] shards).")
+    def plan_saliency_shards(context: OpExecutionContext, storage: StorageResource):
+        drop = context.partition_key
+        raw = storage.warehouse.parquet_file("raw_samples", drop)
+        n = count_valid_images(raw)
+        ranges = shard_ranges(n, gov.batch_size, gov.shards)
+        context.log.info(f"{drop}: {n} valid images in {len(ranges)} shard(s) of at most "
+                         f"{max(b - a for a, b in ranges)} rows")
+        for (start, stop), digest in zip(ranges, range_digests(raw, ranges)):
+            identity = {"asset": "patch_saliency", "code_version": version, "governor": fingerprint,
+                        "config_hash": config_hash, "start": start, "stop": stop, "rows_digest": digest}
+            key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+            yield DynamicOutput({**identity, "key": key, "file": f"{start:09d}-{stop:09d}-{key}.parquet"},
+                                mapping_key=f"rows_{start}_{stop}")
+
+    @op(retry_policy=SHARD_RETRY, description="Score one row range with the governor into its own shard file "
+                                              "(kept if already written for the same rows, model and version).")
+    def score_saliency_shard(context: OpExecutionContext, storage: StorageResource, shard: dict) -> dict:
+        drop = context.partition_key
+        wh = storage.warehouse
+        path = wh.shard_dir("patch_saliency", drop) / shard["file"]
+        done = _finished_shard(path, shard)
+        if done is not None:
+            context.log.info(f"{drop}: rows {shard['start']}-{shard['stop']} already scored, kept")
+            return {**done, "reused": True}
+        try:
+            fm = load()
+        except ModelNotFound as exc:
+            raise Failure(str(exc), allow_retries=False) from exc
+        vision = VisionPass(fm.model)
+        t0, n = time.perf_counter(), 0
+        try:
+            with stream_parquet(path, SALIENCY_SCHEMA) as writer:
+                for ids, images in iter_valid_images(wh.parquet_file("raw_samples", drop), gov.batch_size,
+                                                     shard["start"], shard["stop"]):
+                    out = score_batch(fm, vision, images, gov.precision)
+                    writer.write_batch(saliency_record_batch(ids, fm.grid, out))
+                    n += len(ids)
+                    context.log.info(f"{drop} rows {shard['start']}-{shard['stop']}: {n} images scored")
+                if n != shard["stop"] - shard["start"]:
+                    raise RuntimeError(f"{drop}: rows {shard['start']}-{shard['stop']} yielded {n} images: "
+                                       f"raw_samples changed since the shards were planned")
+        finally:
+            vision.close()
+        done = {**shard, "rows": n, "model_id": fm.model_id, "grid": list(fm.grid),
+                "forward_calls": vision.forward_calls, "seconds": round(time.perf_counter() - t0, 3)}
+        with atomic_path(path.with_suffix(_SHARD_META)) as tmp:
+            tmp.write_text(json.dumps(done, indent=1))
+        return {**done, "reused": False}
+
+    @op(out=Out(Nothing), description="Concatenate the shards in row order into the drop's patch_saliency "
+                                      "Parquet file, record lineage, remove the shards.")
+    def merge_saliency_shards(context: OpExecutionContext, storage: StorageResource, shards: list) -> Output:
+        drop = context.partition_key
+        wh = storage.warehouse
+        shards = sorted(shards, key=lambda s: s["start"])
+        folder = wh.shard_dir("patch_saliency", drop)
+        _check_contiguous(drop, shards)
+        paths = [folder / s["file"] for s in shards]
+        for s, path in zip(shards, paths):
+            if _finished_shard(path, s) is None:
+                raise FileNotFoundError(f"{drop}: shard rows {s['start']}-{s['stop']} is missing at {path} "
+                                        f"(removed by a concurrent run?): re-materialise patch_saliency")
+        model_ids = {s["model_id"] for s in shards}
+        if len(model_ids) != 1:
+            raise RuntimeError(f"{drop}: shards were scored by different models {sorted(model_ids)}")
+        if len(paths) == 1:
+            wh.adopt("patch_saliency", drop, paths[0])  # the very file a single step writes
+        else:
+            with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer:
+                for path in paths:
+                    pf = pq.ParquetFile(path)
+                    for g in range(pf.num_row_groups):  # one row group per scored batch, as in one pass
+                        writer.write_table(pf.read_row_group(g))
+        model_id = model_ids.pop()
+        _commit_lineage(storage, LineageRow("patch_saliency", drop, [f"raw_samples/{drop}", "governor"],
+                                            context.run.run_id, _version(context), config_hash, model_id))
+        shutil.rmtree(folder, ignore_errors=True)  # merged shards, and stale ones of older versions
+        n = sum(s["rows"] for s in shards)
+        seconds = sum(s["seconds"] for s in shards)
+        grid = shards[0]["grid"]
+        return Output(None, metadata={
+            "images": n, "full_image_forward_passes": sum(s["forward_calls"] for s in shards),
+            "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 1),
+            "grid": f"{grid[0]}x{grid[1]}", "governor_id": model_id,
+            "shards": len(shards), "shards_reused": sum(1 for s in shards if s["reused"])})
+
+    @graph_asset(name="patch_saliency", partitions_def=drops_partitions, code_version=version,
+                 automation_condition=PER_DROP, group_name="vision", kinds={"pytorch", "parquet"},
+                 ins={"raw_samples": AssetIn("raw_samples", dagster_type=Nothing),
+                      "governor": AssetIn("governor", dagster_type=Nothing)},
+                 description="One governor pass per valid image: pooled normalised embedding and the patch "
+                             "saliency grid of every method (so a method or ρ change never re-runs the model). "
+                             "Scored in row-range shards (`[governor] shards`), one step each, merged in row "
+                             "order: the table is the same for any number of shards.")
+    def patch_saliency(raw_samples, governor):
+        shards = plan_saliency_shards(raw_samples=raw_samples, governor=governor)
+        return merge_saliency_shards(shards.map(score_saliency_shard).collect())
+
+    return patch_saliency
+
+
+def _single_step_patch_saliency(gov: GovernorSettings, version: str, load):
+    """The default (`shards = 1`): one step, no planning or merging steps to start, so a drop run
+    on the multiprocess or celery executor pays no extra step start-up. Its table equals the
+    sharded asset's (test_sharded_vision compares them)."""
+    @asset(name="patch_saliency", automation_condition=PER_DROP, partitions_def=drops_partitions,
+           deps=["raw_samples", "governor"], group_name="vision", code_version=version, kinds={"pytorch", "parquet"},
+           description="One governor pass per valid image: pooled normalised embedding and the patch "
+                       "saliency grid of every method (so a method or ρ change never re-runs the model). "
+                       "`[governor] shards` > 1 splits it into row-range steps.")
+    def patch_saliency(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+        drop = context.partition_key
+        wh = storage.warehouse
+        fm = load()
+        vision = VisionPass(fm.model)
+        t0, n = time.perf_counter(), 0
+        try:
+            with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer:
+                for ids, images in iter_valid_images(wh.parquet_file("raw_samples", drop), gov.batch_size):
+                    out = score_batch(fm, vision, images, gov.precision)
+                    writer.write_batch(saliency_record_batch(ids, fm.grid, out))
+                    n += len(ids)
+                    context.log.info(f"{drop}: {n} images scored")
+        finally:
+            vision.close()
+        seconds = time.perf_counter() - t0
+        _commit_lineage(storage, LineageRow("patch_saliency", drop, [f"raw_samples/{drop}", "governor"],
+                                            context.run.run_id, version, gov.config_hash(), fm.model_id))
+        return MaterializeResult(metadata={
+            "images": n, "full_image_forward_passes": vision.forward_calls, "seconds": round(seconds, 2),
+            "images_per_second": round(n / max(seconds, 1e-9), 1), "grid": f"{fm.grid[0]}x{fm.grid[1]}",
+            "governor_id": fm.model_id, "shards": 1})
+
+    return patch_saliency
+
+
+def _finished_shard(path: Path, shard: dict) -> dict | None:
+    """The shard's record when its Parquet file and metadata exist for exactly this identity."""
+    meta = path.with_suffix(_SHARD_META)
+    if not (path.exists() and meta.exists()):
+        return None
+    try:
+        done = json.loads(meta.read_text())
+    except ValueError:
+        return None
+    same = all(done.get(k) == v for k, v in shard.items() if k != "reused")
+    if not same or pq.ParquetFile(path).metadata.num_rows != done.get("rows"):
+        return None
+    return done
+
+
+def _check_contiguous(drop: str, shards: list[dict]) -> None:
+    at = 0
+    for s in shards:
+        if s["start"] != at:
+            raise RuntimeError(f"{drop}: shards do not cover the rows contiguously at row {at}: "
+                               f"{[(x['start'], x['stop']) for x in shards]}")
+        at = s["stop"]
 
 
 def build_vision_assets(settings: JuicerSettings) -> list:
@@ -112,33 +300,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
             meta["loss_curve"] = MetadataValue.md(png_markdown(line_chart(fm.info["loss_curve"], title="training loss")))
         return MaterializeResult(metadata=meta)
 
-    @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=["raw_samples", governor], group_name="vision",
-           code_version=code_version("patch_saliency-2", fingerprint), kinds={"pytorch", "parquet"},
-           description="One governor pass per valid image: pooled normalised embedding and the patch "
-                       "saliency grid of every method (so a method or ρ change never re-runs the model).")
-    def patch_saliency(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
-        drop = context.partition_key
-        wh = storage.warehouse
-        fm = load()
-        vision = VisionPass(fm.model)
-        t0, n = time.perf_counter(), 0
-        try:
-            with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer:
-                for ids, images in iter_valid_images(wh.parquet_file("raw_samples", drop), gov.batch_size):
-                    out = score_batch(fm, vision, images, gov.precision)
-                    writer.write_batch(saliency_record_batch(ids, fm.grid, out))
-                    n += len(ids)
-                    context.log.info(f"{drop}: {n} images scored")
-        finally:
-            vision.close()
-        seconds = time.perf_counter() - t0
-        _commit_lineage(storage, LineageRow("patch_saliency", drop, [f"raw_samples/{drop}", "governor"],
-                                         context.run.run_id, _version(context),
-                                         gov.config_hash(), fm.model_id))
-        return MaterializeResult(metadata={
-            "images": n, "full_image_forward_passes": vision.forward_calls, "seconds": round(seconds, 2),
-            "images_per_second": round(n / max(seconds, 1e-9), 1), "grid": f"{fm.grid[0]}x{fm.grid[1]}",
-            "governor_id": fm.model_id})
+    patch_saliency = _build_patch_saliency(gov, fingerprint, load)
 
     @asset(automation_condition=PER_DROP, partitions_def=drops_partitions, deps=[patch_saliency], group_name="vision",
            code_version=code_version("pruned_images-1", fingerprint, sal), kinds={"parquet"},

@@ -5,6 +5,8 @@ Layout under the data root (``JUICER_DATA_DIR``, default ``./data``)::
     drops/                      incoming drops, one folder each
     world/                      the synthetic world's corpus and held-out sets
     warehouse/<asset>/<partition>.parquet   (or under [warehouse] url, e.g. s3://bucket/prefix)
+    shards/<asset>/<partition>/ pieces of a partition being computed by several steps (removed
+                                once merged into the warehouse)
     catalog.duckdb
     commits/pending|folded/     commit records, with [catalog] writes = "commit_records"
 """
@@ -62,6 +64,17 @@ def _remove_leftovers(final: Path, before: float) -> None:
                 old.unlink()
         except FileNotFoundError:  # another writer's own cleanup got there first
             pass
+
+
+@contextmanager
+def stream_parquet(final: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer for row batches into `final`, renamed into place only if the block succeeds."""
+    with atomic_path(final) as tmp:
+        writer = pq.ParquetWriter(tmp, schema)
+        try:
+            yield writer
+        finally:
+            writer.close()
 
 
 @dataclass(frozen=True)
@@ -181,6 +194,29 @@ class Warehouse:
                 yield writer
             finally:
                 writer.close()
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    def shard_dir(self, asset: str, partition: str) -> Path:
+        """Where the steps that compute one partition in pieces put their pieces (no catalog view
+        and no reader of the warehouse looks here)."""
+        return self.shards_dir / asset / partition
+
+    def adopt(self, asset: str, partition: str, finished: Path) -> str:
+        """Make a finished local file (written under the same data root) the partition, atomically:
+        renamed into place, or uploaded whole to object storage."""
+        path = self.partition_path(asset, partition)
+        if not self.is_local:
+            self.filesystem.put_file(str(finished), path)
+            Path(finished).unlink()
+            return path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        os.replace(finished, path)
+        _remove_leftovers(Path(path), started)
+        return path
 
     def read_table(self, asset: str, partition: str, columns: list[str] | None = None,
                    filters=None) -> pa.Table:
