@@ -52,9 +52,10 @@ READER = textwrap.dedent("""
 """)
 
 
-def _make_drops(data_dir: Path) -> None:
+def _make_drops(data_dir: Path, samples: int) -> None:
     for i, name in enumerate(DROPS):
-        generate_drop(data_dir / "drops" / name, DropConfig(n_samples=60, broken_rate=0.05, seed=70 + i, drop_index=i))
+        generate_drop(data_dir / "drops" / name, DropConfig(n_samples=samples, broken_rate=0.05, seed=70 + i,
+                                                            drop_index=i))
 
 
 def _serial(data_dir: Path) -> float:
@@ -68,7 +69,7 @@ def _serial(data_dir: Path) -> float:
         return time.perf_counter() - t0
 
 
-def _tables(data_dir: Path) -> dict:
+def tables(data_dir: Path) -> dict:
     out = {}
     for stage in STAGES:
         for drop in DROPS:
@@ -80,7 +81,7 @@ def _tables(data_dir: Path) -> dict:
     return out
 
 
-def _catalog(data_dir: Path) -> dict:
+def catalog_rows(data_dir: Path) -> dict:
     cat = Catalog(data_dir / "catalog.duckdb")
     frames = {
         "samples": cat.query("SELECT * FROM samples ORDER BY sample_id"),
@@ -126,13 +127,14 @@ class _Processes:
                 pass
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(2400)
-def test_celery_workers_juice_four_drops_equal_to_a_serial_run(tmp_path, monkeypatch):
+def run_celery_vs_serial(tmp_path: Path, samples: int = 60, workers: int = 2) -> dict:
+    """Juice DROPS serially in-process (direct catalog writes), then again with `workers` celery
+    workers, the PostgreSQL instance, commit records, a committer and a reader; return what was
+    measured and both runs' outputs. Every server is started here on 127.0.0.1 and stopped."""
     serial_dir, dist_dir = tmp_path / "serial", tmp_path / "celery"
     for root in (serial_dir, dist_dir):
-        _make_drops(root)
-    monkeypatch.delenv("JUICER_CONFIG", raising=False)
+        _make_drops(root, samples)
+    os.environ.pop("JUICER_CONFIG", None)
     serial_s = _serial(serial_dir)
 
     pg, redis = PostgresServer(), RedisServer(tmp_path / "redis")
@@ -142,24 +144,24 @@ def test_celery_workers_juice_four_drops_equal_to_a_serial_run(tmp_path, monkeyp
     env = {**os.environ, **pg.env(), "DAGSTER_HOME": str(home), "JUICER_DATA_DIR": str(dist_dir),
            "JUICER_CONFIG": str(CELERY_SETTINGS), "JUICER_CELERY_BROKER": redis.url(0),
            "JUICER_CELERY_BACKEND": redis.url(1), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    saved = dict(os.environ)
+    os.environ.update(env)
     procs = _Processes(env, tmp_path / "logs")
     stop_reader = tmp_path / "stop-reader"
     try:
         settings = load_settings(CELERY_SETTINGS)
         assert settings.catalog.writes == "commit_records" and settings.execution.executor == "celery"
         with DagsterInstance.get() as instance:  # the PostgreSQL instance of deploy/postgres/dagster.yaml
-            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            storage_kind = type(instance.run_storage).__name__
             assert run_governor(dist_dir, instance, settings).success  # shared: writes the catalog itself
             instance.add_dynamic_partitions("drops", DROPS)
 
-        workers = [procs.start(f"worker{i}", [str(BIN / "dagster-celery"), "worker", "start", "-A",
-                                              "dagster_celery.app", "-y", str(REPO / "deploy/celery/worker.yaml"),
-                                              "-q", "dagster", "--name", f"w{i}", "--", "--concurrency=1"])
-                   for i in range(2)]
-        wait_for(lambda: all(" ready." in procs.log(f"worker{i}") for i in range(2)), 120, "both celery workers ready",
-                 every=1)
+        worker_procs = [procs.start(f"worker{i}", [str(BIN / "dagster-celery"), "worker", "start", "-A",
+                                                   "dagster_celery.app", "-y", str(REPO / "deploy/celery/worker.yaml"),
+                                                   "-q", "dagster", "--name", f"w{i}", "--", "--concurrency=1"])
+                        for i in range(workers)]
+        wait_for(lambda: all(" ready." in procs.log(f"worker{i}") for i in range(workers)), 120,
+                 "the celery workers ready", every=1)
         committer = procs.start("committer", [str(BIN / "juicer"), "catalog", "fold", "--every", "1"])
         reader = subprocess.Popen([sys.executable, "-c", READER, str(dist_dir), str(stop_reader)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -168,7 +170,7 @@ def test_celery_workers_juice_four_drops_equal_to_a_serial_run(tmp_path, monkeyp
         runs = [procs.start(f"run-{d}", [str(BIN / "dagster"), "job", "execute", "-m", "juicer_pipeline.definitions",
                                          "-j", "juice_drop", "--tags", json.dumps({"dagster/partition": d})])
                 for d in DROPS]
-        codes = [r.wait(timeout=1500) for r in runs]
+        codes = [r.wait(timeout=3000) for r in runs]
         celery_s = time.perf_counter() - t0
         assert codes == [0] * len(DROPS), "\n".join(procs.log(f"run-{d}")[-3000:] for d in DROPS)
 
@@ -176,7 +178,7 @@ def test_celery_workers_juice_four_drops_equal_to_a_serial_run(tmp_path, monkeyp
         folds = [json.loads(line) for line in procs.log("committer").splitlines() if line.startswith("{")]
         stop_reader.touch()
         read, _ = reader.communicate(timeout=120)
-        for w in workers:
+        for w in worker_procs:
             procs.stop(w)
 
         with DagsterInstance.get() as instance:
@@ -191,22 +193,33 @@ def test_celery_workers_juice_four_drops_equal_to_a_serial_run(tmp_path, monkeyp
         procs.stop_all()
         redis.stop()
         pg.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+    return {"serial_s": serial_s, "celery_s": celery_s, "statuses": statuses, "hosts": hosts, "folds": folds,
+            "reader": json.loads(read), "instance_storage": storage_kind,
+            "serial_dir": serial_dir, "celery_dir": dist_dir}
 
-    assert statuses == [(d, DagsterRunStatus.SUCCESS) for d in DROPS]
-    assert len(hosts) == 2, hosts  # both workers executed steps
-    reader_out = json.loads(read)
-    assert reader_out["errors"] == [] and reader_out["reads"] > 10, reader_out
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_celery_workers_juice_four_drops_equal_to_a_serial_run(tmp_path):
+    out = run_celery_vs_serial(tmp_path)
+    assert out["instance_storage"] == "PostgresRunStorage"
+    assert out["statuses"] == [(d, DagsterRunStatus.SUCCESS) for d in DROPS]
+    assert len(out["hosts"]) == 2, out["hosts"]  # both workers executed steps
+    reader, folds = out["reader"], out["folds"]
+    assert reader["errors"] == [] and reader["reads"] > 10, reader
     backoffs = sum(f["lock_backoffs"] for f in folds)
     folded = sum(f["folded"] for f in folds)
     assert folds[-1]["pending"] == 0 and folded == len(DROPS) * len(STAGES)
     assert backoffs == 0  # the committer was the catalog's only user: no lock conflict at all
 
-    serial, dist = _tables(serial_dir), _tables(dist_dir)
+    serial, dist = tables(out["serial_dir"]), tables(out["celery_dir"])
     for key in serial:
         pd.testing.assert_frame_equal(dist[key], serial[key], check_exact=True, obj=str(key))
-    assert _catalog(dist_dir) == _catalog(serial_dir)
-    print(f"\n4 drops x {len(STAGES)} stages: serial in-process {serial_s:.1f} s, celery (2 workers, PostgreSQL "
-          f"instance, Redis broker) {celery_s:.1f} s ({serial_s / celery_s:.2f}x); commit records folded {folded} "
-          f"in {len(folds)} folds, {backoffs} lock back-offs; reader: {reader_out['reads']} reads, "
-          f"{len(reader_out['errors'])} errors, up to {reader_out['most_samples']} samples seen; "
-          f"steps ran on {sorted(hosts)}")
+    assert catalog_rows(out["celery_dir"]) == catalog_rows(out["serial_dir"])
+    print(f"\n4 drops x {len(STAGES)} stages: serial in-process {out['serial_s']:.1f} s, celery (2 workers, "
+          f"PostgreSQL instance, Redis broker) {out['celery_s']:.1f} s; commit records folded {folded} in "
+          f"{len(folds)} folds, {backoffs} lock back-offs; reader: {reader['reads']} reads, "
+          f"{len(reader['errors'])} errors, up to {reader['most_samples']} samples seen; "
+          f"steps ran on {sorted(out['hosts'])}")
