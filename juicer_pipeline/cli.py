@@ -32,11 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"juicer: error: {exc}", file=sys.stderr)
+        print(f"juicer: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (CatalogLocked, duckdb.Error, OSError, RuntimeError) as exc:  # a locked or broken catalog, a full disk...
-        print(f"juicer: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"juicer: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -226,11 +230,14 @@ def dagster_instance(data_dir: Path):
 
 def cmd_demo(a) -> int:
     from .definitions import COMPARE_JOB_NAME, DROP_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
+    from .settings import load_settings
+
     data_dir = default_data_dir()
     wh = Warehouse(data_dir)
     t0 = time.perf_counter()
-    names = ensure_demo_world(wh, a.drops, a.samples, a.eval_samples, a.seed)
     ensure_demo_settings(data_dir)
+    preflight(load_settings(data_dir=data_dir))  # a wrong model or vocabulary fails now, not after the world
+    names = ensure_demo_world(wh, a.drops, a.samples, a.eval_samples, a.seed)
     instance = dagster_instance(data_dir)
     defs = build_definitions(data_dir=data_dir)
     known = set(instance.get_dynamic_partitions("drops"))
@@ -275,6 +282,26 @@ seeds = [0, 1]
 budget_full_steps = 200
 eval_points = 1
 """
+
+
+def preflight(settings) -> None:
+    """One clear error before any long work: the models the settings name exist, and the class
+    vocabulary file reads. (The code location itself loads without them, so the UI can show the
+    failing stage; a command-line run should not get that far.)"""
+    from .assets.vocabulary import class_vocabulary
+    from .models.loader import ModelNotFound, weights_path
+
+    source = settings.governor.source
+    folder = Path(source[3:]) if source.startswith("hf:") else None
+    path = weights_path(source)
+    if (folder is not None and not folder.is_dir()) or (folder is None and path is not None and not path.exists()):
+        raise ModelNotFound(f"[governor] source = {source!r}: no weights at {folder or path}; put them there "
+                            f"or change the source (README: Bring your own models and data)")
+    caption_model = settings.captions.model_path
+    if settings.captions.backend == "transformers" and not Path(caption_model).is_dir():
+        raise ModelNotFound(f"[captions] model_path = {caption_model!r} is not a folder; point it at a local "
+                            f"transformers model folder or set backend = \"rules\"")
+    class_vocabulary(settings.classes)  # a missing or malformed vocabulary file raises its own clear error
 
 
 def ensure_demo_settings(data_dir: Path) -> None:

@@ -79,7 +79,7 @@ def test_lock_that_never_frees_gives_clear_error_after_the_window(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         t0 = time.perf_counter()
-        with pytest.raises(CatalogLocked, match=r"stayed locked for 0.6 s \(catalog.lock_timeout_s\)"):
+        with pytest.raises(CatalogLocked, match=r"stayed locked for 0.6 s: another process holds it.*raise \[catalog\] lock_timeout_s"):
             Catalog(path, lock_timeout_s=0.6, base_delay_s=0.01).migrate()
         assert 0.5 < time.perf_counter() - t0 < 5  # the window, not a fixed number of attempts
     finally:
@@ -182,3 +182,43 @@ def test_cli_reports_a_broken_catalog_in_one_line(data_dir, capsys):
     assert main(["status"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("juicer: error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("juicer: error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_cli_reports_a_locked_catalog_in_one_line_that_says_what_to_do(data_dir, capsys):
+    import subprocess
+    import sys
+
+    from juicer_pipeline.cli import main
+
+    Catalog(data_dir / "catalog.duckdb").migrate()
+    (data_dir / "juicer.toml").write_text("[catalog]\nlock_timeout_s = 1\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+                               "print('holding', flush=True); time.sleep(120)", str(data_dir / "catalog.duckdb")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert main(["status"]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    err = _one_error_line(capsys)
+    assert "CatalogLocked" in err and "catalog-snapshot.duckdb" in err and "lock_timeout_s" in err
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ('[governor]\nsource = "file:{d}/no-such-governor.safetensors"\n', "no weights at {d}/no-such-governor.safetensors"),
+    ('[classes]\nvocabulary = "{d}/no-such-vocabulary.txt"\n', "no-such-vocabulary.txt"),
+])
+def test_cli_demo_stops_at_a_missing_model_or_vocabulary_before_any_work(data_dir, capsys, toml, expected):
+    from juicer_pipeline.cli import main
+
+    (data_dir / "juicer.toml").write_text(toml.format(d=data_dir))
+    assert main(["demo", "--skip-training"]) == 2
+    assert expected.format(d=data_dir) in _one_error_line(capsys)
+    assert not any((data_dir / "drops").iterdir())  # failed before generating the demo world

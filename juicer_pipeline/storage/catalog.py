@@ -248,8 +248,10 @@ class Catalog:
                 if not _is_lock_error(exc):
                     raise
                 if left <= 0:
-                    raise CatalogLocked(f"catalog {self.path} stayed locked for {self.lock_timeout_s:g} s "
-                                        f"(catalog.lock_timeout_s): {exc}") from exc
+                    raise CatalogLocked(f"catalog {self.path} stayed locked for {self.lock_timeout_s:g} s: another "
+                                        f"process holds it (an open connection, even read-only, or a long "
+                                        f"write). Close it and query catalog-snapshot.duckdb instead, or raise "
+                                        f"[catalog] lock_timeout_s. DuckDB said: {exc}") from exc
                 global _lock_backoffs
                 _lock_backoffs += 1
                 delay = min(self.base_delay_s * 2 ** min(n, 10), self.max_delay_s) * random.uniform(0.5, 1.5)
