@@ -46,7 +46,8 @@ class ClassVocabulary:
 def read_vocabulary_file(path: str | Path, templates: tuple[str, ...] | None = None) -> ClassVocabulary:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class vocabulary file {path} does not exist")
+        raise FileNotFoundError(f"class vocabulary file {path} does not exist: set [classes] vocabulary to a file "
+                                f"with one class per line, or leave it unset for the world's shapes")
     names, synonyms = [], {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
