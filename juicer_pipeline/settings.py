@@ -43,8 +43,10 @@ class IngestSettings(_Section):
     quarantine_alarm: float = Field(0.5, gt=0.0, le=1.0, description="the raw_samples check `quarantine_share` "
                                                                       "fails when this share of a drop or more "
                                                                       "is quarantined (check only: not hashed)")
-    workers: int = Field(2, ge=1, description="threads that decode, hash and fingerprint images; rows and "
-                                              "their order are the same for any value (not hashed)")
+    workers: int = Field(2, ge=1, description="processes that decode, hash and fingerprint images (1: in the "
+                                              "asset's own process; a pool starts only for drops over 512 "
+                                              "records); rows and their order are the same for any value "
+                                              "(not hashed)")
 
     _unhashed: ClassVar[frozenset[str]] = frozenset({"quarantine_alarm", "workers"})
 

@@ -196,17 +196,32 @@ def test_symlinks_out_of_the_drop_are_quarantined(tmp_path):
     assert got["in"]["status"] == "valid"
 
 
-def test_threaded_inspection_gives_the_same_rows_in_the_same_order(tmp_path):
-    """A world drop with broken files, repeated content and captions to quarantine: rows from 1 and
-    4 inspecting threads are identical, row for row."""
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_inspection_in_worker_processes_gives_the_same_rows_in_the_same_order(tmp_path, monkeypatch, fmt):
+    """A world drop with broken files, repeated content and captions to quarantine: rows from the
+    asset's own process and from a pool of 3 worker processes (started after 20 records here,
+    chunks of 8) are identical, row for row, folder and tar shards alike."""
+    from juicer_pipeline.governance import ingest as ingest_module
     from juicer_pipeline.world import DropConfig, generate_drop
 
-    drop = generate_drop(tmp_path / "w", DropConfig(n_samples=150, broken_rate=0.15, duplicate_rate=0.1, seed=5)).path
+    monkeypatch.setattr(ingest_module, "POOL_AFTER_RECORDS", 20)
+    monkeypatch.setattr(ingest_module, "POOL_CHUNK", 8)
+    chunks_sent = []
+
+    class CountingPool(ingest_module.ProcessPoolExecutor):
+        def submit(self, fn, images, *args):
+            chunks_sent.append(len(images))
+            return super().submit(fn, images, *args)
+
+    monkeypatch.setattr(ingest_module, "ProcessPoolExecutor", CountingPool)
+    drop = generate_drop(tmp_path / "w", DropConfig(n_samples=150, broken_rate=0.15, duplicate_rate=0.1, seed=5,
+                                                     format=fmt, shard_size=60)).path
     runs = []
-    for workers in (1, 4):
+    for workers in (1, 3):
         stats = IngestStats()
         runs.append([r for b in ingest_batches(open_drop(drop), "w", ImageLimits(), 4000, stats, batch_rows=16,
                                                workers=workers) for r in b.to_pylist()])
     assert len(runs[0]) == 150 and runs[0] == runs[1]
+    assert sum(chunks_sent) == 130 and max(chunks_sent) == 8  # the pool inspected all but the first 20
     reasons = {r["quarantine_reason"] for r in runs[0]} - {None}
     assert "duplicate_content" in reasons and len(reasons) >= 3  # the decisions that depend on order were taken

@@ -60,7 +60,7 @@ def _ingest(path: Path) -> list[dict]:
                                           workers=workers) for r in b.to_pylist()]
         assert stats.n_samples == len(rows)
         runs.append(rows)
-    assert runs[0] == runs[1]  # inspecting in threads changes no row and no order
+    assert runs[0] == runs[1]  # the workers setting changes no row and no order
     return runs[0]
 
 

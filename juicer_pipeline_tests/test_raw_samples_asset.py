@@ -30,7 +30,7 @@ def test_world_drop_is_ingested_with_catalog_rows_and_lineage(data_dir, instance
     assert (quarantined.quarantine_reason == "duplicate_content").sum() <= dups
     lineage = cat.query("SELECT * FROM lineage_current WHERE artifact = 'raw_samples/w1'")
     assert len(lineage) == 1 and lineage.run_id[0] == result.run_id
-    assert lineage.code_version[0].startswith("ingest-2+")
+    assert lineage.code_version[0].startswith("ingest-3+")
     view = cat.query("SELECT count(*) AS n, count(image) AS with_image FROM raw_samples")
     assert view.n[0] == 120 and view.with_image[0] == meta["valid"].value
 

@@ -21,7 +21,7 @@ _THUMBNAILS = 12
 
 def build_ingest_assets(settings: JuicerSettings) -> list:
     cfg = settings.ingest
-    version = code_version("ingest-2", cfg)
+    version = code_version("ingest-3", cfg)
     limits = ImageLimits(min_side=cfg.min_side, max_side=cfg.max_side, max_pixels=cfg.max_pixels,
                          max_file_bytes=cfg.max_file_bytes)
 

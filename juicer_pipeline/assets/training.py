@@ -107,7 +107,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
 
     @asset(partitions_def=recipe_partitions, group_name="training", kinds={"parquet", "duckdb"},
            deps=[*(AssetDep(a, partition_mapping=AllPartitionMapping()) for a in PER_DROP_INPUTS), eval_sets],
-           code_version=code_version("training_set-2", tr.sieve_fraction),
+           code_version=code_version("training_set-3", tr.sieve_fraction),
            description="A recipe's training set from every juiced drop: sample ids, caption versions and kept-patch "
                        "sets, without quarantined samples, cross-drop duplicates or evaluation images.")
     def training_set(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:

@@ -157,7 +157,7 @@ def _resolve_file(root: Path, image_ref, rec: RawRecord, max_file_bytes: int) ->
     real = os.path.join(_real_dir(os.path.dirname(joined)), os.path.basename(joined))
     if os.path.islink(real):
         real = os.path.realpath(real)
-    if not Path(real).is_relative_to(root):
+    if not real.startswith(str(root).rstrip(os.sep) + os.sep):  # a string test: pathlib costs a tenth of ingestion
         rec.fetch_error = "path_escapes_drop"
         return
     _read_capped(real, rec, max_file_bytes)

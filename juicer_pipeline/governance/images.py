@@ -43,6 +43,9 @@ class ImageRejected(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):  # rebuilt from (reason, detail) when it crosses a process boundary
+        return type(self), (self.reason, self.detail)
+
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
     """Decode and verify one image file; raise ImageRejected with a precise reason."""

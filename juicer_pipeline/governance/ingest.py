@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -61,10 +63,9 @@ def sample_id_for(drop_id: str, local_id: str) -> str:
 
 def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_caption_chars: int,
                    stats: IngestStats, batch_rows: int = 512, workers: int = 1) -> Iterator[pa.RecordBatch]:
-    """Rows of the drop, in record order. `workers` threads inspect images (decode, hash,
-    fingerprint: Pillow and hashlib release the GIL there); the decisions that depend on earlier
-    rows (repeated ids, repeated content) are taken here, in order, so the rows are the same for
-    any number of workers."""
+    """Rows of the drop, in record order. `workers` processes inspect images (decode, hash,
+    fingerprint); the decisions that depend on earlier rows (repeated ids, repeated content) are
+    taken here, in order, so the rows are the same for any number of workers."""
     seen_hashes: set[str] = set()
     seen_ids: dict[str, int] = {}  # local id -> how many later duplicates it has had
     batch: list[dict] = []
@@ -107,24 +108,47 @@ def inspect_image(data: bytes | None, limits: ImageLimits) -> Inspection:
                       thumbprint(decoded.image))
 
 
+# Records inspected serially before a process pool is worth its start (about a second to spawn
+# and import here); drops smaller than this never start one.
+POOL_AFTER_RECORDS = 512
+# Records per task sent to a worker process: enough to amortise the pickling round trip.
+POOL_CHUNK = 64
+
+
+def inspect_chunk(images: list[bytes | None], limits: ImageLimits) -> list[Inspection]:
+    return [inspect_image(data, limits) for data in images]
+
+
 def _inspect_all(records: Iterable[RawRecord], limits: ImageLimits,
                  workers: int) -> Iterator[tuple[RawRecord, Inspection]]:
-    """(record, inspection) in record order. With workers > 1 a bounded window of records is in
-    flight (reading stays on this thread, so tar members are read in order and memory stays flat)."""
-    if workers <= 1:
+    """(record, inspection) in record order.
+
+    With workers > 1, after the first POOL_AFTER_RECORDS records, chunks of records go to worker
+    processes (decoding a small image holds the GIL too long between releases for threads to
+    gain). Reading stays on this process, so tar members are read in order, and a bounded window
+    of chunks is in flight, so memory stays flat whatever the drop size."""
+    records = iter(records)
+    head = list(islice(records, POOL_AFTER_RECORDS if workers > 1 else 0))
+    for rec in head:
+        yield rec, inspect_image(rec.image_bytes, limits)
+    if len(head) < POOL_AFTER_RECORDS:
         for rec in records:
             yield rec, inspect_image(rec.image_bytes, limits)
         return
     window: deque = deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
-        for rec in records:
-            window.append((rec, pool.submit(inspect_image, rec.image_bytes, limits)))
-            if len(window) >= 8 * workers:
-                done, future = window.popleft()
-                yield done, future.result()
+    # spawn, not fork: the caller may be a threaded Dagster process, and workers need only PIL
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while chunk := list(islice(records, POOL_CHUNK)):
+            window.append((chunk, pool.submit(inspect_chunk, [r.image_bytes for r in chunk], limits)))
+            if len(window) >= 2 * workers:
+                yield from _done(window.popleft())
         while window:
-            done, future = window.popleft()
-            yield done, future.result()
+            yield from _done(window.popleft())
+
+
+def _done(entry) -> Iterator[tuple[RawRecord, Inspection]]:
+    chunk, future = entry
+    yield from zip(chunk, future.result())
 
 
 def _row(rec: RawRecord, seen: Inspection, drop_id: str, max_caption_chars: int,

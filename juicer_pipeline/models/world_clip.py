@@ -29,6 +29,10 @@ class ClipArch:
     # A hierarchical-MLP stem (instead of the conv stem): each patch is embedded on its own, in
     # 2×2 stride-2 stages, so a pruned step embeds only the kept patches.
     hmlp_stem: bool = False
+    # Convolutions per stride-2 stage of the conv stem: more local shape features per token.
+    stem_depth: int = 1
+    # How the image embedding pools the tokens: "tok" (the CLS token) or "avg" (mean of the patches).
+    pool_type: str = "tok"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +54,7 @@ class ConvStem(nn.Module):
     (as in "Early Convolutions Help Transformers See Better").
     """
 
-    def __init__(self, width: int, patch_size: int):
+    def __init__(self, width: int, patch_size: int, depth: int = 1):
         super().__init__()
         stages = int(math.log2(patch_size))
         if 2 ** stages != patch_size:
@@ -59,6 +63,8 @@ class ConvStem(nn.Module):
         layers: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:]):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+            for _ in range(depth - 1):
+                layers += [nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
         layers.append(nn.Conv2d(chans[-1], width, 1))
         self.net = nn.Sequential(*layers)
 
@@ -115,14 +121,15 @@ def build_clip(arch: ClipArch) -> open_clip.CLIP:
     model = open_clip.CLIP(
         embed_dim=arch.embed_dim,
         vision_cfg=dict(image_size=arch.image_size, patch_size=arch.patch_size, width=arch.vision_width,
-                        layers=arch.vision_layers, head_width=arch.vision_width // arch.vision_heads, mlp_ratio=4),
+                        layers=arch.vision_layers, head_width=arch.vision_width // arch.vision_heads, mlp_ratio=4,
+                        pool_type=arch.pool_type),
         text_cfg=dict(context_length=arch.context_length, vocab_size=VOCAB_SIZE, width=arch.text_width,
                       heads=arch.text_heads, layers=arch.text_layers),
     )
     if arch.conv_stem and arch.hmlp_stem:
         raise ValueError("choose one stem: conv_stem or hmlp_stem")
     if arch.conv_stem:
-        model.visual.conv1 = ConvStem(arch.vision_width, arch.patch_size)
+        model.visual.conv1 = ConvStem(arch.vision_width, arch.patch_size, arch.stem_depth)
     elif arch.hmlp_stem:
         model.visual.conv1 = HMLPStem(arch.vision_width, arch.patch_size)
     return model
