@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 
-def world_train_data(n_samples: int, coverage: float, shared_colour: float, image_size: int, tokenizer):
+def world_train_data(n_samples: int, coverage: float, shared_colour: float, image_size: int, tokenizer,
+                     hard_negatives: bool = False):
     from juicer_pipeline.governance.clip_training import TrainData
     from juicer_pipeline.governance.images import to_uint8_chw
     from juicer_pipeline.world import DropConfig
@@ -34,7 +35,12 @@ def world_train_data(n_samples: int, coverage: float, shared_colour: float, imag
         if s.broken is None:  # ingestion would quarantine a broken file
             images.append(to_uint8_chw(jpeg_roundtrip(s.rendered.image, 92), image_size))
             captions.append(s.caption)
-    return TrainData(torch.stack(images), tokenizer(captions), None, "all")
+    data = TrainData(torch.stack(images), tokenizer(captions), None, "all")
+    if hard_negatives:
+        from juicer_pipeline.governance.hard_negatives import swap_negative_tokens
+
+        data.negatives, data.has_negative = swap_negative_tokens(captions, list(vocab.shapes), tokenizer)
+    return data
 
 
 def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: int, tokenizer):
@@ -76,6 +82,7 @@ def main() -> None:
     ap.add_argument("--eval-points", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hard-negatives", action="store_true", help="vocabulary-swap hard negative captions")
     a = ap.parse_args()
 
     from open_clip.tokenizer import SimpleTokenizer
@@ -93,7 +100,7 @@ def main() -> None:
     cfg = student_config(JuicerSettings(training=training))
     tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
     t0 = time.perf_counter()
-    data = world_train_data(a.samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer)
+    data = world_train_data(a.samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer, a.hard_negatives)
     ev = world_eval_set(a.eval_samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer)
     print(f"data: {len(data.images)} training pairs, {len(ev.retrieval_images)} retrieval + "
           f"{len(ev.class_images)} classification held-out images, {time.perf_counter() - t0:.0f}s", flush=True)

@@ -145,6 +145,9 @@ class TrainingSettings(_Section):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
     schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate after warm-up")
+    hard_negatives: bool = Field(False, description="add to each caption a hard negative: the caption with one "
+                                                    "vocabulary class name swapped for another (NegCLIP), in "
+                                                    "the image→text loss; every recipe alike. Needs processes = 1")
     full_tune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     eval_points: int = Field(3, ge=1, description="learning-curve evaluations over the budget")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
@@ -168,6 +171,13 @@ class TrainingSettings(_Section):
     _unhashed: ClassVar[frozenset[str]] = frozenset({"collective_timeout_s"})
 
     @model_validator(mode="after")
+    def _hard_negatives_in_one_process(self):
+        if self.hard_negatives and self.processes > 1:
+            raise ValueError("training.hard_negatives needs training.processes = 1 (the data-parallel loss "
+                             "gathers in-batch captions only)")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits_over_processes(self):
         if self.batch_size % self.processes:
             raise ValueError(f"batch_size ({self.batch_size}) must split into processes ({self.processes}) equal shares")
@@ -186,6 +196,9 @@ class CatalogSettings(_Section):
 
     lock_timeout_s: float = Field(120.0, gt=0, description="how long a writer backs off (jittered, exponential) "
                                                             "on lock or write conflicts before CatalogLocked")
+    memory_limit: str = Field("64MB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
+                              description="DuckDB memory limit of catalog connections: a writer replacing a big "
+                                          "drop's rows spills to disk beyond it instead of growing with the drop")
     writes: Literal["direct", "commit_records"] = Field(
         "direct", description="direct: each per-drop step writes the catalog itself (one machine). "
                               "commit_records: it writes a commit record beside its Parquet, and the "

@@ -6,6 +6,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
+from ..governance.parquet_batches import iter_parquet_batches
 from ..governance.saliency import METHODS
 from ..settings import JuicerSettings
 from .vocabulary import class_vocabulary
@@ -31,7 +32,7 @@ def _sql(wh, sql: str, params: list):
 def _non_finite_ids(pf: pq.ParquetFile, column: str, batch_rows: int = 4096) -> list[str]:
     """Sample ids whose list column is null, empty, or holds a null, NaN or ±inf (streamed)."""
     bad = []
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=["sample_id", column]):
+    for batch in iter_parquet_batches(pf, batch_rows, ["sample_id", column]):
         values = batch.column(1)
         lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False)
         row_bad = lengths == 0

@@ -14,6 +14,7 @@ class StorageResource(ConfigurableResource):
 
     data_dir: str
     lock_timeout_s: float = 120.0  # settings: [catalog] lock_timeout_s
+    memory_limit: str = "64MB"  # settings: [catalog] memory_limit
     writes: str = "direct"  # settings: [catalog] writes ('direct' | 'commit_records')
     warehouse_url: str = ""  # settings: [warehouse] url ('' = <data dir>/warehouse)
     storage_options: dict = {}  # settings: [warehouse] storage_options (fsspec)
@@ -22,6 +23,7 @@ class StorageResource(ConfigurableResource):
     def from_settings(cls, data_dir: Path, settings, **override) -> "StorageResource":
         """The resource for a data root and its settings (`JuicerSettings`), as the definitions build it."""
         return cls(**{"data_dir": str(data_dir), "lock_timeout_s": settings.catalog.lock_timeout_s,
+                      "memory_limit": settings.catalog.memory_limit,
                       "writes": settings.catalog.writes, "warehouse_url": settings.warehouse.url or "",
                       "storage_options": settings.warehouse.storage_options, **override})
 
@@ -32,7 +34,7 @@ class StorageResource(ConfigurableResource):
     @property
     def catalog(self) -> Catalog:
         wh = self.warehouse
-        catalog = Catalog(wh.catalog_path, lock_timeout_s=self.lock_timeout_s,
+        catalog = Catalog(wh.catalog_path, lock_timeout_s=self.lock_timeout_s, memory_limit=self.memory_limit,
                           filesystem=None if wh.is_local else wh.filesystem)
         if self.uses_commit_records and str(catalog.path) not in _MIGRATED:
             # only shared steps (governor, training) and the committer reach the catalog in this

@@ -26,9 +26,10 @@ from ..models.loader import load_world_clip, save_world_clip
 from ..automation.conditions import FOLLOW_UPSTREAM, SHARED
 from ..settings import JuicerSettings, SaliencySettings, code_version
 from ..storage import LineageRow, replace_checkpoints, replace_training_set, write_lineage
+from ..governance.hard_negatives import swap_negative_tokens
 from ..governance.vocabulary import ClassVocabulary
 from .resources import StorageResource
-from .vocabulary import class_vocabulary
+from .vocabulary import class_vocabulary, vocabulary_fingerprint
 from .ui import curves_chart, line_chart, markdown_table, metadata_table, png_markdown
 
 recipe_partitions = StaticPartitionsDefinition(RECIPE_NAMES)
@@ -154,7 +155,9 @@ def build_training_assets(settings: JuicerSettings) -> list:
             "excluded_by_reason": MetadataValue.md(markdown_table([{"reason": k, "count": v} for k, v in why.most_common()]))})
 
     @asset(partitions_def=recipe_partitions, deps=[training_set, eval_sets], group_name="training",
-           code_version=code_version("clip_checkpoint-2", tr, settings.saliency, _arch_hash(cfg)),
+           code_version=code_version("clip_checkpoint-2", tr, settings.saliency, _arch_hash(cfg),
+                                     *([settings.classes, vocabulary_fingerprint(settings.classes)]
+                                       if tr.hard_negatives else [])),
            kinds={"pytorch"},
            description="Student CLIPs (one per seed) trained with the contrastive loss at an equal budget of "
                        "vision tokens, and with `training.wallclock_s` also at an equal wall-clock budget; "
@@ -163,9 +166,11 @@ def build_training_assets(settings: JuicerSettings) -> list:
         recipe = RECIPES[context.partition_key]
         wh = storage.warehouse
         members = wh.read_table("training_set", recipe.name).to_pandas()
-        data = _train_data(wh, members, recipe.patches, cfg, settings.saliency)
+        vocab = class_vocabulary(settings.classes)
+        data = _train_data(wh, members, recipe.patches, cfg, settings.saliency,
+                           negatives_from=list(vocab.names) if tr.hard_negatives else None)
         tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
-        ev = _eval_set(wh, tokenizer, cfg, class_vocabulary(settings.classes))
+        ev = _eval_set(wh, tokenizer, cfg, vocab)
         ts_id = members.training_set_id.iloc[0]
         version = context.assets_def.code_versions_by_key[context.asset_key]
         rows, curves = [], {}
@@ -280,8 +285,10 @@ def build_training_assets(settings: JuicerSettings) -> list:
     return [eval_sets, training_set, clip_checkpoint, benchmark_scores, recipe_comparison]
 
 
-def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig, saliency: SaliencySettings) -> TrainData:
-    """Images of the members (decoded once, uint8) in member order, tokenised captions, kept sets.
+def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig, saliency: SaliencySettings,
+                negatives_from: list[str] | None = None) -> TrainData:
+    """Images of the members (decoded once, uint8) in member order, tokenised captions, kept sets,
+    and with `negatives_from` (class names) each caption's vocabulary-swap hard negative.
 
     Kept sets are stored on the governor's patch grid. When the student's grid differs (e.g. a
     14×14 ViT-B/16 governor and an 8×8 student), the stored saliency map is resampled to the
@@ -294,12 +301,17 @@ def _train_data(wh, members: pd.DataFrame, patches: str, cfg: StudentConfig, sal
         raw = wh.read_table("raw_samples", drop, columns=["sample_id", "image"], filters=[("sample_id", "in", wanted)])
         for sid, data in zip(raw.column("sample_id").to_pylist(), raw.column("image").to_pylist()):
             images[position[sid]] = to_uint8_chw(load_rgb(data), size)
-    tokens = SimpleTokenizer(context_length=cfg.arch.context_length)(list(members.train_caption))
+    tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
+    tokens = tokenizer(list(members.train_caption))
     kept = None
     if patches == "saliency":
         kept = torch.tensor(np.stack([np.asarray(k, dtype=np.int16) for k in _kept_on_student_grid(
             wh, members, (cfg.arch.grid, cfg.arch.grid), saliency)]))
-    return TrainData(images, tokens, kept, patches)
+    data = TrainData(images, tokens, kept, patches)
+    if negatives_from:
+        data.negatives, data.has_negative = swap_negative_tokens(list(members.train_caption), negatives_from,
+                                                                 tokenizer)
+    return data
 
 
 def _kept_on_student_grid(wh, members: pd.DataFrame, grid: tuple[int, int], saliency: SaliencySettings) -> list:

@@ -64,6 +64,10 @@ class TrainData:
     tokens: torch.Tensor  # int [N, L]
     kept: torch.Tensor | None  # int16 [N, K] for saliency recipes
     patches: str  # 'all' | 'random' | 'saliency'
+    # Vocabulary-swap hard negatives (hard_negatives.py), one per caption: int [N, L], and which
+    # rows have one (a caption naming no class has none). None: in-batch negatives only.
+    negatives: torch.Tensor | None = None
+    has_negative: torch.Tensor | None = None  # bool [N]
 
 
 @dataclass
@@ -109,11 +113,21 @@ def student_config(settings, wallclock: bool = False) -> StudentConfig:
 _CLIP_LOSS = ClipLoss()
 
 
-def clip_loss(model, images, tokens):
-    """Symmetric InfoNCE (open_clip's ClipLoss) with the logit scale capped at 100, as CLIP does."""
+def clip_loss(model, images, tokens, negatives=None):
+    """Symmetric InfoNCE (open_clip's ClipLoss) with the logit scale capped at 100, as CLIP does.
+
+    `negatives` (hard-negative captions, any number): they join the image→text softmax as extra
+    texts no image matches (as NegCLIP adds them); text→image is unchanged."""
     img = F.normalize(model.encode_image(images), dim=-1)
     txt = F.normalize(model.encode_text(tokens), dim=-1)
-    return _CLIP_LOSS(img, txt, model.logit_scale.exp().clamp(max=100))
+    scale = model.logit_scale.exp().clamp(max=100)
+    if negatives is None or len(negatives) == 0:
+        return _CLIP_LOSS(img, txt, scale)
+    neg = F.normalize(model.encode_text(negatives), dim=-1)
+    labels = torch.arange(len(img), device=img.device)
+    image_to_text = scale * img @ torch.cat([txt, neg]).T
+    text_to_image = scale * txt @ img.T
+    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
 
 
 class TrainClock:
@@ -200,6 +214,8 @@ def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, o
     """The training loop. `replicas` (governance/distributed_training.py) is None in one process; in
     a data-parallel run every process draws the same global batches, patch sets and schedule from
     the same seed, trains on its share of each batch, and `replicas` does the exchanges."""
+    if replicas is not None and data.negatives is not None:
+        raise ValueError("hard negatives are not supported in data-parallel training (processes > 1)")
     torch.manual_seed(seed)
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device) if replicas is None else replicas.device
@@ -248,8 +264,12 @@ def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, o
             kept_module.indices = kept
             images = normalise_batch(data.images[idx].to(device))
             tokens = data.tokens[idx].long().to(device)
+            negatives = _negatives(data, idx, device)
             with autocast(device, cfg.precision):
-                loss = clip_loss(model, images, tokens) if replicas is None else replicas.loss(step_model, images, tokens)
+                if replicas is None:
+                    loss = clip_loss(model, images, tokens, negatives)
+                else:
+                    loss = replicas.loss(step_model, images, tokens)
             opts.zero_grad()
             loss.backward()
             if replicas is not None:
@@ -287,6 +307,13 @@ def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, o
     if replicas is not None:
         record.update(processes=replicas.world, tokens_fed_per_process=replicas.gather(kept_module.tokens_fed))
     return model, record
+
+
+def _negatives(data: TrainData, idx: torch.Tensor, device) -> torch.Tensor | None:
+    if data.negatives is None:
+        return None
+    rows = idx[data.has_negative[idx]]
+    return data.negatives[rows].long().to(device)
 
 
 def _phase_left(phase: Phase, steps: int, seconds: float) -> bool:

@@ -21,6 +21,8 @@ from typing import Iterator
 import pandas as pd
 import pyarrow.parquet as pq
 
+from .parquet_batches import iter_parquet_batches
+
 MANIFEST_NAMES = ("captions.parquet", "captions.csv", "captions.jsonl")
 REQUIRED_COLUMNS = ("image", "caption")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -100,7 +102,7 @@ def _manifest_chunks(manifest: Path) -> Iterator[pd.DataFrame]:
         if manifest.suffix == ".parquet":
             pf = pq.ParquetFile(manifest)
             _check_columns(manifest, pf.schema_arrow.names)
-            for batch in pf.iter_batches(batch_size=_CHUNK_ROWS):
+            for batch in iter_parquet_batches(pf, _CHUNK_ROWS):
                 yield batch.to_pandas()
             return
         if manifest.suffix == ".csv":

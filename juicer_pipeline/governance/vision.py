@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .images import autocast, load_rgb
+from .parquet_batches import iter_parquet_batches
 from .saliency import METHODS, VisionPass
 
 SALIENCY_SCHEMA = pa.schema(
@@ -48,7 +49,7 @@ def _valid_rows(pf: pq.ParquetFile, batch_rows: int, start: int, stop: int | Non
         groups, index = _row_groups_holding(pf, start, stop)
     if not groups:
         return
-    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=["sample_id", "status", "image"]):
+    for batch in iter_parquet_batches(pf, batch_rows, ["sample_id", "status", "image"], groups):
         for sid, status, data in zip(*(batch.column(i).to_pylist() for i in range(3))):
             if status != "valid":
                 continue
@@ -111,7 +112,7 @@ def range_digests(raw_samples: "str | pq.ParquetFile", ranges: list[tuple[int, i
     digests = [hashlib.sha256() for _ in ranges]
     index, r = 0, 0
     pf = _parquet(raw_samples)
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=["sample_id", "status", "content_hash"]):
+    for batch in iter_parquet_batches(pf, batch_rows, ["sample_id", "status", "content_hash"]):
         for sid, status, content in zip(*(batch.column(i).to_pylist() for i in range(3))):
             if status != "valid":
                 continue
