@@ -50,5 +50,7 @@ def normalise_caption(value, max_chars: int = 4000) -> str:
 def _looks_binary(text: str) -> bool:
     if "\x00" in text or "\ufffd" in text:
         return True
+    if text.isprintable():  # no control, surrogate or private-use character: skip the per-character scan
+        return False
     control = sum(1 for ch in text if unicodedata.category(ch) in ("Cc", "Cs", "Co") and ch not in "\t\n\r")
     return control > max(1, len(text) // 20)

@@ -150,7 +150,7 @@ def _resolve_file(root: Path, image_ref, rec: RawRecord, max_file_bytes: int) ->
     if not ref:
         rec.fetch_error = "missing_file"
         return
-    if PurePosixPath(ref).is_absolute():
+    if ref.startswith("/"):  # absolute (PurePosixPath.is_absolute, without its cost per file)
         rec.fetch_error = "path_escapes_drop"
         return
     # Resolve the folder once per distinct folder (symlinked folders included), then the file
