@@ -20,6 +20,9 @@ def test_one_class_name_is_swapped_for_another_and_the_rest_is_untouched():
     assert negs[1].endswith(" on grass") and negs[1].startswith("Stock photo: ")
     assert "star" not in negs[1].lower()  # the only name was swapped (case-insensitively found)
     assert swap_negatives(captions, NAMES, seed=3) == negs  # deterministic
+    plurals = swap_negatives(["three purple circles", "two red crosses"], ["circle", "cross", "star"], seed=1)
+    assert plurals[0] in ("three purple crosses", "three purple stars")
+    assert plurals[1] in ("two red circles", "two red stars")
     red_panda = swap_negatives(["a red panda"] * 20, NAMES, seed=0)
     assert all(n.startswith("a ") and "red panda" not in n for n in red_panda)  # the two-word name is one name
 
@@ -34,6 +37,16 @@ def _one_name_swapped(caption: str, neg: str) -> bool:
                 if other != name and caption[:m.start()] + other + caption[m.end():] == neg:
                     return True
     return False
+
+
+def test_a_negative_cut_off_by_the_context_is_no_negative():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from juicer_pipeline.governance.hard_negatives import swap_negative_tokens
+
+    long = "Stock photo: " + "very " * 30 + "a red star."
+    tokens, has = swap_negative_tokens(["a red star.", long, "no class"], NAMES, SimpleTokenizer(context_length=16))
+    assert has.tolist() == [True, False, False] and tokens.shape == (3, 16)
 
 
 def test_swap_needs_two_names():

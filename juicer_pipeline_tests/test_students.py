@@ -78,3 +78,24 @@ def test_editing_a_student_file_makes_the_checkpoints_unsynced(tmp_path):
         versions.append({k.to_user_string(): v for ad in defs.assets for k, v in ad.code_versions_by_key.items()})
     assert versions[0]["clip_checkpoint"] != versions[1]["clip_checkpoint"]
     assert versions[0]["training_set"] == versions[1]["training_set"]
+
+
+def test_stem_depth_and_pooling_are_configuration():
+    import torch
+
+    from juicer_pipeline.models.kept_tokens import install_kept_tokens
+    from juicer_pipeline.models.world_clip import build_clip, tiny_arch
+
+    convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.visual.conv1.modules())  # noqa: E731
+    one, two = build_clip(tiny_arch(conv_stem=True)), build_clip(tiny_arch(conv_stem=True, stem_depth=2))
+    assert convs(one) == 3 + 1 and convs(two) == 2 * 3 + 1  # one more 3×3 conv per stride-2 stage (plus the 1×1)
+    avg = build_clip(tiny_arch(pool_type="avg")).eval()
+    assert avg.visual.pool_type == "avg"
+    kept = install_kept_tokens(avg)
+    kept.indices = torch.tensor([[0, 5, 9]] * 2)
+    assert avg.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 32)  # pools the kept patches only
+    assert load_student_arch("world-s-stem2").stem_depth == 2
+    with pytest.raises(ValueError, match="pool_type must be 'tok' or 'avg'"):
+        tiny_arch(pool_type="max")
+    with pytest.raises(ValueError, match="stem_depth must be at least 1"):
+        tiny_arch(stem_depth=0)

@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
         governor=GovernorSettings(source=f"file:{root / 'tiny.safetensors'}", batch_size=64),
         classes=ClassSettings(calibration_images=20),
         training=TrainingSettings(seeds=[0, 1], budget_full_steps=4, batch_size=32, student=str(student),
-                                  eval_points=1, wallclock_s=1.0))
+                                  eval_points=1, wallclock_s=1.0, hard_negatives=True))
     defs = build_definitions(settings, root)
     with instance_for_test() as inst:
         assert defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=inst, run_config=QUIET).success
@@ -84,6 +84,25 @@ def test_equal_token_budget_and_catalog_records(trained):
     assert sets["sieve_then_juice"] < sets["raw"]
     kept = cat.query("SELECT DISTINCT kept_patches FROM training_set_members WHERE recipe = 'sieve_then_juice'")
     assert all(len(k.split(",")) == 32 for k in kept.kept_patches)  # as stored, on the governor's 8x8 grid
+
+
+def test_training_data_carries_a_swap_negative_for_every_caption_that_names_a_class(trained):
+    from juicer_pipeline.assets.training import _train_data
+    from juicer_pipeline.governance.clip_training import student_config
+    from juicer_pipeline.storage import Warehouse
+    from juicer_pipeline.world.vocabulary import load_vocabulary
+
+    root, _ = trained
+    wh = Warehouse(root)
+    members = wh.read_table("training_set", "raw").to_pandas()
+    settings = JuicerSettings(training=TrainingSettings(student=str(root / "student.json"), hard_negatives=True))
+    names = list(load_vocabulary().shapes)
+    data = _train_data(wh, members, "all", student_config(settings), settings.saliency, negatives_from=names)
+    names_a_class = torch.tensor([any(n in c.lower() for n in names) for c in members.train_caption])  # plurals too
+    differ = (data.negatives != data.tokens).any(dim=1)
+    # a row has a negative exactly when its caption names a class within the tokenizer's context
+    assert data.has_negative.tolist() == (names_a_class & differ).tolist()
+    assert data.has_negative.sum() > 0.8 * len(members) and data.negatives.shape == data.tokens.shape
 
 
 def test_equal_wallclock_runs_are_recorded_beside_the_token_runs(trained):

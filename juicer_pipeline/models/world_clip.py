@@ -34,6 +34,12 @@ class ClipArch:
     # How the image embedding pools the tokens: "tok" (the CLS token) or "avg" (mean of the patches).
     pool_type: str = "tok"
 
+    def __post_init__(self):
+        if self.pool_type not in ("tok", "avg"):
+            raise ValueError(f"pool_type must be 'tok' or 'avg', not {self.pool_type!r}")
+        if self.stem_depth < 1:
+            raise ValueError(f"stem_depth must be at least 1, not {self.stem_depth}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
