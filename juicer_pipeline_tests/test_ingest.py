@@ -225,3 +225,15 @@ def test_inspection_in_worker_processes_gives_the_same_rows_in_the_same_order(tm
     assert sum(chunks_sent) == 130 and max(chunks_sent) == 8  # the pool inspected all but the first 20
     reasons = {r["quarantine_reason"] for r in runs[0]} - {None}
     assert "duplicate_content" in reasons and len(reasons) >= 3  # the decisions that depend on order were taken
+
+
+def test_worker_chunks_stop_at_a_byte_budget(monkeypatch):
+    """Photo-sized records: a chunk sent to a worker holds at most POOL_CHUNK_BYTES (plus one
+    record), so the images in flight stay bounded whatever the file sizes."""
+    from juicer_pipeline.governance import ingest as ingest_module
+    from juicer_pipeline.governance.drop_sources import RawRecord
+
+    monkeypatch.setattr(ingest_module, "POOL_CHUNK_BYTES", 1000)
+    records = [RawRecord(local_id=str(i), path=str(i), image_bytes=b"x" * 300, caption="c") for i in range(10)]
+    chunks = list(ingest_module._chunks(iter(records)))
+    assert [len(c) for c in chunks] == [4, 4, 2] and sum(chunks, []) == records

@@ -10,7 +10,7 @@ from collections import Counter, deque
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -111,8 +111,10 @@ def inspect_image(data: bytes | None, limits: ImageLimits) -> Inspection:
 # Records inspected serially before a process pool is worth its start (about a second to spawn
 # and import here); drops smaller than this never start one.
 POOL_AFTER_RECORDS = 512
-# Records per task sent to a worker process: enough to amortise the pickling round trip.
+# A task sent to a worker process: up to this many records (enough to amortise the pickling
+# round trip) or this many image bytes (photo-sized drops), whichever comes first.
 POOL_CHUNK = 64
+POOL_CHUNK_BYTES = 32_000_000
 
 
 def inspect_chunk(images: list[bytes | None], limits: ImageLimits) -> list[Inspection]:
@@ -124,26 +126,38 @@ def _inspect_all(records: Iterable[RawRecord], limits: ImageLimits,
     """(record, inspection) in record order.
 
     With workers > 1, after the first POOL_AFTER_RECORDS records, chunks of records go to worker
-    processes (decoding a small image holds the GIL too long between releases for threads to
-    gain). Reading stays on this process, so tar members are read in order, and a bounded window
-    of chunks is in flight, so memory stays flat whatever the drop size."""
+    processes (decoding a small image releases the GIL too briefly for threads to gain). Reading
+    stays in this process, so tar members are read in order, and only a bounded window of chunks
+    is in flight, so memory stays flat whatever the drop size."""
     records = iter(records)
-    head = list(islice(records, POOL_AFTER_RECORDS if workers > 1 else 0))
-    for rec in head:
+    head = POOL_AFTER_RECORDS if workers > 1 else None  # None: all of them here
+    for rec in islice(records, head):
         yield rec, inspect_image(rec.image_bytes, limits)
-    if len(head) < POOL_AFTER_RECORDS:
-        for rec in records:
-            yield rec, inspect_image(rec.image_bytes, limits)
+    following = next(records, None)
+    if following is None:  # a small drop: no pool started
         return
+    records = chain([following], records)
     window: deque = deque()
     # spawn, not fork: the caller may be a threaded Dagster process, and workers need only PIL
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while chunk := list(islice(records, POOL_CHUNK)):
+        for chunk in _chunks(records):
             window.append((chunk, pool.submit(inspect_chunk, [r.image_bytes for r in chunk], limits)))
             if len(window) >= 2 * workers:
                 yield from _done(window.popleft())
         while window:
             yield from _done(window.popleft())
+
+
+def _chunks(records: Iterator[RawRecord]) -> Iterator[list[RawRecord]]:
+    chunk, size = [], 0
+    for rec in records:
+        chunk.append(rec)
+        size += len(rec.image_bytes or b"")
+        if len(chunk) >= POOL_CHUNK or size >= POOL_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _done(entry) -> Iterator[tuple[RawRecord, Inspection]]:
