@@ -26,7 +26,7 @@ def thumbprint(image: Image.Image) -> bytes:
     two chroma planes at 8×8.
 
     The box filters run on RGB and the colour conversion on the small result: both are linear,
-    so this equals converting first up to rounding (±1 level), and ingestion pays for a few
+    so this equals converting first up to rounding (at most 2 levels, measured), and ingestion pays for a few
     operations on 256 pixels instead of a conversion and split of the whole image. PIL's "L" is
     the luma of its "YCbCr" (ITU-R 601)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
