@@ -37,7 +37,9 @@ def test_streamed_batches_hold_the_same_rows_in_memory_that_does_not_grow_with_t
     ids, big_peak, left = _stream(big)
     assert ids == big.read(columns=["sample_id"]).column(0).to_pylist()
     assert big_peak < 8_000_000 and big_peak < 1.5 * small_peak + 1_000_000, (small_peak, big_peak)
-    assert left < 2_100_000  # at most the last row group stays allocated after the last batch
+    # After the last batch at most a few row groups' worth stays allocated (1 to 4 MB, depending
+    # on the allocator's state), never the file: pyarrow's iter_batches left all 60 MB.
+    assert left < 8_000_000, left
     some = [b.column(0).to_pylist() for b in iter_parquet_batches(big, 100, ["sample_id"], [3, 7])]
     assert some == [[f"s{i}" for i in range(150, 200)], [f"s{i}" for i in range(350, 400)]]
 
