@@ -36,7 +36,9 @@ def test_streamed_batches_hold_the_same_rows_in_memory_that_does_not_grow_with_t
     assert ids == small.read(columns=["sample_id"]).column(0).to_pylist()
     ids, big_peak, left = _stream(big)
     assert ids == big.read(columns=["sample_id"]).column(0).to_pylist()
-    assert big_peak < 8_000_000 and big_peak < 1.5 * small_peak + 1_000_000, (small_peak, big_peak)
+    # A few 1 MB row groups at most (2 to 4 MB measured, by the allocator's state), for a 10 MB
+    # file and a 60 MB one alike.
+    assert small_peak < 8_000_000 and big_peak < 8_000_000, (small_peak, big_peak)
     # After the last batch at most a few row groups' worth stays allocated (1 to 4 MB, depending
     # on the allocator's state), never the file: pyarrow's iter_batches left all 60 MB.
     assert left < 8_000_000, left
