@@ -5,7 +5,6 @@ does. Rows stream out in batches so memory stays bounded whatever the drop size.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, deque
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -17,8 +16,8 @@ import pyarrow as pa
 
 from .captions_text import CaptionRejected, normalise_caption, raw_caption_text
 from .drop_sources import DropSource, RawRecord, iter_records
-from .images import ImageLimits, ImageRejected, decode_image
-from .near_duplicates import thumbprint
+from .images import ImageLimits, ImageRejected
+from .inspection import Inspection, inspect_chunk, inspect_image
 
 # The raw_samples Parquet contract. `image` holds the original file bytes of valid samples
 # (null when quarantined), so later stages never depend on the drop folder still existing.
@@ -86,28 +85,6 @@ def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_ca
         yield pa.RecordBatch.from_pylist(batch, schema=RAW_SAMPLES_SCHEMA)
 
 
-@dataclass(frozen=True)
-class Inspection:
-    """What one record's bytes are, found without looking at any other record."""
-    content_hash: str | None = None
-    width: int | None = None
-    height: int | None = None
-    mode: str | None = None
-    format: str | None = None
-    thumbprint: bytes | None = None
-    rejected: ImageRejected | None = None
-
-
-def inspect_image(data: bytes | None, limits: ImageLimits) -> Inspection:
-    digest = hashlib.sha256(data).hexdigest() if data is not None else None
-    try:
-        decoded = decode_image(data, limits)
-    except ImageRejected as exc:
-        return Inspection(content_hash=digest, rejected=exc)
-    return Inspection(digest, decoded.width, decoded.height, decoded.mode, decoded.format,
-                      thumbprint(decoded.image))
-
-
 # Records inspected serially before a process pool is worth its start (about a second to spawn
 # and import here); drops smaller than this never start one.
 POOL_AFTER_RECORDS = 512
@@ -115,10 +92,6 @@ POOL_AFTER_RECORDS = 512
 # round trip) or this many image bytes (photo-sized drops), whichever comes first.
 POOL_CHUNK = 64
 POOL_CHUNK_BYTES = 32_000_000
-
-
-def inspect_chunk(images: list[bytes | None], limits: ImageLimits) -> list[Inspection]:
-    return [inspect_image(data, limits) for data in images]
 
 
 def _inspect_all(records: Iterable[RawRecord], limits: ImageLimits,
