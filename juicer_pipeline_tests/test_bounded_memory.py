@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from juicer_pipeline.governance.parquet_batches import iter_parquet_batches
+from juicer_pipeline.governance.parquet_batches import coalesced_row_groups, iter_parquet_batches
 from juicer_pipeline.storage import Catalog
 
 
@@ -61,3 +61,29 @@ def test_a_malformed_memory_limit_is_a_settings_error():
     with pytest.raises(ValidationError, match="memory_limit"):
         CatalogSettings(memory_limit="lots")
     assert CatalogSettings().memory_limit == "64MB"
+
+
+def test_small_batches_are_written_as_row_groups_of_at_least_the_minimum(tmp_path):
+    """patch_saliency scores 64 images at a time; a row group per batch made the writer's
+    metadata grow with the drop. Coalesced: 1000 rows in batches of 64 and a minimum of 256 are
+    4 row groups (256+ rows each, the rest last), every row in order."""
+    schema = pa.schema([("i", pa.int64())])
+    path = tmp_path / "t.parquet"
+    with pq.ParquetWriter(path, schema) as raw, coalesced_row_groups(raw, 256) as writer:
+        for start in range(0, 1000, 64):
+            writer.write_batch(pa.record_batch([pa.array(range(start, min(start + 64, 1000)))], schema=schema))
+    pf = pq.ParquetFile(path)
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    assert sizes == [256, 256, 256, 232]
+    assert pf.read().column("i").to_pylist() == list(range(1000))
+
+
+def test_rows_pending_in_a_coalescing_writer_are_not_written_when_the_block_fails(tmp_path):
+    schema = pa.schema([("i", pa.int64())])
+    path = tmp_path / "t.parquet"
+    with pq.ParquetWriter(path, schema) as raw:
+        with pytest.raises(RuntimeError):
+            with coalesced_row_groups(raw, 256) as writer:
+                writer.write_batch(pa.record_batch([pa.array([1, 2, 3])], schema=schema))
+                raise RuntimeError("scoring failed")
+    assert pq.ParquetFile(path).metadata.num_rows == 0  # the atomic write around it discards the file

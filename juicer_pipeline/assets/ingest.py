@@ -12,14 +12,12 @@ from ..automation.conditions import RERUN_ON_SETTINGS
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, drop_op, lineage_op
 from .partitions import drops_partitions
+from .progress import ThrottledProgress
 from .resources import StorageResource
 from .ui import image_strip, markdown_table, png_markdown
 
 _PREVIEW_ROWS = 8
 _THUMBNAILS = 12
-# Progress lines at most this often: each goes through Dagster's event log (about 5 ms a line
-# measured), and a line per 512-row batch is more than anyone reads on a large drop.
-_PROGRESS_EVERY_S = 5.0
 
 
 def build_ingest_assets(settings: JuicerSettings) -> list:
@@ -40,15 +38,13 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
         source = open_drop(wh.drops_dir / drop_id)
         context.log.info(f"ingesting drop {drop_id} ({source.format}: {', '.join(source.describe())})")
         stats, preview, thumbs = IngestStats(), [], []
-        t0 = last_log = time.perf_counter()
+        t0, progress = time.perf_counter(), ThrottledProgress(context.log.info)
         with wh.stream_table("raw_samples", drop_id, RAW_SAMPLES_SCHEMA) as writer:
             for batch in ingest_batches(source, drop_id, limits, cfg.max_caption_chars, stats, cfg.batch_rows,
                                         cfg.workers):
                 writer.write_batch(batch)
                 _collect_previews(batch, preview, thumbs)
-                if time.perf_counter() - last_log >= _PROGRESS_EVERY_S:
-                    last_log = time.perf_counter()
-                    context.log.info(f"{drop_id}: {stats.n_samples} samples read, {stats.n_quarantined} quarantined")
+                progress(lambda: f"{drop_id}: {stats.n_samples} samples read, {stats.n_quarantined} quarantined")
         seconds = time.perf_counter() - t0
         context.log.info(f"{drop_id}: {stats.n_samples} samples in {seconds:.1f}s, {stats.n_valid} valid, "
                          f"{stats.n_quarantined} quarantined")

@@ -19,7 +19,8 @@ from ..governance.images import load_rgb
 from ..governance.prompts import abstain_embedding, class_embeddings
 from ..governance.pruning import keep_top
 from ..governance.saliency import VisionPass
-from ..governance.vision import (SALIENCY_SCHEMA, count_valid_images, iter_valid_images, range_digests,
+from ..governance.parquet_batches import coalesced_row_groups
+from ..governance.vision import (SALIENCY_ROW_GROUP_ROWS, SALIENCY_SCHEMA, count_valid_images, iter_valid_images, range_digests,
                                  saliency_record_batch, score_batch, shard_ranges, stored_vectors)
 from ..models.loader import ModelNotFound, cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP, SHARED
@@ -28,6 +29,7 @@ from ..storage import LineageRow, atomic_path, lineage_op, upsert_model, write_l
 from ..storage.warehouse import stream_parquet
 from ..governance.vocabulary import ClassVocabulary
 from .partitions import drops_partitions
+from .progress import ThrottledProgress
 from .resources import StorageResource
 from .vocabulary import class_vocabulary, vocabulary_fingerprint
 from .ui import bar_chart, line_chart, markdown_table, png_markdown, prune_preview
@@ -121,15 +123,16 @@ def _build_patch_saliency(gov: GovernorSettings, fingerprint: str, load):
         except ModelNotFound as exc:
             raise Failure(str(exc), allow_retries=False) from exc
         vision = VisionPass(fm.model)
-        t0, n = time.perf_counter(), 0
+        t0, n, progress = time.perf_counter(), 0, ThrottledProgress(context.log.info)
         try:
-            with stream_parquet(path, SALIENCY_SCHEMA) as writer:
+            with stream_parquet(path, SALIENCY_SCHEMA) as out_file, \
+                    coalesced_row_groups(out_file, SALIENCY_ROW_GROUP_ROWS) as writer:
                 for ids, images in iter_valid_images(wh.parquet_file("raw_samples", drop), gov.batch_size,
                                                      shard["start"], shard["stop"]):
                     out = score_batch(fm, vision, images, gov.precision)
                     writer.write_batch(saliency_record_batch(ids, fm.grid, out))
                     n += len(ids)
-                    context.log.info(f"{drop} rows {shard['start']}-{shard['stop']}: {n} images scored")
+                    progress(lambda: f"{drop} rows {shard['start']}-{shard['stop']}: {n} images scored")
                 if n != shard["stop"] - shard["start"]:
                     raise RuntimeError(f"{drop}: rows {shard['start']}-{shard['stop']} yielded {n} images: "
                                        f"raw_samples changed since the shards were planned")
@@ -163,7 +166,7 @@ def _build_patch_saliency(gov: GovernorSettings, fingerprint: str, load):
             with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer:
                 for path in paths:
                     pf = pq.ParquetFile(path)
-                    for g in range(pf.num_row_groups):  # one row group per scored batch, as in one pass
+                    for g in range(pf.num_row_groups):  # the shard's own row groups, one at a time
                         writer.write_table(pf.read_row_group(g))
         model_id = model_ids.pop()
         _commit_lineage(storage, LineageRow("patch_saliency", drop, [f"raw_samples/{drop}", "governor"],
@@ -207,14 +210,15 @@ def _single_step_patch_saliency(gov: GovernorSettings, version: str, load):
         wh = storage.warehouse
         fm = load()
         vision = VisionPass(fm.model)
-        t0, n = time.perf_counter(), 0
+        t0, n, progress = time.perf_counter(), 0, ThrottledProgress(context.log.info)
         try:
-            with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as writer:
+            with wh.stream_table("patch_saliency", drop, SALIENCY_SCHEMA) as out_file, \
+                    coalesced_row_groups(out_file, SALIENCY_ROW_GROUP_ROWS) as writer:
                 for ids, images in iter_valid_images(wh.parquet_file("raw_samples", drop), gov.batch_size):
                     out = score_batch(fm, vision, images, gov.precision)
                     writer.write_batch(saliency_record_batch(ids, fm.grid, out))
                     n += len(ids)
-                    context.log.info(f"{drop}: {n} images scored")
+                    progress(lambda: f"{drop}: {n} images scored")
         finally:
             vision.close()
         seconds = time.perf_counter() - t0

@@ -15,6 +15,10 @@ from .images import autocast, load_rgb
 from .parquet_batches import iter_parquet_batches
 from .saliency import METHODS, VisionPass
 
+# patch_saliency is written in row groups of this many rows (under 1 MB compressed with the world
+# governor), not one per scored batch: see RowGroupWriter.
+SALIENCY_ROW_GROUP_ROWS = 1024
+
 SALIENCY_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("grid_h", pa.int16()), ("grid_w", pa.int16()),
      ("embedding", pa.list_(pa.float32()))] + [(m, pa.list_(pa.float32())) for m in METHODS]
