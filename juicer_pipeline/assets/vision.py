@@ -20,8 +20,8 @@ from ..governance.prompts import abstain_embedding, class_embeddings
 from ..governance.pruning import keep_top
 from ..governance.saliency import VisionPass
 from ..governance.parquet_batches import coalesced_row_groups
-from ..governance.vision import (SALIENCY_ROW_GROUP_ROWS, SALIENCY_SCHEMA, count_valid_images, iter_valid_images, range_digests,
-                                 saliency_record_batch, score_batch, shard_ranges, stored_vectors)
+from ..governance.vision import (SALIENCY_ROW_GROUP_ROWS, SALIENCY_SCHEMA, count_valid_images, iter_valid_images,
+                                 range_digests, saliency_record_batch, score_batch, shard_ranges, stored_vectors)
 from ..models.loader import ModelNotFound, cached_foundation_model, model_fingerprint
 from ..automation.conditions import PER_DROP, SHARED
 from ..settings import GovernorSettings, JuicerSettings, code_version

@@ -85,8 +85,9 @@ def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_ca
         yield pa.RecordBatch.from_pylist(batch, schema=RAW_SAMPLES_SCHEMA)
 
 
-# Records inspected serially before a process pool is worth its start (about a second to spawn
-# and import here); drops smaller than this never start one.
+# Records inspected serially before a process pool is worth its start (a spawned worker starts
+# an interpreter and imports inspection.py, a few tenths of a second); drops smaller than this
+# never start one.
 POOL_AFTER_RECORDS = 512
 # A task sent to a worker process: up to this many records (enough to amortise the pickling
 # round trip) or this many image bytes (photo-sized drops), whichever comes first.
