@@ -26,7 +26,8 @@ class RowGroupWriter:
     pyarrow's `write_batch` makes every batch a row group of its own. For a stage that writes a
     64-image scored batch at a time, that is a row group per 64 rows, and the writer keeps every
     row group's metadata (statistics of each column) until it closes: about +10 MB of RSS per 100k
-    rows of `patch_saliency`, measured, and none in row groups of 1024. Coalescing keeps a handful of batches in memory instead."""
+    rows of `patch_saliency`, measured, and none in row groups of 1024. Coalescing keeps a
+    handful of batches in memory instead."""
 
     def __init__(self, writer: pq.ParquetWriter, min_rows: int):
         self.writer, self.min_rows = writer, min_rows
