@@ -10,6 +10,12 @@ ingestion would) and the clean held-out sets, trains one student per seed with t
 (held-out t2i/i2t R@1 and zero-shot top-1 at each evaluation point) and the step time. It skips
 the pipeline (no Dagster, no governor), so one architecture or schedule change costs one
 training run.
+
+After training it also prints zero-shot top-1 per shape, and a linear probe: a logistic regression
+fitted on the frozen image embeddings of `--probe-samples` labelled single-object images (a split
+of their own) and scored on the held-out classification set. A probe far above zero-shot means the
+image tower encodes shape and the text side does not name it; a probe near zero-shot means the
+image tower has not learned it.
 """
 from __future__ import annotations
 
@@ -65,6 +71,40 @@ def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: in
         class_names=list(vocab.shapes), class_attributes=vocab.colour_names)
 
 
+def probe_set(n: int, coverage: float, image_size: int):
+    """Labelled single objects drawn like the classification held-out set, from the probe split."""
+    from juicer_pipeline.governance.images import to_uint8_chw
+    from juicer_pipeline.world.generate import SPLIT_PROBE, eval_spec, iter_clean_samples
+    from juicer_pipeline.world.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary()
+    _, spec = eval_spec("classification", image_size, coverage)
+    samples = list(iter_clean_samples(SPLIT_PROBE, spec, n, 0, vocab))
+    return (torch.stack([to_uint8_chw(r.image) for _, r, _ in samples]),
+            np.array([vocab.shapes.index(s.objects[0].shape) for s, _, _ in samples]))
+
+
+@torch.inference_mode()
+def print_probe(model, tokenizer, ev, probe_images, probe_labels, seed: int) -> None:
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from juicer_pipeline.governance.images import normalise_batch
+    from juicer_pipeline.governance.metrics import linear_probe_accuracy, per_class_accuracy
+    from juicer_pipeline.governance.prompts import TEMPLATES, zero_shot_templates
+
+    model.eval()
+    encode = lambda u8: torch.cat([torch.nn.functional.normalize(model.encode_image(normalise_batch(u8[i:i + 512])), dim=-1)  # noqa: E731
+                                   for i in range(0, len(u8), 512)])
+    held = encode(ev.class_images)
+    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names,
+                                         zero_shot_templates(ev.class_attributes, ev.class_templates or TEMPLATES), num_classes_per_batch=None).T
+    per_class = per_class_accuracy(held, classes, ev.class_labels, ev.class_names)
+    probe = linear_probe_accuracy(encode(probe_images), probe_labels, held, ev.class_labels)
+    print(f"  seed {seed}: zero-shot top-1 per shape: " + ", ".join(f"{k} {100 * v:.0f}" for k, v in per_class.items()))
+    print(f"  seed {seed}: linear probe top-1 {100 * probe:.1f} (fitted on {len(probe_labels)} probe-split images) "
+          f"on the held-out classification set", flush=True)
+
+
 def main() -> None:
     from juicer_pipeline.models.students import STUDENTS
 
@@ -83,6 +123,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hard-negatives", action="store_true", help="vocabulary-swap hard negative captions")
+    ap.add_argument("--probe-samples", type=int, default=2000, help="linear-probe training images (0: no probe)")
     a = ap.parse_args()
 
     from open_clip.tokenizer import SimpleTokenizer
@@ -109,15 +150,18 @@ def main() -> None:
           f"batch {cfg.batch_size}, lr {cfg.lr}, warmup {cfg.warmup_steps}, schedule {cfg.schedule}, "
           f"budget {training.budget_full_steps} full-patch steps, world shared_colour {shared_colour} "
           f"(defaults: {defaults.student}, {defaults.budget_full_steps} steps)", flush=True)
+    probe = probe_set(a.probe_samples, a.coverage, cfg.arch.image_size) if a.probe_samples else None
     finals = []
     for seed in a.seeds:
-        _, rec = train_student(data, cfg, seed, evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device))
+        model, rec = train_student(data, cfg, seed, evaluate=lambda m: evaluate_student(m, tokenizer, ev, cfg.device))
         for p in rec["learning_curve"]:
             print(f"  seed {seed} step {p['step']:4d} ({p['train_seconds']:6.1f}s): t2i R@1 {100 * p['t2i_r@1']:5.1f}  "
                   f"i2t R@1 {100 * p['i2t_r@1']:5.1f}  zero-shot top-1 {100 * p['top1']:5.1f}", flush=True)
         finals.append(rec["learning_curve"][-1])
         print(f"  seed {seed}: {rec['steps']} steps, {rec['wall_seconds']:.0f}s training, "
               f"{rec['phases'][0]['step_seconds']:.3f} s/step, final loss {rec['final_loss']:.3f}", flush=True)
+        if probe is not None:
+            print_probe(model, tokenizer, ev, *probe, seed)
     for m in ("t2i_r@1", "i2t_r@1", "top1"):
         v = np.array([f[m] for f in finals]) * 100
         print(f"final {m}: {v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")

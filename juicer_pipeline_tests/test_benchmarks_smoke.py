@@ -12,7 +12,7 @@ CASES = {
     "scale_ceiling.py": (["--sizes", "40", "60"], "patch_saliency: peak RSS from 40 to 60 samples"),
     "train_step.py": (["--steps", "1"], "ratio kept/full"),
     "student_arch.py": (["--samples", "300", "--eval-samples", "40", "--budget", "2", "--batch-size", "32",
-                         "--eval-points", "1"], "final top1"),
+                         "--eval-points", "1", "--probe-samples", "40"], ("linear probe top-1", "final top1")),
     "vision_throughput.py": (["--samples", "64"], "ratio"),
 }
 
@@ -24,4 +24,5 @@ def test_benchmark_runs(script, tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert expected in out.stdout
+    for text in (expected,) if isinstance(expected, str) else expected:
+        assert text in out.stdout

@@ -187,13 +187,20 @@ def test_symlinks_out_of_the_drop_are_quarantined(tmp_path):
     drop = write_folder_drop(tmp_path / "d", {"in.png": png_bytes(colour=(1, 1, 1))},
                              [{"image": "linked/secret.png", "caption": "x", "sample_id": "dir"},
                               {"image": "file.png", "caption": "x", "sample_id": "file"},
-                              {"image": "in.png", "caption": "x", "sample_id": "in"}])
+                              {"image": "in.png", "caption": "x", "sample_id": "in"},
+                              {"image": "alias.png", "caption": "x", "sample_id": "alias"},
+                              {"image": "gone.png", "caption": "x", "sample_id": "dangling"}])
     (drop / "linked").symlink_to(outside)
     (drop / "file.png").symlink_to(outside / "secret.png")
+    (drop / "other.png").write_bytes(png_bytes(colour=(2, 2, 2)))
+    (drop / "alias.png").symlink_to(drop / "other.png")  # a link that stays inside the drop is followed
+    (drop / "gone.png").symlink_to(drop / "nothing.png")
     got, _ = ingest(drop)
     assert got["dir"]["quarantine_reason"] == "path_escapes_drop"
     assert got["file"]["quarantine_reason"] == "path_escapes_drop"
     assert got["in"]["status"] == "valid"
+    assert got["alias"]["status"] == "valid" and got["alias"]["n_bytes"] == len(png_bytes(colour=(2, 2, 2)))
+    assert got["dangling"]["quarantine_reason"] == "missing_file"
 
 
 @pytest.mark.parametrize("fmt", ["folder", "wds"])

@@ -75,6 +75,28 @@ def test_files_over_max_file_bytes_are_quarantined_unread(tmp_path, monkeypatch)
     assert not any(p.endswith("big.png") for p in opened)
 
 
+def test_a_file_that_grows_after_stat_is_read_whole_up_to_the_cap(tmp_path, monkeypatch):
+    """The read is sized by stat; a file longer than stat said (written to meanwhile) is still read
+    to its end, and one that grew past the cap is quarantined."""
+    import os
+
+    import juicer_pipeline.governance.drop_sources as drop_sources
+
+    image = png_bytes((32, 32), colour=(3, 3, 3))
+    real_stat = os.stat
+
+    def stat_before_growth(path, *args, **kwargs):  # what stat said before the writer appended
+        st = real_stat(path, *args, **kwargs)
+        return os.stat_result((*st[:6], 10, *st[7:])) if str(path).endswith("a.png") else st
+
+    monkeypatch.setattr(drop_sources.os, "stat", stat_before_growth)
+    drop = write_folder_drop(tmp_path / "d", {"a.png": image}, [{"image": "a.png", "caption": "x"}])
+    got, _ = ingest_rows(drop)
+    assert got[0]["status"] == "valid" and got[0]["image"] == image
+    got, _ = ingest_rows(drop, ImageLimits(max_file_bytes=len(image) - 1))
+    assert got[0]["quarantine_reason"] == "too_large"
+
+
 def test_tar_members_over_max_file_bytes_are_quarantined_unread(tmp_path, monkeypatch):
     small, big = png_bytes(colour=(1, 1, 1)), png_bytes((64, 64), colour=(2, 2, 2)) + b"\0" * 4096
     (tmp_path / "d").mkdir()

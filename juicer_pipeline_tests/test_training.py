@@ -6,7 +6,8 @@ import torch
 
 from juicer_pipeline.governance import clip_training
 from juicer_pipeline.governance.clip_training import StudentConfig, TrainData, plan, train_student
-from juicer_pipeline.governance.metrics import retrieval_recall, zero_shot_accuracy
+from juicer_pipeline.governance.metrics import (linear_probe_accuracy, per_class_accuracy, retrieval_recall,
+                                                 zero_shot_accuracy)
 from juicer_pipeline.governance.recipes import RECIPES
 from juicer_pipeline.governance.training_set import assemble_training_set
 from juicer_pipeline.models.kept_tokens import install_kept_tokens
@@ -191,6 +192,28 @@ def test_retrieval_and_zero_shot_match_hand_computed_cases():
     assert rk["i2t_r@1"] == pytest.approx(1.0)
     z = zero_shot_accuracy(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), torch.eye(2), [0, 0, 1], ks=(1, 2))
     assert z["top1"] == pytest.approx(2 / 3) and z["top2"] == pytest.approx(1.0)
+
+
+def test_per_class_accuracy_names_each_class():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    acc = per_class_accuracy(images, torch.eye(3)[:, :2], [0, 0, 1], ["star", "ring", "cross"])
+    assert acc["star"] == pytest.approx(0.5) and acc["ring"] == pytest.approx(1.0)
+    assert np.isnan(acc["cross"])  # no image of that class
+
+
+def test_linear_probe_reads_what_the_embedding_encodes():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=gen)
+    centres = torch.randn(4, 16, generator=gen) * 3
+    emb = centres[labels] + torch.randn(400, 16, generator=gen)
+    train, test = slice(0, 300), slice(300, 400)
+    assert linear_probe_accuracy(emb[train], labels[train], emb[test], labels[test]) > 0.95
+    # labels the embedding does not encode: near chance (1/4), however well the probe fits its training set
+    shuffled = labels[torch.randperm(400, generator=gen)]
+    assert linear_probe_accuracy(emb[train], shuffled[train], emb[test], shuffled[test]) < 0.45
+    with torch.inference_mode():  # the student benchmark calls it while evaluating under inference mode
+        inference_emb = emb * 1.0
+        assert linear_probe_accuracy(inference_emb[train], labels[train], inference_emb[test], labels[test]) > 0.95
 
 
 def _samples(eval_hash):

@@ -40,6 +40,43 @@ def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels:
     return {f"top{k}": float((top[:, :k] == labels[:, None]).any(dim=1).float().mean()) for k in ks}
 
 
+def per_class_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: np.ndarray | list[int],
+                       class_names: list[str]) -> dict[str, float]:
+    """Zero-shot top-1 of each class on its own (NaN for a class with no image): which classes a
+    student has learned, where the mean hides it."""
+    pred = (image_emb.float() @ class_emb.float().T).argmax(dim=1)
+    labels = torch.as_tensor(np.asarray(labels))
+    return {name: float((pred[labels == i] == i).float().mean()) if (labels == i).any() else float("nan")
+            for i, name in enumerate(class_names)}
+
+
+def linear_probe_accuracy(train_emb: torch.Tensor, train_labels, test_emb: torch.Tensor, test_labels,
+                          l2: float = 1e-4, max_iter: int = 300) -> float:
+    """Top-1 of a multinomial logistic regression fitted on frozen embeddings (L-BFGS, from zeros,
+    so the result is deterministic): what an image tower encodes about the labels, whether or not
+    its text side can name it. Far above zero-shot, the gap lies in the image-text alignment."""
+    with torch.inference_mode(False), torch.enable_grad():  # callers may evaluate under inference mode
+        y = torch.as_tensor(np.asarray(train_labels)).long().clone()
+        y_test = torch.as_tensor(np.asarray(test_labels)).long()
+        n_classes = int(max(y.max(), y_test.max())) + 1
+        x, xt = train_emb.detach().float().clone(), test_emb.detach().float().clone()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # standardised: one l2 fits any tower's scale
+        x, xt = (x - mean) / std, (xt - mean) / std
+        w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+        b = torch.zeros(n_classes, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        pred = (xt @ w + b).argmax(dim=1)
+    return float((pred == y_test).float().mean())
+
+
 def matched_caption_percentile(image_emb: np.ndarray, text_emb: np.ndarray, max_samples: int = 1000) -> float:
     """Where a model ranks each image's own caption among the other captions of the set, as a
     mean percentile in [0, 1] (ties count half): near 1 when the model tells matching pairs from

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # Disjoint seed spaces: a drop can never reproduce a corpus or evaluation image by chance.
 SPLIT_DROP, SPLIT_RETRIEVAL, SPLIT_CLASSIFICATION, SPLIT_CORPUS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION = 1, 2, 3, 4, 5, 6
 SPLIT_CORPUS_CROPS = 7  # drop-like corpus scenes whose object crops train the governor's shape naming
+# Labelled single objects drawn like the classification set but from seeds of their own: what a
+# linear probe is fitted on, so the held-out set it is scored on stays unseen.
+SPLIT_PROBE = 8
 BROKEN_KINDS = ("zero_byte", "truncated", "not_image", "missing_file")
 
 
