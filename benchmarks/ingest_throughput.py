@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,6 +150,12 @@ def main() -> None:
         print(f"throughput ratio stage/bare PIL, {w} worker(s): {r['per_s'] / pil['per_s']:.2f} against the "
               f"1-process loop, {r['per_s'] / pil2['per_s']:.2f} against the 2-process loop; marginal "
               f"{marginal:.0f} samples/s = {marginal / pil['per_s']:.2f} against the 1-process loop")
+    for w in a.workers:
+        # Paired within a round (the bare loop and the stage a minute apart), a ratio is robust to
+        # this machine's slow drift, which the fastest-of figures above can pair across rounds.
+        paired = sorted(r[("full", w)]["per_s"] / r["pil"]["per_s"] for r in rounds)
+        print(f"per-round ratio stage/bare PIL, {w} worker(s): {' '.join(f'{x:.2f}' for x in paired)} "
+              f"(median {statistics.median(paired):.2f})")
     w = a.workers[-1]
     print(f"peak RSS growth from {fifth[w]['samples']} to {full[w]['samples']} samples: "
           f"{full[w]['peak_rss_mb'] - fifth[w]['peak_rss_mb']:+.0f} MB")
