@@ -88,18 +88,16 @@ def probe_set(n: int, coverage: float, image_size: int):
 def print_probe(model, tokenizer, ev, probe_images, probe_labels, seed: int) -> None:
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-    from juicer_pipeline.governance.images import normalise_batch
     from juicer_pipeline.governance.metrics import linear_probe_accuracy, per_class_accuracy
     from juicer_pipeline.governance.prompts import TEMPLATES, zero_shot_templates
+    from juicer_pipeline.world.governor_training import encode_images
 
     model.eval()
-    encode = lambda u8: torch.cat([torch.nn.functional.normalize(model.encode_image(normalise_batch(u8[i:i + 512])), dim=-1)  # noqa: E731
-                                   for i in range(0, len(u8), 512)])
-    held = encode(ev.class_images)
-    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names,
-                                         zero_shot_templates(ev.class_attributes, ev.class_templates or TEMPLATES), num_classes_per_batch=None).T
+    held = encode_images(model, ev.class_images)
+    templates = zero_shot_templates(ev.class_attributes, ev.class_templates or TEMPLATES)
+    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names, templates, num_classes_per_batch=None).T
     per_class = per_class_accuracy(held, classes, ev.class_labels, ev.class_names)
-    probe = linear_probe_accuracy(encode(probe_images), probe_labels, held, ev.class_labels)
+    probe = linear_probe_accuracy(encode_images(model, probe_images), probe_labels, held, ev.class_labels)
     print(f"  seed {seed}: zero-shot top-1 per shape: " + ", ".join(f"{k} {100 * v:.0f}" for k, v in per_class.items()))
     print(f"  seed {seed}: linear probe top-1 {100 * probe:.1f} (fitted on {len(probe_labels)} probe-split images) "
           f"on the held-out classification set", flush=True)

@@ -83,13 +83,13 @@ def test_a_file_that_grows_after_stat_is_read_whole_up_to_the_cap(tmp_path, monk
     import juicer_pipeline.governance.drop_sources as drop_sources
 
     image = png_bytes((32, 32), colour=(3, 3, 3))
-    real_stat = os.stat
+    real_lstat = os.lstat
 
-    def stat_before_growth(path, *args, **kwargs):  # what stat said before the writer appended
-        st = real_stat(path, *args, **kwargs)
+    def lstat_before_growth(path, *args, **kwargs):  # what lstat said before the writer appended
+        st = real_lstat(path, *args, **kwargs)
         return os.stat_result((*st[:6], 10, *st[7:])) if str(path).endswith("a.png") else st
 
-    monkeypatch.setattr(drop_sources.os, "stat", stat_before_growth)
+    monkeypatch.setattr(drop_sources.os, "lstat", lstat_before_growth)
     drop = write_folder_drop(tmp_path / "d", {"a.png": image}, [{"image": "a.png", "caption": "x"}])
     got, _ = ingest_rows(drop)
     assert got[0]["status"] == "valid" and got[0]["image"] == image
