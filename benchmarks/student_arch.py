@@ -86,16 +86,13 @@ def probe_set(n: int, coverage: float, image_size: int):
 
 @torch.inference_mode()
 def print_probe(model, tokenizer, ev, probe_images, probe_labels, seed: int) -> None:
-    from open_clip.zero_shot_classifier import build_zero_shot_classifier
-
+    from juicer_pipeline.governance.clip_training import zero_shot_classifier
     from juicer_pipeline.governance.metrics import linear_probe_accuracy, per_class_accuracy
-    from juicer_pipeline.governance.prompts import TEMPLATES, zero_shot_templates
     from juicer_pipeline.world.governor_training import encode_images
 
     model.eval()
     held = encode_images(model, ev.class_images)
-    templates = zero_shot_templates(ev.class_attributes, ev.class_templates or TEMPLATES)
-    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names, templates, num_classes_per_batch=None).T
+    classes = zero_shot_classifier(model, tokenizer, ev)
     per_class = per_class_accuracy(held, classes, ev.class_labels, ev.class_names)
     probe = linear_probe_accuracy(encode_images(model, probe_images), probe_labels, held, ev.class_labels)
     print(f"  seed {seed}: zero-shot top-1 per shape: " + ", ".join(f"{k} {100 * v:.0f}" for k, v in per_class.items()))

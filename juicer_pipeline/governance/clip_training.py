@@ -347,15 +347,23 @@ class EvalSet:
     class_kept: torch.Tensor | None = None
 
 
+def zero_shot_classifier(model, tokenizer, ev: EvalSet, device="cpu") -> torch.Tensor:
+    """[classes, dim] prompt-ensembled class embeddings of `ev`'s classes (open_clip's builder), on the CPU."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from .prompts import TEMPLATES, zero_shot_templates
+
+    templates = zero_shot_templates(ev.class_attributes, ev.class_templates or TEMPLATES)
+    return build_zero_shot_classifier(model, tokenizer, ev.class_names, templates, num_classes_per_batch=None,
+                                      device=torch.device(device)).T.cpu()
+
+
 @torch.inference_mode()
 def evaluate_student(model, tokenizer, ev: EvalSet, device: str = "cpu", salient_only: bool = False) -> dict[str, float]:
     """Held-out retrieval and zero-shot scores. With `salient_only`, the vision tower sees only the
     governor-salient patches of each evaluation image (faster inference); `images_per_second`
     reports the image tower's throughput either way."""
-    from open_clip.zero_shot_classifier import build_zero_shot_classifier
-
     from ..models.kept_tokens import KeptTokens
-    from .prompts import TEMPLATES, zero_shot_templates
 
     model.eval()
     dev = torch.device(device)
@@ -381,8 +389,7 @@ def evaluate_student(model, tokenizer, ev: EvalSet, device: str = "cpu", salient
     txt = torch.cat([F.normalize(model.encode_text(ev.retrieval_tokens[i:i + 512].long().to(dev)), dim=-1).cpu()
                      for i in range(0, len(ev.retrieval_tokens), 512)])
     scores = retrieval_recall(img, txt, keys=ev.retrieval_keys)
-    classes = build_zero_shot_classifier(model, tokenizer, ev.class_names, zero_shot_templates(ev.class_attributes, ev.class_templates or TEMPLATES),
-                                         num_classes_per_batch=None, device=dev).T.cpu()
+    classes = zero_shot_classifier(model, tokenizer, ev, dev)
     scores.update(zero_shot_accuracy(images(ev.class_images, ev.class_kept), classes, ev.class_labels))
     scores["images_per_second"] = seconds[1] / max(seconds[0], 1e-9)
     return scores

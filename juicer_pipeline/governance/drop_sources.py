@@ -156,7 +156,8 @@ def _resolve_file(root: Path, image_ref, rec: RawRecord, max_file_bytes: int) ->
     # Resolve the folder once per distinct folder (symlinked folders included), then the file
     # itself only when it is a link: a full resolve per file costs a third of ingestion. Plain
     # string operations: os.path and pathlib calls cost a tenth of ingestion on small images.
-    folder, _, name = (str(root) + os.sep + ref).rpartition(os.sep)
+    inside = str(root).rstrip(os.sep) + os.sep  # every real path of the drop starts with this
+    folder, _, name = (inside + ref).rpartition(os.sep)
     real = _real_dir(folder) + os.sep + name
     try:
         st = os.lstat(real)
@@ -165,7 +166,7 @@ def _resolve_file(root: Path, image_ref, rec: RawRecord, max_file_bytes: int) ->
             st = os.stat(real)
     except OSError:
         st = None
-    if not real.startswith(str(root).rstrip(os.sep) + os.sep):
+    if not real.startswith(inside):
         rec.fetch_error = "path_escapes_drop"
         return
     _read_capped(real, st, rec, max_file_bytes)
