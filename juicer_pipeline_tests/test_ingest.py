@@ -261,3 +261,23 @@ def test_the_work_sent_to_ingestion_workers_imports_neither_pandas_pyarrow_torch
          "print(' '.join(m for m in ('pandas', 'pyarrow', 'torch', 'dagster', 'duckdb') if m in sys.modules))"],
         check=True, capture_output=True, text=True).stdout.split()
     assert heavy == []
+
+
+def test_raw_samples_are_written_with_image_bytes_uncompressed_and_read_back_whole(tmp_path):
+    import pyarrow.parquet as pq
+
+    from juicer_pipeline.governance.ingest import RAW_SAMPLES_SCHEMA, RAW_SAMPLES_WRITER_OPTIONS
+
+    files = {f"images/{i}.jpg": jpeg_bytes((40 + i, 40)) for i in range(5)}
+    rows = [{"image": name, "caption": f"caption {i}"} for i, name in enumerate(files)]
+    batches = list(ingest_batches(open_drop(write_folder_drop(tmp_path / "d", files, rows, "parquet")), "d",
+                                  ImageLimits(), 4000, IngestStats(), batch_rows=2))
+    with pq.ParquetWriter(tmp_path / "raw.parquet", RAW_SAMPLES_SCHEMA, **RAW_SAMPLES_WRITER_OPTIONS) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    meta = pq.ParquetFile(tmp_path / "raw.parquet").metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+    assert codecs["image"] == codecs["content_hash"] == "UNCOMPRESSED" and codecs["caption"] == "SNAPPY"
+    back = pq.read_table(tmp_path / "raw.parquet")
+    assert back.to_pylist() == [r for b in batches for r in b.to_pylist()]
+    assert {r["path"]: r["image"] for r in back.to_pylist()} == files

@@ -123,6 +123,34 @@ def test_schedule_is_linear_warmup_then_cosine_to_zero():
     assert lrs[109] < 0.001
 
 
+def test_full_patch_tuning_restarts_its_own_schedule():
+    cfg = StudentConfig(arch=tiny_arch(), lr=1.0, tune_lr_scale=0.5)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    opt.param_groups[0]["lr"] = 0.001  # where the run's own cosine left it
+    phase = clip_training.Phase("full_tune", steps=40, tokens_per_image=17)
+    sched = clip_training._tune_scheduler(opt, cfg, phase, clip_training.TrainClock(), 0.0)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5 * 0.25)  # restarted from the decayed rate, warm-up 1 of 4 steps
+    assert max(lrs) == pytest.approx(0.5, rel=0.05) and lrs.index(max(lrs)) == 3  # peak after a 4-step warm-up
+    assert lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("scale, restarts", [(None, 0), (0.5, 1)])
+def test_training_restarts_the_schedule_for_the_tuning_phase_only_when_asked(monkeypatch, scale, restarts):
+    made = []
+    original = clip_training._tune_scheduler
+    monkeypatch.setattr(clip_training, "_tune_scheduler",
+                        lambda opt, cfg, phase, *a: made.append(phase.name) or original(opt, cfg, phase, *a))
+    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 6, rho=0.5, warmup_steps=2,
+                        tune_lr_scale=scale)
+    train_student(_saliency_data(), cfg, seed=0)
+    assert made == ["full_tune"] * restarts * 2  # one per optimizer (AdamW, and SparseAdam for the token table)
+
+
 def test_library_clip_loss_equals_the_hand_written_symmetric_infonce():
     torch.manual_seed(0)
     model = build_clip(tiny_arch()).eval()

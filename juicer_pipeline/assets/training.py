@@ -19,7 +19,7 @@ from ..governance.drop_sources import open_drop
 from ..governance.eval_data import load_eval_set
 from ..governance.images import ImageLimits, load_rgb, to_uint8_chw
 from ..governance.pruning import kept_on_grid
-from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
+from ..governance.ingest import RAW_SAMPLES_SCHEMA, RAW_SAMPLES_WRITER_OPTIONS, IngestStats, ingest_batches
 from ..governance.recipes import RECIPE_NAMES, RECIPES
 from ..governance.training_set import assemble_training_set
 from ..models.loader import load_world_clip, save_world_clip
@@ -95,7 +95,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
         for kind, folder in folders.items():
             source = open_drop(folder)
             stats = IngestStats()
-            with wh.stream_table("eval_sets", kind, RAW_SAMPLES_SCHEMA) as writer:
+            with wh.stream_table("eval_sets", kind, RAW_SAMPLES_SCHEMA, **RAW_SAMPLES_WRITER_OPTIONS) as writer:
                 for batch in ingest_batches(source, f"eval-{kind}", ImageLimits(), 4000, stats,
                                             workers=settings.ingest.workers):
                     writer.write_batch(batch)

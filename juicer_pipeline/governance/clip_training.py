@@ -48,6 +48,10 @@ class StudentConfig:
     wallclock_s: float | None = None  # set: train for this many measured seconds instead of a token budget
     rho: float = 0.5
     full_tune_fraction: float = 0.1
+    # Peak learning rate of the full-patch tuning phase, as a share of `lr`: the phase restarts a
+    # short warm-up and its own cosine decay. None: it continues the run's schedule, whose tail
+    # is near zero, so the tuning phase barely adapts the model to full images.
+    tune_lr_scale: float | None = None
     eval_points: int = 3  # learning curve: evaluations spread over the budget
     device: str = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the training step runs under torch.autocast
@@ -106,7 +110,8 @@ def student_config(settings, wallclock: bool = False) -> StudentConfig:
                          schedule=t.schedule, rho=settings.saliency.rho,
                          budget_tokens=t.budget_full_steps * t.batch_size * (arch.grid ** 2 + 1),
                          wallclock_s=t.wallclock_s if wallclock else None,
-                         full_tune_fraction=t.full_tune_fraction, eval_points=t.eval_points, device=t.device,
+                         full_tune_fraction=t.full_tune_fraction, tune_lr_scale=t.tune_lr_scale,
+                         eval_points=t.eval_points, device=t.device,
                          precision=t.precision, threads=t.threads)
 
 
@@ -190,6 +195,19 @@ def _scheduler(opt, cfg: StudentConfig, total_steps: int, clock: TrainClock):
     return get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total_steps)
 
 
+def _tune_scheduler(opt, cfg: StudentConfig, phase: Phase, clock: TrainClock, t_phase: float):
+    """The full-patch tuning phase's own schedule: `tune_lr_scale` × lr after a warm-up of a tenth
+    of the phase, then cosine to zero over its steps (or, under a wall-clock budget, its seconds)."""
+    warmup = max(1, phase.steps // 10) if phase.steps else max(1, cfg.warmup_steps // 5)
+    for group in opt.param_groups:  # the factor scales the configured rate, not where the decay left it
+        group["initial_lr"] = cfg.lr
+
+    def factor(step: int) -> float:
+        done = step / phase.steps if phase.steps else (clock.elapsed() - t_phase) / max(phase.seconds, 1e-9)
+        return cfg.tune_lr_scale * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def check_kept(data: TrainData, n_patches: int, rho: float) -> None:
     """Stored kept sets must have exactly the K this run's ρ and patch grid expect."""
     if data.patches != "saliency":
@@ -253,6 +271,8 @@ def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, o
     model.train()
     for phase in phases:
         t_phase, steps = clock.elapsed(), 0
+        if phase.name == "full_tune" and cfg.tune_lr_scale is not None:
+            scheds = [_tune_scheduler(o, cfg, phase, clock, t_phase) for o in opts.all]
         while _phase_left(phase, steps, clock.elapsed() - t_phase):
             if cursor + cfg.batch_size > n:  # epochs without replacement
                 order, cursor = torch.randperm(n, generator=gen), 0

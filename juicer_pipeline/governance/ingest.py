@@ -44,6 +44,16 @@ RAW_SAMPLES_SCHEMA = pa.schema([
 ])
 
 
+# How raw_samples is written. Image bytes are JPEG/PNG files, already compressed, and hashes are
+# random: compressing either costs CPU for nothing. Dictionary encoding pays only where values
+# repeat (ids, paths and captions are mostly unique).
+RAW_SAMPLES_WRITER_OPTIONS = dict(
+    compression={name: "none" if name in ("image", "thumbprint", "content_hash") else "snappy"
+                 for name in RAW_SAMPLES_SCHEMA.names},
+    use_dictionary=["drop_id", "mode", "format", "status", "quarantine_reason", "label"],
+)
+
+
 @dataclass
 class IngestStats:
     n_samples: int = 0

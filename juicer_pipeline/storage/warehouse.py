@@ -186,10 +186,12 @@ class Warehouse:
         return path
 
     @contextmanager
-    def stream_table(self, asset: str, partition: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-        """A Parquet writer for row batches, so memory stays bounded whatever the partition size."""
+    def stream_table(self, asset: str, partition: str, schema: pa.Schema,
+                     **writer_options) -> Iterator[pq.ParquetWriter]:
+        """A Parquet writer for row batches, so memory stays bounded whatever the partition size.
+        `writer_options` go to `pq.ParquetWriter` (per-column compression and dictionary encoding)."""
         with self.writing(self.partition_path(asset, partition)) as tmp:
-            writer = pq.ParquetWriter(tmp, schema)
+            writer = pq.ParquetWriter(tmp, schema, **writer_options)
             try:
                 yield writer
             finally:
