@@ -7,7 +7,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from ..governance.drop_sources import open_drop
 from ..governance.images import ImageLimits, load_rgb
-from ..governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
+from ..governance.ingest import RAW_SAMPLES_SCHEMA, RAW_SAMPLES_STATISTICS, IngestStats, ingest_batches
 from ..automation.conditions import RERUN_ON_SETTINGS
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, drop_op, lineage_op
@@ -39,7 +39,8 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
         context.log.info(f"ingesting drop {drop_id} ({source.format}: {', '.join(source.describe())})")
         stats, preview, thumbs = IngestStats(), [], []
         t0, progress = time.perf_counter(), ThrottledProgress(context.log.info)
-        with wh.stream_table("raw_samples", drop_id, RAW_SAMPLES_SCHEMA) as writer:
+        with wh.stream_table("raw_samples", drop_id, RAW_SAMPLES_SCHEMA,
+                             write_statistics=RAW_SAMPLES_STATISTICS) as writer:
             for batch in ingest_batches(source, drop_id, limits, cfg.max_caption_chars, stats, cfg.batch_rows,
                                         cfg.workers):
                 writer.write_batch(batch)

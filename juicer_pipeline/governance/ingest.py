@@ -43,6 +43,11 @@ RAW_SAMPLES_SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("thumbprint", pa.binary()),  # near-duplicate fingerprint of valid images (near_duplicates.py)
 ])
+# Columns with min/max statistics in raw_samples. Not the image bytes and thumbprints: nothing
+# filters on them, and their statistics are two whole values per row group (~6 KB) that the
+# Parquet writer holds until it closes, three quarters of the file's metadata (3.1 MB at 180k
+# rows with them, 0.8 MB without, measured).
+RAW_SAMPLES_STATISTICS = [name for name in RAW_SAMPLES_SCHEMA.names if name not in ("image", "thumbprint")]
 
 
 @dataclass

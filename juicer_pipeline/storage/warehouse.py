@@ -186,10 +186,11 @@ class Warehouse:
         return path
 
     @contextmanager
-    def stream_table(self, asset: str, partition: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-        """A Parquet writer for row batches, so memory stays bounded whatever the partition size."""
+    def stream_table(self, asset: str, partition: str, schema: pa.Schema, **options) -> Iterator[pq.ParquetWriter]:
+        """A Parquet writer for row batches, so memory stays bounded whatever the partition size
+        (`options`: pyarrow ParquetWriter options, e.g. `write_statistics`)."""
         with self.writing(self.partition_path(asset, partition)) as tmp:
-            writer = pq.ParquetWriter(tmp, schema)
+            writer = pq.ParquetWriter(tmp, schema, **options)
             try:
                 yield writer
             finally:
