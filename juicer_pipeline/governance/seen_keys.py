@@ -2,9 +2,11 @@
 not grow with the drop.
 
 Ingestion quarantines a sample whose id or image bytes appeared earlier in the drop, so it must
-remember every id and every content hash it has seen. In Python sets and dicts that is about
-65 MB at 200k samples (measured), growing without bound; here the keys live in a private SQLite
-file, and memory holds at most a few thousand of them (`max_in_memory`) plus one batch's.
+remember every id and every content hash it has seen. In a Python set and dict that grew ~23 MB
+per 100k samples (measured with tracemalloc: the hex digests and ids themselves, then the
+tables); here the keys live in a private SQLite file, and memory holds at most a few thousand
+of them (`max_in_memory`) plus one batch's. The cost: ~15 µs per row for both stores together
+(200k keys, measured), against ~0.8 µs in memory, on rows that take ingestion ~400 µs each.
 
 Lookups are batched: `prefetch` reads which of a batch's keys are already on disk in one query,
 so the per-row checks that follow are dictionary lookups. New keys are written in sorted runs
