@@ -33,6 +33,11 @@ def test_world_drop_is_ingested_with_catalog_rows_and_lineage(data_dir, instance
     assert lineage.code_version[0].startswith("ingest-3+")
     view = cat.query("SELECT count(*) AS n, count(image) AS with_image FROM raw_samples")
     assert view.n[0] == 120 and view.with_image[0] == meta["valid"].value
+    # min/max statistics for the columns readers filter on, none for image bytes and thumbprints
+    # (the writer would hold two of each per row group until it closes)
+    stats = Warehouse(data_dir).parquet_file("raw_samples", "w1").metadata.row_group(0)
+    with_stats = {stats.column(i).path_in_schema for i in range(stats.num_columns) if stats.column(i).is_stats_set}
+    assert {"sample_id", "content_hash", "status"} <= with_stats and not {"image", "thumbprint"} & with_stats
 
 
 def test_rematerialising_replaces_exactly_that_partition(data_dir, instance, world_drop):
