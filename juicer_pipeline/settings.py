@@ -149,9 +149,9 @@ class TrainingSettings(_Section):
                                                     "vocabulary class name swapped for another (NegCLIP), in "
                                                     "the image→text loss; every recipe alike. Needs processes = 1")
     full_tune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    tune_lr_scale: float | None = Field(None, gt=0, le=1.0, description=(
+    tune_lr_scale: float = Field(0.5, ge=0.0, le=1.0, description=(
         "peak learning rate of the pruned recipes' full-patch tuning phase, as a share of lr: the phase "
-        "restarts a short warm-up and its own cosine. Unset: it continues the run's cosine, near zero by then"))
+        "restarts a short warm-up and its own cosine. 0: it continues the run's cosine, near zero by then"))
     eval_points: int = Field(3, ge=1, description="learning-curve evaluations over the budget")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the training step runs under autocast "

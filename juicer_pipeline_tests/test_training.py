@@ -139,7 +139,7 @@ def test_full_patch_tuning_restarts_its_own_schedule():
     assert lrs[-1] < 0.01
 
 
-@pytest.mark.parametrize("scale, restarts", [(None, 0), (0.5, 1)])
+@pytest.mark.parametrize("scale, restarts", [(0.0, 0), (0.5, 1)])
 def test_training_restarts_the_schedule_for_the_tuning_phase_only_when_asked(monkeypatch, scale, restarts):
     made = []
     original = clip_training._tune_scheduler

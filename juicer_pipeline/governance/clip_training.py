@@ -49,9 +49,10 @@ class StudentConfig:
     rho: float = 0.5
     full_tune_fraction: float = 0.1
     # Peak learning rate of the full-patch tuning phase, as a share of `lr`: the phase restarts a
-    # short warm-up and its own cosine decay. None: it continues the run's schedule, whose tail
-    # is near zero, so the tuning phase barely adapts the model to full images.
-    tune_lr_scale: float | None = None
+    # short warm-up and its own cosine decay. 0: it continues the run's schedule, whose tail is
+    # near zero, so the tuning phase barely adapts the model to full images (a student trained on
+    # salient patches then scored 10 % zero-shot on full images; with 0.5, 25 %).
+    tune_lr_scale: float = 0.5
     eval_points: int = 3  # learning curve: evaluations spread over the budget
     device: str = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the training step runs under torch.autocast
@@ -271,7 +272,7 @@ def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, o
     model.train()
     for phase in phases:
         t_phase, steps = clock.elapsed(), 0
-        if phase.name == "full_tune" and cfg.tune_lr_scale is not None:
+        if phase.name == "full_tune" and cfg.tune_lr_scale > 0:
             scheds = [_tune_scheduler(o, cfg, phase, clock, t_phase) for o in opts.all]
         while _phase_left(phase, steps, clock.elapsed() - t_phase):
             if cursor + cfg.batch_size > n:  # epochs without replacement
