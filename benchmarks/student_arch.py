@@ -3,13 +3,16 @@
     .venv/bin/python benchmarks/student_arch.py                               # the default student
     .venv/bin/python benchmarks/student_arch.py --student world-s-patchify --schedule constant
     .venv/bin/python benchmarks/student_arch.py --shared-colour 0 --budget 300 --samples 8000
+    .venv/bin/python benchmarks/student_arch.py --patches saliency --tune-lr-scale 0   # salient patches, old tuning
 
 Generates `--samples` web-like drop samples in memory (the drops' corruption, JPEG-decoded as
 ingestion would) and the clean held-out sets, trains one student per seed with the recipe `raw`
 (all patches, original captions) on a budget of full-patch steps, and prints the learning curve
-(held-out t2i/i2t R@1 and zero-shot top-1 at each evaluation point) and the step time. It skips
-the pipeline (no Dagster, no governor), so one architecture or schedule change costs one
-training run.
+(held-out t2i/i2t R@1 and zero-shot top-1 at each evaluation point) and the step time. With
+`--patches saliency` (or `random`) the student is fed the governor-salient (or random) ⌈ρN⌉
+patches, then tuned on full patches, as `juicer_vision_only` (or `flip`) would be. It skips
+the pipeline (no Dagster; the governor only for `--patches saliency`), so one architecture or
+schedule change costs one training run.
 
 After training it also prints zero-shot top-1 per shape, and a linear probe: a logistic regression
 fitted on the frozen image embeddings of `--probe-samples` labelled single-object images (a split
@@ -100,6 +103,25 @@ def print_probe(model, tokenizer, ev, probe_images, probe_labels, seed: int) -> 
           f"on the held-out classification set", flush=True)
 
 
+def with_patches(data, ev, patches: str, cfg) -> None:
+    """Feed the student pruned patches: the committed world governor's salient ⌈ρN⌉ of each
+    training image (as `pruned_images` would store them) or random ones; the evaluation images get
+    their salient patches too, for the salient-token score."""
+    import torch
+
+    from juicer_pipeline.governance.salient_eval import salient_kept
+    from juicer_pipeline.models.loader import load_foundation_model
+    from juicer_pipeline.settings import SaliencySettings
+
+    governor = load_foundation_model("world", cfg.device)
+    saliency, grid = SaliencySettings(rho=cfg.rho), (cfg.arch.grid, cfg.arch.grid)
+    data.patches = patches
+    if patches == "saliency":
+        data.kept = salient_kept(governor, data.images, saliency, grid).to(torch.int16)
+    ev.retrieval_kept = salient_kept(governor, ev.retrieval_images, saliency, grid)
+    ev.class_kept = salient_kept(governor, ev.class_images, saliency, grid)
+
+
 def main() -> None:
     from juicer_pipeline.models.students import STUDENTS
 
@@ -119,6 +141,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hard-negatives", action="store_true", help="vocabulary-swap hard negative captions")
     ap.add_argument("--probe-samples", type=int, default=2000, help="linear-probe training images (0: no probe)")
+    ap.add_argument("--patches", choices=["all", "saliency", "random"], default="all",
+                    help="what the vision tower is fed: all patches (raw), the governor-salient ⌈ρN⌉ "
+                         "(vision-only juicing) or random ⌈ρN⌉ (FLIP), then the full-patch tuning phase")
+    ap.add_argument("--tune-lr-scale", type=float, default=None, help="full-patch tuning phase's peak lr / lr")
     a = ap.parse_args()
 
     from open_clip.tokenizer import SimpleTokenizer
@@ -131,13 +157,16 @@ def main() -> None:
     defaults = TrainingSettings()
     training = TrainingSettings(**{k: v for k, v in dict(
         student=a.student, budget_full_steps=a.budget, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
-        schedule=a.schedule, seeds=a.seeds, eval_points=a.eval_points, device=a.device).items() if v is not None})
+        schedule=a.schedule, seeds=a.seeds, eval_points=a.eval_points, device=a.device,
+        tune_lr_scale=a.tune_lr_scale).items() if v is not None})
     shared_colour = DropConfig().shared_colour if a.shared_colour is None else a.shared_colour
     cfg = student_config(JuicerSettings(training=training))
     tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
     t0 = time.perf_counter()
     data = world_train_data(a.samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer, a.hard_negatives)
     ev = world_eval_set(a.eval_samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer)
+    if a.patches != "all":
+        with_patches(data, ev, a.patches, cfg)
     print(f"data: {len(data.images)} training pairs, {len(ev.retrieval_images)} retrieval + "
           f"{len(ev.class_images)} classification held-out images, {time.perf_counter() - t0:.0f}s", flush=True)
     print(f"student {training.student} {cfg.arch.to_dict()}, params "
@@ -152,6 +181,10 @@ def main() -> None:
         for p in rec["learning_curve"]:
             print(f"  seed {seed} step {p['step']:4d} ({p['train_seconds']:6.1f}s): t2i R@1 {100 * p['t2i_r@1']:5.1f}  "
                   f"i2t R@1 {100 * p['i2t_r@1']:5.1f}  zero-shot top-1 {100 * p['top1']:5.1f}", flush=True)
+        if a.patches != "all":
+            s = evaluate_student(model, tokenizer, ev, cfg.device, salient_only=True)
+            print(f"  seed {seed}: on the governor-salient ⌈ρN⌉ tokens only: t2i R@1 {100 * s['t2i_r@1']:5.1f}  "
+                  f"zero-shot top-1 {100 * s['top1']:5.1f}", flush=True)
         finals.append(rec["learning_curve"][-1])
         print(f"  seed {seed}: {rec['steps']} steps, {rec['wall_seconds']:.0f}s training, "
               f"{rec['phases'][0]['step_seconds']:.3f} s/step, final loss {rec['final_loss']:.3f}", flush=True)
