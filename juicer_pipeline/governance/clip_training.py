@@ -184,11 +184,16 @@ class Optimizers:
             o.step()
 
 
+def _cosine(done: float) -> float:
+    """Cosine decay from 1 to 0 as `done` (a share of a schedule's steps or seconds) goes 0 → 1."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
 def _scheduler(opt, cfg: StudentConfig, total_steps: int, clock: TrainClock):
     if cfg.wallclock_s is not None:  # cosine over elapsed training time, after a warm-up in steps
         def factor(step: int) -> float:
             warm = min(1.0, step / max(1, cfg.warmup_steps))
-            decay = 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(1.0, clock.elapsed() / cfg.wallclock_s)))
+            decay = 1.0 if cfg.schedule == "constant" else _cosine(clock.elapsed() / cfg.wallclock_s)
             return warm * decay
         return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if cfg.schedule == "constant":
@@ -205,7 +210,7 @@ def _tune_scheduler(opt, cfg: StudentConfig, phase: Phase, clock: TrainClock, t_
 
     def factor(step: int) -> float:
         done = step / phase.steps if phase.steps else (clock.elapsed() - t_phase) / max(phase.seconds, 1e-9)
-        return cfg.tune_lr_scale * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return cfg.tune_lr_scale * min(1.0, (step + 1) / warmup) * _cosine(done)
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
