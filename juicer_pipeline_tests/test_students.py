@@ -99,3 +99,18 @@ def test_stem_depth_and_pooling_are_configuration():
         tiny_arch(pool_type="max")
     with pytest.raises(ValueError, match="stem_depth must be at least 1"):
         tiny_arch(stem_depth=0)
+
+
+def test_the_conv_stem_computes_the_same_in_either_memory_layout():
+    """The stem runs channels-last for speed; the result is the plain NCHW computation's."""
+    import torch
+
+    from juicer_pipeline.models.world_clip import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(32, 8, depth=2).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out, plain = stem(x), stem.net(x.contiguous())
+    assert out.shape == (4, 32, 4, 4)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)

@@ -75,7 +75,9 @@ class ConvStem(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        # Channels-last: oneDNN's convolutions and batch norms run on it natively, and the default
+        # layout costs a reorder before and after each layer (about 40 % of the stem's step on CPU).
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
 class HMLPStem(nn.Module):
