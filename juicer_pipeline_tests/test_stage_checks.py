@@ -204,6 +204,16 @@ def test_one_row_per_valid_image_names_missing_duplicated_and_extra_rows(juiced)
         assert sid in _meta(check, "offending_samples")
 
 
+def test_one_row_per_valid_image_passes_when_rows_are_in_another_order(juiced):
+    """The streamed in-order comparison is a fast path: rows in another order go to the set queries."""
+    data_dir, instance, settings, _ = juiced
+    with _corrupted(data_dir, "patch_saliency", lambda df: df.iloc[::-1]):
+        check = _run_checks(data_dir, instance, settings, "one_row_per_valid_image")["one_row_per_valid_image"]
+    assert check.passed
+    assert check.metadata["rows"].value == check.metadata["valid_images"].value == len(_valid_ids(data_dir))
+    assert _meta(check, "offending_samples") == ""
+
+
 def test_finite_values_names_samples_with_nan_inf_or_empty_vectors(juiced):
     data_dir, instance, settings, _ = juiced
     state = {}

@@ -1,5 +1,6 @@
 """Asset checks: each failing check names the offending sample ids in its metadata."""
 import math
+from itertools import zip_longest
 
 import numpy as np
 import pyarrow.compute as pc
@@ -27,6 +28,26 @@ def _sql(wh, sql: str, params: list):
     """A query over warehouse tables (local or object storage), as a DataFrame."""
     with wh.duckdb() as con:
         return con.execute(sql, params).df()
+
+
+def _same_ids_in_order(raw: pq.ParquetFile, saliency: pq.ParquetFile, batch_rows: int = 8192) -> int | None:
+    """The number of valid raw_samples rows if patch_saliency holds exactly their ids, in their
+    order (as `patch_saliency` writes them); None otherwise. Streamed, so memory stays flat whatever
+    the drop's size: set queries over every id held ~20 MB more at 200k samples than at 20k."""
+    def valid_ids():
+        for batch in iter_parquet_batches(raw, batch_rows, ["sample_id", "status"]):
+            yield from (sid for sid, status in zip(*(c.to_pylist() for c in batch.columns)) if status == "valid")
+
+    def scored_ids():
+        for batch in iter_parquet_batches(saliency, batch_rows, ["sample_id"]):
+            yield from batch.column(0).to_pylist()
+
+    n, missing = 0, object()
+    for a, b in zip_longest(valid_ids(), scored_ids(), fillvalue=missing):
+        if a != b:
+            return None
+        n += 1
+    return n
 
 
 def _non_finite_ids(pf: pq.ParquetFile, column: str, batch_rows: int = 4096) -> list[str]:
@@ -87,6 +108,9 @@ def build_checks(settings: JuicerSettings) -> list:
     def one_row_per_valid_image(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
         wh = storage.warehouse
         drop = context.partition_key
+        n_valid = _same_ids_in_order(wh.parquet_file("raw_samples", drop), wh.parquet_file("patch_saliency", drop))
+        if n_valid is not None:  # the usual case, decided in one streamed pass
+            return AssetCheckResult(passed=True, metadata={"valid_images": n_valid, "rows": n_valid})
         raw, sal = wh.partition_path("raw_samples", drop), wh.partition_path("patch_saliency", drop)
         with wh.duckdb() as con:
             q = lambda sql, params: [r[0] for r in con.execute(sql, params).fetchall()]  # noqa: E731
