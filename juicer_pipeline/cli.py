@@ -275,14 +275,14 @@ def cmd_demo(a) -> int:
 # recipes with three seeds, both budgets): enough for a table with spreads within 15 minutes.
 DEMO_RECIPES = ("raw", "datasieve", "flip", "datajuicer")
 DEMO_SETTINGS = """# Written by `juicer demo` (edit freely; delete to return to the defaults).
-# A training budget small enough for the demo's 15-minute target on 2 CPU cores:
-# the vision tokens of 200 steps of 128 images, as 400 steps of 64 at half the learning rate
-# (at this budget that scored raw 12.0 / 19.6 % t2i R@1 / zero-shot against 10.3 / 15.0 %).
-# benchmarks/recipes.py uses the full CPU preset.
+# A training budget small enough for the demo's 15-minute target on 2 CPU cores: the vision
+# tokens of the CPU preset (300 steps of 128 images), as 600 steps of 64 at half its learning
+# rate (at a third less budget, that scored raw 12.0 / 19.6 % t2i R@1 / zero-shot against
+# 10.3 / 15.0 % with 128 at 1e-3). benchmarks/recipes.py runs the preset itself, 3 seeds.
 [training]
 seeds = [0, 1]
 batch_size = 64
-budget_full_steps = 400
+budget_full_steps = 600
 lr = 5e-4
 eval_points = 1
 """
