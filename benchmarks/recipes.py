@@ -50,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: training steps under autocast")
     ap.add_argument("--world", choices=list(WORLDS), default="default")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--recipes", nargs="+", default=None, help=f"default: {' '.join(QUESTION_RECIPES)}; 'all' for all")
@@ -95,7 +96,7 @@ def main() -> None:
         generate_eval_set(root / "world" / "evalsets" / kind, kind, 2000, object_coverage=world["coverage"],
                           shared_colour=shared)
     wallclock = preset["wallclock_s"] or None
-    training = TrainingSettings(seeds=a.seeds, eval_points=a.eval_points, device=a.device,
+    training = TrainingSettings(seeds=a.seeds, eval_points=a.eval_points, device=a.device, precision=a.precision,
                                 budget_full_steps=preset["budget_full_steps"], batch_size=preset["batch_size"],
                                 student=preset["student"], wallclock_s=wallclock)
     settings = JuicerSettings(governor=GovernorSettings(device=a.device), saliency=SaliencySettings(rho=a.rho),
@@ -117,7 +118,7 @@ def main() -> None:
             print(f"  {r}: {time.perf_counter() - t:.0f}s", flush=True)
         assert defs.resolve_job_def(COMPARE_JOB_NAME).execute_in_process(instance=inst, run_config=quiet).success
     storage = StorageResource(data_dir=str(root))
-    print(f"\npreset {a.preset} (student {training.student}), device {a.device}, ρ={a.rho}, world {a.world} "
+    print(f"\npreset {a.preset} (student {training.student}), device {a.device} {a.precision}, ρ={a.rho}, world {a.world} "
           f"{json.dumps(world)}, shared_colour {shared}, seeds {a.seeds}, pool {len(drops)}x{preset['samples']}, "
           f"budgets: {training.budget_full_steps} full-patch steps of {training.batch_size} | {wallclock} s; "
           f"total {time.perf_counter() - t0:.0f}s")

@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--eval-points", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: training steps under autocast")
     ap.add_argument("--hard-negatives", action="store_true", help="vocabulary-swap hard negative captions")
     ap.add_argument("--probe-samples", type=int, default=2000, help="linear-probe training images (0: no probe)")
     ap.add_argument("--patches", choices=["all", "saliency", "random"], default="all",
@@ -158,7 +159,7 @@ def main() -> None:
     training = TrainingSettings(**{k: v for k, v in dict(
         student=a.student, budget_full_steps=a.budget, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
         schedule=a.schedule, seeds=a.seeds, eval_points=a.eval_points, device=a.device,
-        tune_lr_scale=a.tune_lr_scale).items() if v is not None})
+        tune_lr_scale=a.tune_lr_scale, precision=a.precision).items() if v is not None})
     shared_colour = DropConfig().shared_colour if a.shared_colour is None else a.shared_colour
     cfg = student_config(JuicerSettings(training=training))
     tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
@@ -171,7 +172,7 @@ def main() -> None:
           f"{len(ev.class_images)} classification held-out images, {time.perf_counter() - t0:.0f}s", flush=True)
     print(f"student {training.student} {cfg.arch.to_dict()}, params "
           f"{sum(p.numel() for p in __import__('juicer_pipeline.models.world_clip', fromlist=['x']).build_clip(cfg.arch).parameters()) / 1e6:.2f}M; "
-          f"batch {cfg.batch_size}, lr {cfg.lr}, warmup {cfg.warmup_steps}, schedule {cfg.schedule}, "
+          f"batch {cfg.batch_size}, lr {cfg.lr}, warmup {cfg.warmup_steps}, schedule {cfg.schedule}, {cfg.precision}, "
           f"budget {training.budget_full_steps} full-patch steps, world shared_colour {shared_colour} "
           f"(defaults: {defaults.student}, {defaults.budget_full_steps} steps)", flush=True)
     probe = probe_set(a.probe_samples, a.coverage, cfg.arch.image_size) if a.probe_samples else None
