@@ -26,10 +26,14 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--source", default="world")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: governor.batch_size")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     a = ap.parse_args()
+    if a.batch_size is None:
+        from juicer_pipeline.settings import GovernorSettings
+
+        a.batch_size = GovernorSettings().batch_size
 
     from juicer_pipeline.governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
     from juicer_pipeline.governance.drop_sources import open_drop

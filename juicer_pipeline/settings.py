@@ -62,7 +62,10 @@ class GovernorSettings(_Section):
 
     source: str = Field("world", description="world | file:<path> | open_clip:<arch>:<file> | hf:<dir>")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    batch_size: int = Field(256, ge=1)
+    # 64 on CPU: at 256 the governor's per-batch tensors (a 34 MB MLP activation among them) are
+    # mapped anew or fragment glibc's heap, so patch_saliency ran 20 % slower and its memory crept
+    # (peak 1453 vs 1200 MB over 100k images); a GPU wants larger batches (deploy/gpu.toml: 512).
+    batch_size: int = Field(64, ge=1)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     shards: int = Field(1, ge=1, description="row-range shards one drop's patch_saliency is split into: each is "
                                              "its own step (own worker, own retries); the table is the same "
