@@ -1,4 +1,6 @@
 """Kept-token training, equal budgets, metrics by hand, and training-set assembly."""
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,6 +97,21 @@ def test_stored_k_that_differs_from_the_plan_fails_naming_both():
     cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 4, rho=0.25, warmup_steps=1)
     with pytest.raises(ValueError, match=r"K=8 .*expects K=4"):
         train_student(data, cfg, seed=0)
+
+
+def test_training_runs_at_its_thread_count_and_restores_the_callers():
+    """torch's thread count is process-wide: a run at 1 thread must not leave the process at 1 (it would
+    slow and change the float sums of whatever the process computes next)."""
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    seen = []
+    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 2, rho=0.5, warmup_steps=1,
+                        threads=wanted)
+    train_student(_saliency_data(), cfg, seed=0, on_step=lambda step, loss: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {wanted} and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="expects K"):  # a failing run restores it too
+        train_student(_saliency_data(k=8), replace(cfg, rho=0.25), seed=0)
+    assert torch.get_num_threads() == before
 
 
 def test_wallclock_budget_trains_for_the_measured_seconds(monkeypatch):

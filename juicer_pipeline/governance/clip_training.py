@@ -27,7 +27,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from ..models.kept_tokens import install_kept_tokens
 from ..models.students import load_student_arch
 from ..models.world_clip import ClipArch, build_clip
-from .images import autocast, normalise_batch
+from .images import autocast, normalise_batch, torch_threads
 from .metrics import retrieval_recall, zero_shot_accuracy
 from .pruning import kept_count
 
@@ -235,13 +235,17 @@ def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None,
 
 
 def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, on_step, replicas):
+    with torch_threads(cfg.threads):
+        return _train_loop(data, cfg, seed, evaluate, progress, on_step, replicas)
+
+
+def _train_loop(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, on_step, replicas):
     """The training loop. `replicas` (governance/distributed_training.py) is None in one process; in
     a data-parallel run every process draws the same global batches, patch sets and schedule from
     the same seed, trains on its share of each batch, and `replicas` does the exchanges."""
     if replicas is not None and data.negatives is not None:
         raise ValueError("hard negatives are not supported in data-parallel training (processes > 1)")
     torch.manual_seed(seed)
-    torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device) if replicas is None else replicas.device
     model = build_clip(cfg.arch).to(device)
     kept_module = install_kept_tokens(model)

@@ -149,3 +149,18 @@ def autocast(device: "torch.device", precision: str):
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with `n` intra-op threads, then restore the count. torch's setting is process-wide, so a
+    training run left at 1 thread would otherwise slow (and change the float sums of) whatever runs
+    next in the same process: an in-process executor's later steps, or the caller's own code."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
 from ..governance.classes import square_crop
-from ..governance.images import normalise_batch, to_uint8_chw
+from ..governance.images import normalise_batch, to_uint8_chw, torch_threads
 from ..governance.metrics import retrieval_recall, zero_shot_accuracy
 from ..governance.prompts import BACKGROUND_CLASS, TEMPLATES, class_embeddings, with_article
 from ..models.world_clip import ClipArch, build_clip
@@ -320,8 +320,12 @@ def clip_loss(model, images: torch.Tensor, texts: torch.Tensor, negatives: torch
 
 def train_governor(cfg: GovernorTrainConfig, progress=None, checkpoint=None) -> tuple[torch.nn.Module, dict]:
     """Train and evaluate; return the model and a record (config, curve, scores, wall time)."""
+    with torch_threads(cfg.threads):
+        return _train_governor(cfg, progress, checkpoint)
+
+
+def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
     vocab = load_vocabulary()
     t0 = time.perf_counter()
     corpus = build_corpus(cfg, vocab)
