@@ -9,7 +9,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 CASES = {
     "celery_vs_serial.py": (["--samples", "8"], "celery (2 workers) / serial wall time"),
     "ingest_throughput.py": (["--samples", "50", "--repeats", "1"],
-                             ("throughput ratio stage/bare PIL, 2 worker(s)", "per-round ratio")),
+                             ("throughput ratio stage/bare PIL, 2 worker(s)", "per-round ratio", "per round, in order")),
     "scale_ceiling.py": (["--sizes", "40", "60"], "patch_saliency: peak RSS from 40 to 60 samples"),
     "train_step.py": (["--steps", "1"], "ratio kept/full"),
     "student_arch.py": (["--samples", "300", "--eval-samples", "40", "--budget", "2", "--batch-size", "32",
