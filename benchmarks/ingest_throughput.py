@@ -168,7 +168,7 @@ def main() -> None:
         paired = sorted(r[("full", w)]["per_s"] / r["pil"]["per_s"] for r in rounds)
         print(f"per-round ratio stage/bare PIL, {w} worker(s): {' '.join(f'{x:.2f}' for x in paired)} "
               f"(median {statistics.median(paired):.2f})")
-        print(f"    per round, in order: bare loop s / stage s (its ingestion loop s): " + ", ".join(
+        print("    per round, in order: bare loop s / stage s (its ingestion loop s): " + ", ".join(
             f"{r['pil']['seconds']:.2f} / {r[('full', w)]['seconds']:.2f} ({r[('full', w)]['loop_seconds']:.2f})"
             for r in rounds))
     w = a.workers[-1]
