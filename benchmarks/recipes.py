@@ -30,7 +30,7 @@ from pathlib import Path
 
 PRESETS = {
     # drops × samples per drop is the pool; budget in full-patch steps; wall-clock budget in seconds
-    "cpu": dict(drops=4, samples=2500, budget_full_steps=300, wallclock_s=60.0, batch_size=128, student="world-s"),
+    "cpu": dict(drops=4, samples=2500, budget_full_steps=600, wallclock_s=60.0, batch_size=64, student="world-s"),
     "gpu": dict(drops=8, samples=10000, budget_full_steps=3000, wallclock_s=300.0, batch_size=512, student="world-m"),
 }
 WORLDS = {
@@ -58,6 +58,9 @@ def main() -> None:
     for k in WORLDS["default"]:
         ap.add_argument(f"--{k}", type=float, default=None, help="override the world's value")
     ap.add_argument("--shared-colour", type=float, default=None, help="world: P(all objects of a scene share a colour)")
+    ap.add_argument("--coverage-shared-by", type=int, default=None,
+                    help="world: size every object as one of this many sharing the coverage (0: the scene's objects "
+                         "share it, the world before 2026-12-01; default: DropConfig's)")
     ap.add_argument("--drops", type=int, default=None)
     ap.add_argument("--samples", type=int, default=None, help="samples per drop (data scaling)")
     ap.add_argument("--student", default=None, help="student config (model scaling)")
@@ -86,15 +89,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     shared = DropConfig().shared_colour if a.shared_colour is None else a.shared_colour
+    sizing = DropConfig().coverage_shared_by if a.coverage_shared_by is None else a.coverage_shared_by
     corruption = CaptionCorruption(world["boilerplate"], world["noise"], world["omit"], world["misaligned"])
     drops = [f"bench-{i:02d}" for i in range(preset["drops"])]
     for i, name in enumerate(drops):
         generate_drop(root / "drops" / name, DropConfig(n_samples=preset["samples"], seed=100, drop_index=i,
                                                         object_coverage=world["coverage"], shared_colour=shared,
-                                                        captions=corruption))
+                                                        coverage_shared_by=sizing, captions=corruption))
     for kind in ("retrieval", "classification"):
         generate_eval_set(root / "world" / "evalsets" / kind, kind, 2000, object_coverage=world["coverage"],
-                          shared_colour=shared)
+                          shared_colour=shared, coverage_shared_by=sizing)
     wallclock = preset["wallclock_s"] or None
     training = TrainingSettings(seeds=a.seeds, eval_points=a.eval_points, device=a.device, precision=a.precision,
                                 budget_full_steps=preset["budget_full_steps"], batch_size=preset["batch_size"],
@@ -119,7 +123,7 @@ def main() -> None:
         assert defs.resolve_job_def(COMPARE_JOB_NAME).execute_in_process(instance=inst, run_config=quiet).success
     storage = StorageResource(data_dir=str(root))
     print(f"\npreset {a.preset} (student {training.student}), device {a.device} {a.precision}, ρ={a.rho}, world {a.world} "
-          f"{json.dumps(world)}, shared_colour {shared}, seeds {a.seeds}, pool {len(drops)}x{preset['samples']}, "
+          f"{json.dumps(world)}, shared_colour {shared}, coverage shared by {sizing}, seeds {a.seeds}, pool {len(drops)}x{preset['samples']}, "
           f"budgets: {training.budget_full_steps} full-patch steps of {training.batch_size} | {wallclock} s; "
           f"total {time.perf_counter() - t0:.0f}s")
     for budget, title in (("tokens", "EQUAL VISION TOKENS"), ("wallclock", f"EQUAL WALL-CLOCK ({wallclock} s)")):

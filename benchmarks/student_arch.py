@@ -30,7 +30,9 @@ import torch
 
 
 def world_train_data(n_samples: int, coverage: float, shared_colour: float, image_size: int, tokenizer,
-                     hard_negatives: bool = False):
+                     hard_negatives: bool = False, size_jitter: tuple[float, float] | None = None,
+                     coverage_shared_by: int | None = None):
+    """A world drop's usable pairs; None: DropConfig's default for that lever."""
     from juicer_pipeline.governance.clip_training import TrainData
     from juicer_pipeline.governance.images import to_uint8_chw
     from juicer_pipeline.world import DropConfig
@@ -38,7 +40,9 @@ def world_train_data(n_samples: int, coverage: float, shared_colour: float, imag
     from juicer_pipeline.world.vocabulary import load_vocabulary
 
     vocab = load_vocabulary()
-    cfg = DropConfig(n_samples=n_samples, seed=100, object_coverage=coverage, shared_colour=shared_colour)
+    cfg = DropConfig(n_samples=n_samples, seed=100, object_coverage=coverage, shared_colour=shared_colour,
+                     **({} if coverage_shared_by is None else {"coverage_shared_by": coverage_shared_by}),
+                     **({} if size_jitter is None else {"size_jitter": tuple(size_jitter)}))
     images, captions = [], []
     for s in drop_samples(cfg, "bench", vocab):
         if s.broken is None:  # ingestion would quarantine a broken file
@@ -52,7 +56,8 @@ def world_train_data(n_samples: int, coverage: float, shared_colour: float, imag
     return data
 
 
-def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: int, tokenizer):
+def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: int, tokenizer,
+                   coverage_shared_by: int | None = None):
     from juicer_pipeline.governance.clip_training import EvalSet
     from juicer_pipeline.governance.eval_data import caption_key
     from juicer_pipeline.governance.images import to_uint8_chw
@@ -60,7 +65,8 @@ def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: in
     from juicer_pipeline.world.vocabulary import load_vocabulary
 
     vocab = load_vocabulary()
-    split, spec = eval_spec("retrieval", image_size, coverage, shared_colour)
+    split, spec = eval_spec("retrieval", image_size, coverage, shared_colour,
+                            *(() if coverage_shared_by is None else (coverage_shared_by,)))
     ret = list(iter_clean_samples(split, spec, n, 0, vocab))
     split, spec = eval_spec("classification", image_size, coverage)
     cls = list(iter_clean_samples(split, spec, n, 0, vocab))
@@ -85,6 +91,33 @@ def probe_set(n: int, coverage: float, image_size: int):
     samples = list(iter_clean_samples(SPLIT_PROBE, spec, n, 0, vocab))
     return (torch.stack([to_uint8_chw(r.image) for _, r, _ in samples]),
             np.array([vocab.shapes.index(s.objects[0].shape) for s, _, _ in samples]))
+
+
+@torch.inference_mode()
+def print_zero_shot_by_object_size(model, tokenizer, ev, coverage: float, image_size: int, seed: int,
+                                   n: int = 1000, factors=(0.5, 1.0, 2.0)) -> None:
+    """Zero-shot top-1 on single objects drawn like the classification held-out set but at other
+    object areas (× factor): how far the student's shape recognition carries across object size.
+    Factor 1 is the held-out set's own size (its first n images)."""
+    from juicer_pipeline.governance.clip_training import zero_shot_classifier
+    from juicer_pipeline.governance.images import to_uint8_chw
+    from juicer_pipeline.world.generate import eval_spec, iter_clean_samples
+    from juicer_pipeline.world.governor_training import encode_images
+    from juicer_pipeline.world.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary()
+    model.eval()
+    classes = zero_shot_classifier(model, tokenizer, ev)
+    parts = []
+    for factor in factors:
+        split, spec = eval_spec("classification", image_size, coverage * factor)
+        samples = list(iter_clean_samples(split, spec, n, 0, vocab))
+        held = encode_images(model, torch.stack([to_uint8_chw(r.image) for _, r, _ in samples]))
+        labels = torch.as_tensor([vocab.shapes.index(s.objects[0].shape) for s, _, _ in samples])
+        accuracy = ((held @ classes.T).argmax(1) == labels).float().mean().item()
+        parts.append(f"{factor:g}× area {100 * accuracy:.1f}")
+    print(f"  seed {seed}: zero-shot top-1 by object size ({n} single objects each, held-out set's area = 1×): "
+          + ", ".join(parts), flush=True)
 
 
 @torch.inference_mode()
@@ -135,6 +168,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10000, help="training pool (drop samples)")
     ap.add_argument("--coverage", type=float, default=0.25)
     ap.add_argument("--shared-colour", type=float, default=None, help="world: P(all objects share a colour)")
+    ap.add_argument("--size-jitter", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="world: range of the factor on each drop object's size (default: DropConfig's)")
+    ap.add_argument("--coverage-shared-by", type=int, default=None, metavar="K",
+                    help="world: size every drop (and held-out retrieval) object as one of K sharing --coverage, "
+                         "whatever the scene's count; 0: the scene's objects share it, so a lone object has twice the "
+                         "area of each of two (default: DropConfig's)")
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--eval-points", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -164,8 +203,9 @@ def main() -> None:
     cfg = student_config(JuicerSettings(training=training))
     tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
     t0 = time.perf_counter()
-    data = world_train_data(a.samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer, a.hard_negatives)
-    ev = world_eval_set(a.eval_samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer)
+    data = world_train_data(a.samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer, a.hard_negatives,
+                            a.size_jitter, a.coverage_shared_by)
+    ev = world_eval_set(a.eval_samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer, a.coverage_shared_by)
     if a.patches != "all":
         with_patches(data, ev, a.patches, cfg)
     print(f"data: {len(data.images)} training pairs, {len(ev.retrieval_images)} retrieval + "
@@ -173,7 +213,9 @@ def main() -> None:
     print(f"student {training.student} {cfg.arch.to_dict()}, params "
           f"{sum(p.numel() for p in __import__('juicer_pipeline.models.world_clip', fromlist=['x']).build_clip(cfg.arch).parameters()) / 1e6:.2f}M; "
           f"batch {cfg.batch_size}, lr {cfg.lr}, warmup {cfg.warmup_steps}, schedule {cfg.schedule}, {cfg.precision}, "
-          f"budget {training.budget_full_steps} full-patch steps, world shared_colour {shared_colour} "
+          f"budget {training.budget_full_steps} full-patch steps, world shared_colour {shared_colour}, size jitter "
+          f"{tuple(a.size_jitter) if a.size_jitter else DropConfig().size_jitter}, coverage shared by "
+          f"{DropConfig().coverage_shared_by if a.coverage_shared_by is None else a.coverage_shared_by} "
           f"(defaults: {defaults.student}, {defaults.budget_full_steps} steps)", flush=True)
     probe = probe_set(a.probe_samples, a.coverage, cfg.arch.image_size) if a.probe_samples else None
     finals = []
@@ -191,6 +233,8 @@ def main() -> None:
               f"{rec['phases'][0]['step_seconds']:.3f} s/step, final loss {rec['final_loss']:.3f}", flush=True)
         if probe is not None:
             print_probe(model, tokenizer, ev, *probe, seed)
+            print_zero_shot_by_object_size(model, tokenizer, ev, a.coverage, cfg.arch.image_size, seed,
+                                           n=min(1000, a.eval_samples))
     for m in ("t2i_r@1", "i2t_r@1", "top1"):
         v = np.array([f[m] for f in finals]) * 100
         print(f"final {m}: {v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")

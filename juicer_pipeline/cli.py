@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         drop.add_argument(f"--{name}", type=float, default=getattr(base, name), help=f"{name} caption rate")
     drop.add_argument("--shared-colour", type=float, default=DropConfig.shared_colour,
                       help="probability that all objects of a scene share one colour")
+    drop.add_argument("--coverage-shared-by", type=int, default=DropConfig.coverage_shared_by,
+                      help="size every object as one of this many sharing --coverage, whatever the scene's count "
+                           "(0: the scene's objects share it, so a lone object has twice the area of each of two)")
     drop.add_argument("--duplicates", type=float, default=DropConfig.duplicate_rate)
     drop.add_argument("--broken", type=float, default=DropConfig.broken_rate)
     drop.add_argument("--empty-captions", type=float, default=DropConfig.empty_caption_rate)
@@ -153,7 +156,7 @@ def cmd_world_drop(a) -> None:
     cfg = DropConfig(
         n_samples=a.samples, seed=a.seed, drop_index=a.index, format=a.format, manifest_format=a.manifest,
         image_format=a.image_format, image_size=a.image_size, object_coverage=a.coverage,
-        shared_colour=a.shared_colour, captions=CaptionCorruption(boilerplate=a.boilerplate, noise=a.noise, omit=a.omit, misaligned=a.misaligned),
+        shared_colour=a.shared_colour, coverage_shared_by=a.coverage_shared_by, captions=CaptionCorruption(boilerplate=a.boilerplate, noise=a.noise, omit=a.omit, misaligned=a.misaligned),
         duplicate_rate=a.duplicates, broken_rate=a.broken, empty_caption_rate=a.empty_captions,
     )
     r = generate_drop(a.out, cfg)
@@ -275,15 +278,11 @@ def cmd_demo(a) -> int:
 # recipes with three seeds, both budgets): enough for a table with spreads within 15 minutes.
 DEMO_RECIPES = ("raw", "datasieve", "flip", "datajuicer")
 DEMO_SETTINGS = """# Written by `juicer demo` (edit freely; delete to return to the defaults).
-# A training budget small enough for the demo's 15-minute target on 2 CPU cores: the vision
-# tokens of the CPU preset (300 steps of 128 images), as 600 steps of 64 at half its learning
-# rate (at a third less budget, that scored raw 12.0 / 19.6 % t2i R@1 / zero-shot against
-# 10.3 / 15.0 % with 128 at 1e-3). benchmarks/recipes.py runs the preset itself, 3 seeds.
+# The CPU preset's training budget (600 steps of 64 images) with two seeds and one evaluation per
+# run: the demo's table with spreads within 15 minutes on 2 CPU cores. benchmarks/recipes.py runs
+# the preset itself, 3 seeds, both budgets.
 [training]
 seeds = [0, 1]
-batch_size = 64
-budget_full_steps = 600
-lr = 5e-4
 eval_points = 1
 """
 

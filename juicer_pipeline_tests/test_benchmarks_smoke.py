@@ -13,8 +13,10 @@ CASES = {
     "scale_ceiling.py": (["--sizes", "40", "60"], "patch_saliency: peak RSS from 40 to 60 samples"),
     "train_step.py": (["--steps", "1"], "ratio kept/full"),
     "student_arch.py": (["--samples", "300", "--eval-samples", "40", "--budget", "2", "--batch-size", "32",
-                         "--eval-points", "1", "--probe-samples", "40", "--patches", "saliency", "--precision", "bf16"],
-                        ("linear probe top-1", "final top1", "on the governor-salient", "schedule cosine, bf16")),
+                         "--eval-points", "1", "--probe-samples", "40", "--patches", "saliency", "--precision", "bf16",
+                         "--size-jitter", "0.7", "1.3"],
+                        ("linear probe top-1", "zero-shot top-1 by object size", "final top1", "on the governor-salient",
+                         "schedule cosine, bf16", "size jitter (0.7, 1.3)")),
     "vision_throughput.py": (["--samples", "64"], "ratio"),
 }
 

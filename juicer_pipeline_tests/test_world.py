@@ -124,3 +124,45 @@ def test_bad_config_is_rejected():
         DropConfig(broken_rate=1.5)
     with pytest.raises(ValueError, match="format"):
         generate_drop(Path("/tmp/never-written"), DropConfig(n_samples=1, format="zip"))
+    with pytest.raises(ValueError, match="size_jitter"):
+        DropConfig(size_jitter=(1.2, 0.8))
+    with pytest.raises(ValueError, match="coverage_shared_by"):
+        DropConfig(coverage_shared_by=-1)
+
+
+def test_size_jitter_sets_the_spread_of_object_sizes():
+    """The drop's objects vary in size by the configured factor around the coverage's size (the
+    student benchmark's `--size-jitter` world lever)."""
+    vocab = load_vocabulary()
+    rng = np.random.default_rng(0)
+
+    def sizes(jitter):
+        spec = replace(DropConfig(size_jitter=jitter), shared_colour=0.0).spec
+        return [o.size / (spec.object_coverage * 64 * 64 / spec.coverage_shared_by / 3.2) ** 0.5
+                for sc in (sample_scene(rng, spec, vocab) for _ in range(200)) for o in sc.objects]
+
+    fixed, wide = np.array(sizes((1.0, 1.0))), np.array(sizes((0.5, 1.5)))
+    assert np.allclose(fixed, 1.0)
+    assert wide.min() >= 0.5 - 1e-9 and wide.max() <= 1.5 + 1e-9 and wide.std() > 0.2
+
+
+def test_coverage_shared_by_sizes_objects_whatever_their_count():
+    """By default every object has the size of one of two, as the held-out classification set's
+    single objects do; with coverage_shared_by=0 a lone object takes the whole coverage (twice
+    the area of each of two)."""
+    vocab = load_vocabulary()
+    rng = np.random.default_rng(1)
+
+    def radii_by_count(**kw):
+        spec = DropConfig(size_jitter=(1.0, 1.0), **kw).spec
+        out: dict[int, set[float]] = {}
+        for _ in range(120):
+            scene = sample_scene(rng, spec, vocab)
+            out.setdefault(len(scene.objects), set()).update(round(o.size, 6) for o in scene.objects)
+        return out
+
+    shared, fixed = radii_by_count(coverage_shared_by=0), radii_by_count()
+    assert set(shared) == set(fixed) == {1, 2, 3}
+    assert len({r for rs in fixed.values() for r in rs}) == 1
+    assert min(shared[1]) > max(shared[2]) > max(shared[3])
+    assert fixed[1] == shared[2]

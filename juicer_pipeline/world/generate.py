@@ -40,6 +40,15 @@ class DropConfig:
     # student must tell shapes apart; at 0 colour alone solves most retrieval batches and students
     # stay at chance on zero-shot shape classification.
     shared_colour: float = 0.9
+    # Range of the factor on each object's size (its circumradius), around the size that
+    # object_coverage gives.
+    size_jitter: tuple[float, float] = (0.8, 1.2)
+    # Every object is sized as one of 2 sharing object_coverage, whatever the scene's count: an
+    # object is no smaller for having company, as in real photos. 0: the scene's objects share it,
+    # so a lone object has twice the area of each of two (the world before 2026-12-01). There,
+    # students named shapes well only at the lone objects' size, never seen in the held-out
+    # classification set, whose single objects have the size of one of two (benchmarks/student_arch.py).
+    coverage_shared_by: int = 2
     captions: CaptionCorruption = field(default_factory=CaptionCorruption)
     duplicate_rate: float = 0.02
     broken_rate: float = 0.01
@@ -55,11 +64,18 @@ class DropConfig:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         if self.n_samples < 1:
             raise ValueError("n_samples must be >= 1")
+        if self.coverage_shared_by < 0:
+            raise ValueError(f"coverage_shared_by must be >= 0 (0: shared by the scene's objects), "
+                             f"got {self.coverage_shared_by}")
+        low, high = self.size_jitter
+        if not 0 < low <= high:
+            raise ValueError(f"size_jitter must be (low, high) with 0 < low <= high, got {self.size_jitter}")
 
     @property
     def spec(self) -> SceneSpec:
         return SceneSpec(image_size=self.image_size, backgrounds=DROP_BACKGROUNDS,
-                         object_coverage=self.object_coverage, shared_colour=self.shared_colour)
+                         object_coverage=self.object_coverage, shared_colour=self.shared_colour,
+                         size_jitter=self.size_jitter, coverage_shared_by=self.coverage_shared_by)
 
 
 @dataclass(frozen=True)
@@ -215,11 +231,12 @@ def _break(image_bytes: bytes, kind: str) -> bytes | None:
 def generate_eval_set(out_dir: Path, kind: str, n_samples: int = 2000, seed: int = 0,
                       image_size: int = 64, object_coverage: float = 0.25,
                       vocab: Vocabulary | None = None,
-                      shared_colour: float = DropConfig.shared_colour) -> GenerationReport:
+                      shared_colour: float = DropConfig.shared_colour,
+                      coverage_shared_by: int = DropConfig.coverage_shared_by) -> GenerationReport:
     """Clean held-out sets: `retrieval` (drop distribution, true captions) or
     `classification` (single-object images with a `label` column)."""
     vocab = vocab or load_vocabulary()
-    split, spec = eval_spec(kind, image_size, object_coverage, shared_colour)
+    split, spec = eval_spec(kind, image_size, object_coverage, shared_colour, coverage_shared_by)
     return _generate_clean(Path(out_dir), split, spec, n_samples, seed, vocab,
                            with_label=kind == "classification")
 
@@ -241,12 +258,14 @@ def iter_clean_samples(split: int, spec: SceneSpec, n_samples: int, seed: int, v
 
 
 def eval_spec(kind: str, image_size: int = 64, object_coverage: float = 0.25,
-              shared_colour: float = DropConfig.shared_colour) -> tuple[int, SceneSpec]:
+              shared_colour: float = DropConfig.shared_colour,
+              coverage_shared_by: int = DropConfig.coverage_shared_by) -> tuple[int, SceneSpec]:
     if kind == "retrieval":
         return SPLIT_RETRIEVAL, SceneSpec(image_size=image_size, object_coverage=object_coverage,
-                                          shared_colour=shared_colour)
+                                          shared_colour=shared_colour, coverage_shared_by=coverage_shared_by)
     if kind == "classification":
-        # A single object of the same size as one object of a two-object drop image.
+        # A single object of the same size as one object of a two-object drop image (whatever
+        # coverage_shared_by: the set and its bytes stay the same across worlds).
         return SPLIT_CLASSIFICATION, SceneSpec(image_size=image_size, min_objects=1, max_objects=1,
                                                object_coverage=object_coverage / 2)
     raise ValueError(f"eval set kind must be retrieval or classification, not {kind!r}")
@@ -261,7 +280,10 @@ def corpus_spec(image_size: int = 64, single_object: bool = False) -> SceneSpec:
 def drop_like_corpus_spec(image_size: int = 64, object_coverage: float = 0.25) -> SceneSpec:
     """Scenes with the drops' object sizes and counts but the corpus's own backgrounds: what the
     governor's crop training, its validation and τ calibration use, so that a crop of a drop object
-    is in distribution without the governor ever seeing the drops' distribution itself."""
+    is in distribution without the governor ever seeing the drops' distribution itself. Its objects
+    share the coverage (coverage_shared_by 0), as drops did when the packaged governor was trained;
+    left so, so that its model card's commands still reproduce it. Lone objects of today's drops have
+    half that area; class extraction resizes each crop to the governor's input either way."""
     return SceneSpec(image_size=image_size, backgrounds=CORPUS_BACKGROUNDS, object_coverage=object_coverage)
 
 

@@ -55,6 +55,10 @@ class SceneSpec:
     # Target share of the image area covered by object bounding boxes (summed over objects).
     object_coverage: float = 0.25
     size_jitter: tuple[float, float] = (0.8, 1.2)
+    # 0: the scene's objects share object_coverage, so a lone object is as large as two together.
+    # k: every object is as large as one of k objects sharing it, whatever the scene's count (a
+    # lone object then shows at the size it has beside others).
+    coverage_shared_by: int = 0
     specks: tuple[int, int] = (5, 30)
     # Probability that every object of a scene has one colour. Real objects of different classes
     # often share a colour (most are grey, white, black or brown), so colour alone cannot tell
@@ -73,7 +77,7 @@ def sample_scene(rng: np.random.Generator, spec: SceneSpec, vocab: Vocabulary) -
     n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     s = spec.image_size
     # Bounding box of a regular shape of circumradius r is about (2r)^2 * 0.8.
-    area_each = spec.object_coverage * s * s / n
+    area_each = spec.object_coverage * s * s / (spec.coverage_shared_by or n)
     objects: list[SceneObject] = []
     # drawn only when enabled, so that worlds without it keep their exact bytes
     one_colour = spec.shared_colour > 0 and rng.random() < spec.shared_colour
