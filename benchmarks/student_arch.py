@@ -30,9 +30,7 @@ import torch
 
 
 def world_train_data(n_samples: int, coverage: float, shared_colour: float, image_size: int, tokenizer,
-                     hard_negatives: bool = False, size_jitter: tuple[float, float] | None = None,
-                     coverage_shared_by: int | None = None):
-    """A world drop's usable pairs; None: DropConfig's default for that lever."""
+                     hard_negatives: bool, size_jitter: tuple[float, float], coverage_shared_by: int):
     from juicer_pipeline.governance.clip_training import TrainData
     from juicer_pipeline.governance.images import to_uint8_chw
     from juicer_pipeline.world import DropConfig
@@ -41,8 +39,7 @@ def world_train_data(n_samples: int, coverage: float, shared_colour: float, imag
 
     vocab = load_vocabulary()
     cfg = DropConfig(n_samples=n_samples, seed=100, object_coverage=coverage, shared_colour=shared_colour,
-                     **({} if coverage_shared_by is None else {"coverage_shared_by": coverage_shared_by}),
-                     **({} if size_jitter is None else {"size_jitter": tuple(size_jitter)}))
+                     size_jitter=size_jitter, coverage_shared_by=coverage_shared_by)
     images, captions = [], []
     for s in drop_samples(cfg, "bench", vocab):
         if s.broken is None:  # ingestion would quarantine a broken file
@@ -57,7 +54,7 @@ def world_train_data(n_samples: int, coverage: float, shared_colour: float, imag
 
 
 def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: int, tokenizer,
-                   coverage_shared_by: int | None = None):
+                   coverage_shared_by: int):
     from juicer_pipeline.governance.clip_training import EvalSet
     from juicer_pipeline.governance.eval_data import caption_key
     from juicer_pipeline.governance.images import to_uint8_chw
@@ -65,8 +62,7 @@ def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: in
     from juicer_pipeline.world.vocabulary import load_vocabulary
 
     vocab = load_vocabulary()
-    split, spec = eval_spec("retrieval", image_size, coverage, shared_colour,
-                            *(() if coverage_shared_by is None else (coverage_shared_by,)))
+    split, spec = eval_spec("retrieval", image_size, coverage, shared_colour, coverage_shared_by)
     ret = list(iter_clean_samples(split, spec, n, 0, vocab))
     split, spec = eval_spec("classification", image_size, coverage)
     cls = list(iter_clean_samples(split, spec, n, 0, vocab))
@@ -199,13 +195,16 @@ def main() -> None:
         student=a.student, budget_full_steps=a.budget, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
         schedule=a.schedule, seeds=a.seeds, eval_points=a.eval_points, device=a.device,
         tune_lr_scale=a.tune_lr_scale, precision=a.precision).items() if v is not None})
-    shared_colour = DropConfig().shared_colour if a.shared_colour is None else a.shared_colour
+    world = DropConfig()
+    shared_colour = world.shared_colour if a.shared_colour is None else a.shared_colour
+    size_jitter = world.size_jitter if a.size_jitter is None else tuple(a.size_jitter)
+    sizing = world.coverage_shared_by if a.coverage_shared_by is None else a.coverage_shared_by
     cfg = student_config(JuicerSettings(training=training))
     tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
     t0 = time.perf_counter()
     data = world_train_data(a.samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer, a.hard_negatives,
-                            a.size_jitter, a.coverage_shared_by)
-    ev = world_eval_set(a.eval_samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer, a.coverage_shared_by)
+                            size_jitter, sizing)
+    ev = world_eval_set(a.eval_samples, a.coverage, shared_colour, cfg.arch.image_size, tokenizer, sizing)
     if a.patches != "all":
         with_patches(data, ev, a.patches, cfg)
     print(f"data: {len(data.images)} training pairs, {len(ev.retrieval_images)} retrieval + "
@@ -214,8 +213,7 @@ def main() -> None:
           f"{sum(p.numel() for p in __import__('juicer_pipeline.models.world_clip', fromlist=['x']).build_clip(cfg.arch).parameters()) / 1e6:.2f}M; "
           f"batch {cfg.batch_size}, lr {cfg.lr}, warmup {cfg.warmup_steps}, schedule {cfg.schedule}, {cfg.precision}, "
           f"budget {training.budget_full_steps} full-patch steps, world shared_colour {shared_colour}, size jitter "
-          f"{tuple(a.size_jitter) if a.size_jitter else DropConfig().size_jitter}, coverage shared by "
-          f"{DropConfig().coverage_shared_by if a.coverage_shared_by is None else a.coverage_shared_by} "
+          f"{size_jitter}, coverage shared by {sizing} "
           f"(defaults: {defaults.student}, {defaults.budget_full_steps} steps)", flush=True)
     probe = probe_set(a.probe_samples, a.coverage, cfg.arch.image_size) if a.probe_samples else None
     finals = []
