@@ -32,7 +32,7 @@ def main() -> None:
 
     from juicer_pipeline.governance.clip_training import student_config
     from juicer_pipeline.governance.clip_training import _CLIP_LOSS, Optimizers, clip_loss
-    from juicer_pipeline.governance.images import autocast, normalise_batch
+    from juicer_pipeline.governance.images import attention_kernels, autocast, normalise_batch
     from juicer_pipeline.governance.pruning import kept_count
     from juicer_pipeline.models.kept_tokens import install_kept_tokens
     from juicer_pipeline.models.world_clip import build_clip
@@ -88,28 +88,29 @@ def main() -> None:
                 parts[name] = parts.get(name, 0.0) + t1 - t0
         return marks[-1] - marks[0]
 
-    for _ in range(3):
-        step(None), step(idx)  # warm-up
-    times = {"full": [], "kept": []}
-    for _ in range(a.steps):
-        for name, indices in (("full", None), ("kept", idx)):
-            times[name].append(step(indices))
-    full, pruned = (sum(v) / len(v) for v in (times["full"], times["kept"]))
-    print(f"student {training.student} ({cfg.arch.vision_width}w/{cfg.arch.vision_layers}L vision, conv stem "
-          f"{cfg.arch.conv_stem}), batch {b}, {n} patches, device {_device_name(dev)}, {a.precision}, "
-          f"{torch.get_num_threads()} threads, "
-          f"{a.steps} interleaved steps each")
-    print(f"full-patch step      : {full:.4f} s")
-    print(f"kept-token step (ρ={a.rho}, {k} tokens): {pruned:.4f} s")
-    print(f"ratio kept/full      : {pruned / full:.3f}   (target ≤ 0.55)")
-    profile = {"full": {}, "kept": {}}
-    for _ in range(a.steps):
-        for name, indices in (("full", None), ("kept", idx)):
-            step(indices, profile[name])
-    print("where a step's time goes (s per step; backward covers both towers):")
-    for part in profile["full"]:
-        f, p = profile["full"][part] / a.steps, profile["kept"][part] / a.steps
-        print(f"  {part:15s} full {f:.4f}   kept {p:.4f}")
+    with attention_kernels(dev):  # as training runs: the math attention kernel on CPU
+        for _ in range(3):
+            step(None), step(idx)  # warm-up
+        times = {"full": [], "kept": []}
+        for _ in range(a.steps):
+            for name, indices in (("full", None), ("kept", idx)):
+                times[name].append(step(indices))
+        full, pruned = (sum(v) / len(v) for v in (times["full"], times["kept"]))
+        print(f"student {training.student} ({cfg.arch.vision_width}w/{cfg.arch.vision_layers}L vision, conv stem "
+              f"{cfg.arch.conv_stem}), batch {b}, {n} patches, device {_device_name(dev)}, {a.precision}, "
+              f"{torch.get_num_threads()} threads, "
+              f"{a.steps} interleaved steps each")
+        print(f"full-patch step      : {full:.4f} s")
+        print(f"kept-token step (ρ={a.rho}, {k} tokens): {pruned:.4f} s")
+        print(f"ratio kept/full      : {pruned / full:.3f}   (target ≤ 0.55)")
+        profile = {"full": {}, "kept": {}}
+        for _ in range(a.steps):
+            for name, indices in (("full", None), ("kept", idx)):
+                step(indices, profile[name])
+        print("where a step's time goes (s per step; backward covers both towers):")
+        for part in profile["full"]:
+            f, p = profile["full"][part] / a.steps, profile["kept"][part] / a.steps
+            print(f"  {part:15s} full {f:.4f}   kept {p:.4f}")
 
 
 def _device_name(dev) -> str:

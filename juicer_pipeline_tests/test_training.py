@@ -114,6 +114,41 @@ def test_training_runs_at_its_thread_count_and_restores_the_callers():
     assert torch.get_num_threads() == before
 
 
+def test_cpu_training_runs_attention_on_the_math_kernel_and_restores_the_callers():
+    """The CPU flash-attention kernel's backward is slow at a student's few dozen tokens; training
+    switches to the math kernel for its steps only (the switch is process-wide, like threads)."""
+    flags = torch.backends.cuda
+    before = (flags.flash_sdp_enabled(), flags.math_sdp_enabled())
+    seen = []
+    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 2, rho=0.5, warmup_steps=1)
+    train_student(_saliency_data(), cfg, seed=0,
+                  on_step=lambda step, loss: seen.append((flags.flash_sdp_enabled(), flags.math_sdp_enabled())))
+    assert seen and set(seen) == {(False, True)}
+    assert (flags.flash_sdp_enabled(), flags.math_sdp_enabled()) == before
+
+
+def test_math_attention_kernel_gives_the_default_kernels_loss_and_gradients():
+    from juicer_pipeline.governance.images import attention_kernels
+
+    torch.manual_seed(0)
+    model = build_clip(tiny_arch())
+    images, tokens = torch.randn(8, 3, 32, 32), torch.randint(1, 400, (8, 16))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = clip_training.clip_loss(model, images, tokens)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    default_loss, default_grads = loss_and_grads()
+    with attention_kernels(torch.device("cpu")):
+        math_loss, math_grads = loss_and_grads()
+    assert math_loss == pytest.approx(default_loss, rel=1e-5)
+    assert len(math_grads) == len(default_grads)
+    for a, b in zip(math_grads, default_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_wallclock_budget_trains_for_the_measured_seconds(monkeypatch):
     fed = _spy_on_vision_input(monkeypatch)
     cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=1, wallclock_s=1.5, rho=0.5, warmup_steps=2,
