@@ -1,7 +1,7 @@
 """The recipe comparison from a fresh data directory: both fair comparisons, learning curves,
 the three questions, and salient-token inference.
 
-    .venv/bin/python benchmarks/recipes.py                          # CPU preset, default world (~1 h, 2 cores)
+    .venv/bin/python benchmarks/recipes.py                          # CPU preset, default world (~45 min, 2 cores)
     .venv/bin/python benchmarks/recipes.py --world heavy            # heavier corruption
     .venv/bin/python benchmarks/recipes.py --recipes all --seeds 0 1 2
     .venv/bin/python benchmarks/recipes.py --preset gpu --device cuda
