@@ -239,17 +239,16 @@ def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None,
 def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, on_step, replicas):
     device = torch.device(cfg.device) if replicas is None else replicas.device
     with torch_threads(cfg.threads), attention_kernels(device):
-        return _train_loop(data, cfg, seed, evaluate, progress, on_step, replicas)
+        return _train_loop(data, cfg, seed, evaluate, progress, on_step, replicas, device)
 
 
-def _train_loop(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, on_step, replicas):
+def _train_loop(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, on_step, replicas, device):
     """The training loop. `replicas` (governance/distributed_training.py) is None in one process; in
     a data-parallel run every process draws the same global batches, patch sets and schedule from
     the same seed, trains on its share of each batch, and `replicas` does the exchanges."""
     if replicas is not None and data.negatives is not None:
         raise ValueError("hard negatives are not supported in data-parallel training (processes > 1)")
     torch.manual_seed(seed)
-    device = torch.device(cfg.device) if replicas is None else replicas.device
     model = build_clip(cfg.arch).to(device)
     kept_module = install_kept_tokens(model)
     n_patches = model.visual.grid_size[0] * model.visual.grid_size[1]
