@@ -96,8 +96,8 @@ def main() -> None:
             for name, indices in (("full", None), ("kept", idx)):
                 times[name].append(step(indices))
         full, pruned = (sum(v) / len(v) for v in (times["full"], times["kept"]))
-        print(f"student {training.student} ({cfg.arch.vision_width}w/{cfg.arch.vision_layers}L vision, conv stem "
-              f"{cfg.arch.conv_stem}), batch {b}, {n} patches, device {_device_name(dev)}, {a.precision}, "
+        print(f"student {training.student} ({cfg.arch.vision_width}w/{cfg.arch.vision_layers}L vision, "
+              f"{cfg.arch.stem} stem), batch {b}, {n} patches, device {_device_name(dev)}, {a.precision}, "
               f"{torch.get_num_threads()} threads, "
               f"{a.steps} interleaved steps each")
         print(f"full-patch step      : {full:.4f} s")

@@ -408,14 +408,19 @@ def test_salient_kept_selects_rho_n_patches_per_image_with_the_governor():
     assert kept.shape == (3, 4) and int(kept.max()) < 16
 
 
-def test_hmlp_stem_embeds_only_the_kept_patches_with_the_same_result():
+PATCH_LOCAL_STEMS = {"hmlp": dict(hmlp_stem=True), "patch conv": dict(conv_stem=True, patch_local_stem=True)}
+
+
+@pytest.mark.parametrize("stem", PATCH_LOCAL_STEMS)
+def test_patch_local_stem_embeds_only_the_kept_patches_with_the_same_result(stem):
     torch.manual_seed(0)
-    model = build_clip(tiny_arch(hmlp_stem=True)).eval()
+    model = build_clip(tiny_arch(**PATCH_LOCAL_STEMS[stem])).eval()
     kept = install_kept_tokens(model)
     x = torch.randn(3, 3, 32, 32)
     idx = torch.tensor([[0, 5, 10, 15], [1, 2, 3, 4], [0, 7, 14, 15]])
     embedded = []
-    model.visual.conv1.stages[0].register_forward_hook(lambda m, args, out: embedded.append(out.shape[0]))
+    first_layer = next(m for m in model.visual.conv1.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    first_layer.register_forward_hook(lambda m, args, out: embedded.append(out.shape[0]))
     kept.indices = idx
     pruned = model.encode_image(x)  # the stem embeds 3 x 4 patches only
     model.visual.conv1.kept_source = None  # now it embeds all 3 x 16, and the kept ones are gathered after
@@ -424,18 +429,45 @@ def test_hmlp_stem_embeds_only_the_kept_patches_with_the_same_result():
     assert torch.allclose(pruned, reference, atol=1e-5)
 
 
-def test_hmlp_stem_is_patch_local():
+@pytest.mark.parametrize("stem", PATCH_LOCAL_STEMS)
+def test_patch_local_stem_is_patch_local(stem):
     torch.manual_seed(0)
-    from juicer_pipeline.models.world_clip import HMLPStem
-
-    stem = HMLPStem(32, 8).eval()
+    arch = tiny_arch(image_size=16, **PATCH_LOCAL_STEMS[stem])
+    stem_module = build_clip(arch).visual.conv1.eval()
     x = torch.randn(1, 3, 16, 16)
     y = x.clone()
     y[:, :, :8, :8] += 1.0  # change only the top-left patch
-    diff = (stem(x) - stem(y)).abs().sum(dim=1)[0]  # per patch of the 2x2 grid
+    diff = (stem_module(x) - stem_module(y)).abs().sum(dim=1)[0]  # per patch of the 2x2 grid
     assert diff[0, 0] > 0 and diff[0, 1] == diff[1, 0] == diff[1, 1] == 0
+
+
+def test_whole_image_conv_stem_sees_across_patch_borders():
+    # the contrast that makes the patch-local variant a different model, not a faster same one
+    torch.manual_seed(0)
+    stem_module = build_clip(tiny_arch(image_size=16, conv_stem=True)).visual.conv1.eval()
+    x = torch.randn(1, 3, 16, 16)
+    y = x.clone()
+    y[:, :, :8, :8] += 1.0
+    diff = (stem_module(x) - stem_module(y)).abs().sum(dim=1)[0]
+    assert diff[0, 1] > 0 and diff[1, 0] > 0
+
+
+def test_patch_local_stem_trains_a_pruned_step_in_bf16():
+    torch.manual_seed(0)
+    model = build_clip(tiny_arch(conv_stem=True, patch_local_stem=True)).train()
+    kept = install_kept_tokens(model)
+    kept.indices = torch.tensor([[0, 5, 10, 15], [1, 2, 3, 4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = clip_training.clip_loss(model, torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16)))
+    loss.backward()
+    assert torch.isfinite(loss) and model.visual.conv1.conv.net[0].weight.grad.abs().sum() > 0
+
+
+def test_stem_choices_are_checked():
     with pytest.raises(ValueError, match="one stem"):
         build_clip(tiny_arch(hmlp_stem=True, conv_stem=True))
+    with pytest.raises(ValueError, match="needs conv_stem"):
+        build_clip(tiny_arch(patch_local_stem=True))
 
 
 def test_library_preprocessing_equals_the_hand_written_one():

@@ -31,6 +31,9 @@ class ClipArch:
     hmlp_stem: bool = False
     # Convolutions per stride-2 stage of the conv stem: more local shape features per token.
     stem_depth: int = 1
+    # Run the conv stem on each patch alone (zero padding at patch borders) instead of on the
+    # whole image: a pruned step then embeds only the kept patches.
+    patch_local_stem: bool = False
     # How the image embedding pools the tokens: "tok" (the CLS token) or "avg" (mean of the patches).
     pool_type: str = "tok"
 
@@ -46,6 +49,12 @@ class ClipArch:
     @classmethod
     def from_dict(cls, d: dict) -> "ClipArch":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def stem(self) -> str:
+        if self.conv_stem:
+            return "patch-local conv" if self.patch_local_stem else "conv"
+        return "hMLP" if self.hmlp_stem else "patchify"
 
     @property
     def grid(self) -> int:
@@ -80,36 +89,21 @@ class ConvStem(nn.Module):
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
-class HMLPStem(nn.Module):
-    """A patch-local stem ("hMLP", Touvron et al. 2022, built for masked patch dropping): each
-    p×p patch is embedded by log2(p) stages, each a linear map over 2×2 neighbouring cells, then
-    LayerNorm and GELU. No stage looks across a patch border, so:
-    - on full images it sees what a conv stem sees inside each patch, at matmul speed;
-    - with `kept_source` (the model's `KeptTokens`) holding indices, only the kept patches are
-      embedded; the others stay zero and `KeptTokens` drops them after the positional embedding.
-    """
+class PatchLocalStem(nn.Module):
+    """A stem that embeds each p×p patch on its own, so that, with `kept_source` (the model's
+    `KeptTokens`) holding indices, only the kept patches are embedded; the others stay zero and
+    `KeptTokens` drops them after the positional embedding. Subclasses define `embed`."""
 
     def __init__(self, width: int, patch_size: int):
         super().__init__()
-        stages = int(math.log2(patch_size))
-        if 2 ** stages != patch_size:
-            raise ValueError(f"hMLP stem needs a power-of-two patch size, got {patch_size}")
-        chans = [3] + [max(16, width // 2 ** (stages - i)) for i in range(1, stages)] + [width]
-        self.stages = nn.ModuleList(nn.Linear(4 * cin, cout) for cin, cout in zip(chans[:-1], chans[1:]))
-        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in chans[1:-1])
+        if 2 ** int(math.log2(patch_size)) != patch_size:
+            raise ValueError(f"{type(self).__name__} needs a power-of-two patch size, got {patch_size}")
         self.patch_size, self.width = patch_size, width
         self.kept_source = None
 
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
         """[M, 3, p, p] pixel patches -> [M, width] patch embeddings."""
-        x = patches.permute(0, 2, 3, 1)  # M, p, p, C
-        for i, stage in enumerate(self.stages):
-            m, h, w, c = x.shape
-            x = x.reshape(m, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(m, h // 2, w // 2, 4 * c)
-            x = stage(x)
-            if i < len(self.norms):
-                x = F.gelu(self.norms[i](x))
-        return x.reshape(len(patches), self.width)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -121,8 +115,46 @@ class HMLPStem(nn.Module):
             out = self.embed(patches)
         else:
             rows = (indices.to(x.device).long() + torch.arange(b, device=x.device)[:, None] * gh * gw).reshape(-1)
-            out = x.new_zeros(b * gh * gw, self.width).index_copy(0, rows, self.embed(patches[rows]))
+            embedded = self.embed(patches[rows])
+            out = embedded.new_zeros(b * gh * gw, self.width).index_copy(0, rows, embedded)
         return out.reshape(b, gh, gw, self.width).permute(0, 3, 1, 2)
+
+
+class HMLPStem(PatchLocalStem):
+    """A patch-local stem ("hMLP", Touvron et al. 2022, built for masked patch dropping): each
+    p×p patch is embedded by log2(p) stages, each a linear map over 2×2 neighbouring cells, then
+    LayerNorm and GELU. On full images it sees what a conv stem sees inside each patch, at matmul
+    speed."""
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__(width, patch_size)
+        stages = int(math.log2(patch_size))
+        chans = [3] + [max(16, width // 2 ** (stages - i)) for i in range(1, stages)] + [width]
+        self.stages = nn.ModuleList(nn.Linear(4 * cin, cout) for cin, cout in zip(chans[:-1], chans[1:]))
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in chans[1:-1])
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        x = patches.permute(0, 2, 3, 1)  # M, p, p, C
+        for i, stage in enumerate(self.stages):
+            m, h, w, c = x.shape
+            x = x.reshape(m, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(m, h // 2, w // 2, 4 * c)
+            x = stage(x)
+            if i < len(self.norms):
+                x = F.gelu(self.norms[i](x))
+        return x.reshape(len(patches), self.width)
+
+
+class PatchConvStem(PatchLocalStem):
+    """The conv stem run on each patch as a small image of its own. Its 3×3 convolutions overlap
+    inside a patch but see zeros past its border, where the whole-image conv stem sees the
+    neighbours; in exchange a pruned step embeds only the kept patches."""
+
+    def __init__(self, width: int, patch_size: int, depth: int = 1):
+        super().__init__(width, patch_size)
+        self.conv = ConvStem(width, patch_size, depth)
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.conv(patches).reshape(len(patches), self.width)
 
 
 def build_clip(arch: ClipArch) -> open_clip.CLIP:
@@ -136,8 +168,11 @@ def build_clip(arch: ClipArch) -> open_clip.CLIP:
     )
     if arch.conv_stem and arch.hmlp_stem:
         raise ValueError("choose one stem: conv_stem or hmlp_stem")
+    if arch.patch_local_stem and not arch.conv_stem:
+        raise ValueError("patch_local_stem runs the conv stem per patch: it needs conv_stem")
     if arch.conv_stem:
-        model.visual.conv1 = ConvStem(arch.vision_width, arch.patch_size, arch.stem_depth)
+        stem = PatchConvStem if arch.patch_local_stem else ConvStem
+        model.visual.conv1 = stem(arch.vision_width, arch.patch_size, arch.stem_depth)
     elif arch.hmlp_stem:
         model.visual.conv1 = HMLPStem(arch.vision_width, arch.patch_size)
     return model
