@@ -146,7 +146,9 @@ def test_math_attention_kernel_gives_the_default_kernels_loss_and_gradients():
     assert math_loss == pytest.approx(default_loss, rel=1e-5)
     assert len(math_grads) == len(default_grads)
     for a, b in zip(math_grads, default_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # atol is torch's own float32 default: the kernels sum in different orders, and on an Intel
+        # Xeon one gradient of 512 (0.0065) differed by 1.8e-6 where an AMD EPYC stayed within 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_wallclock_budget_trains_for_the_measured_seconds(monkeypatch):
