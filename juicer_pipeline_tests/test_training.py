@@ -431,26 +431,25 @@ def test_patch_local_stem_embeds_only_the_kept_patches_with_the_same_result(stem
     assert torch.allclose(pruned, reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("stem", PATCH_LOCAL_STEMS)
-def test_patch_local_stem_is_patch_local(stem):
+def _token_change_when_top_left_patch_changes(**stem_arch) -> torch.Tensor:
+    """How much each token of a 2x2 patch grid changes when only the top-left patch's pixels do."""
     torch.manual_seed(0)
-    arch = tiny_arch(image_size=16, **PATCH_LOCAL_STEMS[stem])
-    stem_module = build_clip(arch).visual.conv1.eval()
+    stem_module = build_clip(tiny_arch(image_size=16, **stem_arch)).visual.conv1.eval()
     x = torch.randn(1, 3, 16, 16)
     y = x.clone()
-    y[:, :, :8, :8] += 1.0  # change only the top-left patch
-    diff = (stem_module(x) - stem_module(y)).abs().sum(dim=1)[0]  # per patch of the 2x2 grid
+    y[:, :, :8, :8] += 1.0
+    return (stem_module(x) - stem_module(y)).abs().sum(dim=1)[0]
+
+
+@pytest.mark.parametrize("stem", PATCH_LOCAL_STEMS)
+def test_patch_local_stem_is_patch_local(stem):
+    diff = _token_change_when_top_left_patch_changes(**PATCH_LOCAL_STEMS[stem])
     assert diff[0, 0] > 0 and diff[0, 1] == diff[1, 0] == diff[1, 1] == 0
 
 
 def test_whole_image_conv_stem_sees_across_patch_borders():
     # the contrast that makes the patch-local variant a different model, not a faster same one
-    torch.manual_seed(0)
-    stem_module = build_clip(tiny_arch(image_size=16, conv_stem=True)).visual.conv1.eval()
-    x = torch.randn(1, 3, 16, 16)
-    y = x.clone()
-    y[:, :, :8, :8] += 1.0
-    diff = (stem_module(x) - stem_module(y)).abs().sum(dim=1)[0]
+    diff = _token_change_when_top_left_patch_changes(conv_stem=True)
     assert diff[0, 1] > 0 and diff[1, 0] > 0
 
 
