@@ -179,7 +179,7 @@ def step_seconds(student: str, batch_size: int, precision: str, steps: int = 4) 
     images = torch.randn(batch_size, 3, arch.image_size, arch.image_size)
     tokens = torch.randint(1, 49000, (batch_size, arch.context_length))
     times = []
-    with attention_kernels(torch.device("cpu")):
+    with attention_kernels(torch.device("cpu"), precision):
         for _ in range(steps + 1):
             t = time.perf_counter()
             with autocast(torch.device("cpu"), precision):

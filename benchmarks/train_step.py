@@ -88,7 +88,7 @@ def main() -> None:
                 parts[name] = parts.get(name, 0.0) + t1 - t0
         return marks[-1] - marks[0]
 
-    with attention_kernels(dev):  # as training runs: the math attention kernel on CPU
+    with attention_kernels(dev, a.precision):  # as training runs: on CPU, the math kernel for bf16
         for _ in range(3):
             step(None), step(idx)  # warm-up
         times = {"full": [], "kept": []}

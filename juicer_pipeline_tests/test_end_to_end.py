@@ -35,6 +35,18 @@ def test_demo_generates_world_juices_drops_and_prints_summary(data_dir, tmp_path
     assert Catalog(data_dir / "catalog.duckdb").query("SELECT count(*) AS n FROM samples").n[0] == 300
 
 
+def test_the_demo_names_the_recipes_its_table_leaves_out():
+    from juicer_pipeline.cli import DEMO_RECIPES, demo_scope
+    from juicer_pipeline.governance.recipes import RECIPE_NAMES
+
+    assert set(DEMO_RECIPES) < set(RECIPE_NAMES)
+    line = demo_scope(list(DEMO_RECIPES), 2)
+    assert f"trains {len(DEMO_RECIPES)} of {len(RECIPE_NAMES)} recipes" in line and "2 seeds" in line
+    left_out = line.split("left out: ")[1].split(")")[0].split(", ")
+    assert set(left_out) == set(RECIPE_NAMES) - set(DEMO_RECIPES) and "flip" in left_out
+    assert "left out: none" in demo_scope(RECIPE_NAMES, 3)
+
+
 @pytest.fixture
 def dagster_dev(data_dir, tmp_path):
     server = DagsterDev(data_dir, tmp_path / "dagster_home")

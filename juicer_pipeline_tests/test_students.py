@@ -12,6 +12,8 @@ def test_packaged_students_load_and_differ_only_in_configuration():
     assert {"world-s", "world-s-patchify"} <= set(archs)
     assert archs["world-s"].conv_stem and not archs["world-s-patchify"].conv_stem
     assert archs["world-s"].vision_width == archs["world-s-patchify"].vision_width
+    # the world students share open_clip's custom block, so variants differ only in what they name
+    assert {a.block_type for name, a in archs.items() if name.startswith("world-")} == {"custom"}
 
 
 def test_a_student_json_file_is_a_student(tmp_path):
@@ -114,3 +116,39 @@ def test_the_conv_stem_computes_the_same_in_either_memory_layout():
         out, plain = stem(x), stem.net(x.contiguous())
     assert out.shape == (4, 32, 4, 4)
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_open_clips_custom_block_computes_the_default_blocks_function():
+    """block_type "custom" (open_clip's own attention) holds the same parameters under the same
+    names as the default nn.MultiheadAttention block; built from the same seed it starts from the
+    same weights and gives the same image and text embeddings, kept-token and causal-masked passes
+    included."""
+    import torch
+
+    from juicer_pipeline.governance.saliency import VisionPass
+    from juicer_pipeline.models.kept_tokens import install_kept_tokens
+    from juicer_pipeline.models.world_clip import build_clip, tiny_arch
+
+    def built(block_type):  # the model and the next draw of the random stream after it
+        torch.manual_seed(0)
+        return build_clip(tiny_arch(conv_stem=True, block_type=block_type)).eval(), torch.rand(1)
+
+    (default, after_default), (custom, after_custom) = built("default"), built("custom")
+    assert type(custom.visual.transformer.resblocks[0]).__name__ == "CustomResidualAttentionBlock"
+    # a seed gives the same initial weights and leaves the same random stream in either block type
+    assert default.state_dict().keys() == custom.state_dict().keys()
+    assert all(torch.equal(v, custom.state_dict()[k]) for k, v in default.state_dict().items())
+    assert torch.equal(after_default, after_custom)
+    images, tokens = torch.randn(3, 3, 32, 32), torch.randint(1, 400, (3, 16))
+    kept = [install_kept_tokens(m) for m in (default, custom)]
+    with torch.no_grad():
+        for indices in (None, torch.tensor([[0, 5, 9]] * 3)):
+            for k in kept:
+                k.indices = indices
+            torch.testing.assert_close(custom.encode_image(images), default.encode_image(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(custom.encode_text(tokens), default.encode_text(tokens), rtol=1e-5, atol=1e-5)
+    assert load_student_arch("world-s").block_type == "custom"
+    with pytest.raises(ValueError, match="block_type must be 'default' or 'custom'"):
+        tiny_arch(block_type="fast")
+    with pytest.raises(ValueError, match="governor needs open_clip's default transformer blocks"):
+        VisionPass(custom)  # attention saliency reads nn.MultiheadAttention's weights

@@ -114,16 +114,19 @@ def test_training_runs_at_its_thread_count_and_restores_the_callers():
     assert torch.get_num_threads() == before
 
 
-def test_cpu_training_runs_attention_on_the_math_kernel_and_restores_the_callers():
-    """The CPU flash-attention kernel's backward is slow at a student's few dozen tokens; training
-    switches to the math kernel for its steps only (the switch is process-wide, like threads)."""
+@pytest.mark.parametrize("precision, kernels", [("bf16", (False, True)), ("fp32", None)])
+def test_cpu_training_picks_the_attention_kernel_by_precision_and_restores_the_callers(precision, kernels):
+    """The CPU flash-attention kernel's backward is slow under bf16 at a student's few dozen tokens;
+    bf16 training switches to the math kernel for its steps only (the switch is process-wide, like
+    threads). fp32 training keeps the caller's kernels, whatever they are."""
     flags = torch.backends.cuda
     before = (flags.flash_sdp_enabled(), flags.math_sdp_enabled())
     seen = []
-    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 2, rho=0.5, warmup_steps=1)
+    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 2, rho=0.5, warmup_steps=1,
+                        precision=precision)
     train_student(_saliency_data(), cfg, seed=0,
                   on_step=lambda step, loss: seen.append((flags.flash_sdp_enabled(), flags.math_sdp_enabled())))
-    assert seen and set(seen) == {(False, True)}
+    assert seen and set(seen) == {kernels or before}
     assert (flags.flash_sdp_enabled(), flags.math_sdp_enabled()) == before
 
 
@@ -141,7 +144,7 @@ def test_math_attention_kernel_gives_the_default_kernels_loss_and_gradients():
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     default_loss, default_grads = loss_and_grads()
-    with attention_kernels(torch.device("cpu")):
+    with attention_kernels(torch.device("cpu"), "bf16"):  # the kernel bf16 training uses, here in fp32
         math_loss, math_grads = loss_and_grads()
     assert math_loss == pytest.approx(default_loss, rel=1e-5)
     assert len(math_grads) == len(default_grads)

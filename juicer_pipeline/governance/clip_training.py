@@ -238,7 +238,7 @@ def train_student(data: TrainData, cfg: StudentConfig, seed: int, evaluate=None,
 
 def _train(data: TrainData, cfg: StudentConfig, seed: int, evaluate, progress, on_step, replicas):
     device = torch.device(cfg.device) if replicas is None else replicas.device
-    with torch_threads(cfg.threads), attention_kernels(device):
+    with torch_threads(cfg.threads), attention_kernels(device, cfg.precision):
         return _train_loop(data, cfg, seed, evaluate, progress, on_step, replicas, device)
 
 

@@ -151,16 +151,17 @@ def autocast(device: "torch.device", precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def attention_kernels(device: "torch.device"):
-    """Scaled-dot-product attention on the math kernel on CPU; other devices keep PyTorch's choice.
+def attention_kernels(device: "torch.device", precision: str = "bf16"):
+    """Scaled-dot-product attention on the math kernel for bf16 on CPU; otherwise PyTorch's choice.
 
     PyTorch's CPU flash-attention kernel is built for long sequences. At a student's 25–65 tokens
-    and 32-wide heads its backward pass is slow, and slower still under bf16 autocast: there it took
-    38 % of a training step, and the math kernel made the whole bf16 step about 35 % faster (fp32:
-    no slower). `benchmarks/train_step.py` measures both steps under this setting."""
+    and 32-wide heads its backward pass is slow under bf16 autocast: there it took 38 % of a
+    training step, and the math kernel made the whole bf16 step about 35 % faster (an AMD EPYC).
+    In fp32 the flash kernel is no slower (EPYC) or about 6 % faster (an Intel Xeon), so fp32
+    keeps it. `benchmarks/train_step.py` measures both steps under this setting."""
     import torch
 
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or precision != "bf16":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -58,6 +58,10 @@ class VisionPass:
     def __init__(self, model):
         self.visual = model.visual
         self.blocks = list(self.visual.transformer.resblocks)
+        if not all(isinstance(blk.attn, torch.nn.MultiheadAttention) for blk in self.blocks):
+            # open_clip's "custom" blocks call their own attention, which has no weights to capture
+            raise ValueError("a governor needs open_clip's default transformer blocks (nn.MultiheadAttention) "
+                             "to give attention saliency; this model's vision tower uses block_type 'custom'")
         self.forward_calls = 0  # images seen by the full-image pass (tests count it)
         self._weights: list[torch.Tensor | None] = [None] * len(self.blocks)
         for i, blk in enumerate(self.blocks):
