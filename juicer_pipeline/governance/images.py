@@ -151,7 +151,7 @@ def autocast(device: "torch.device", precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def attention_kernels(device: "torch.device", precision: str = "bf16"):
+def attention_kernels(device: "torch.device", precision: str):
     """Scaled-dot-product attention on the math kernel for bf16 on CPU; otherwise PyTorch's choice.
 
     PyTorch's CPU flash-attention kernel is built for long sequences. At a student's 25–65 tokens
