@@ -147,7 +147,6 @@ def test_open_clips_custom_block_computes_the_default_blocks_function():
                 k.indices = indices
             torch.testing.assert_close(custom.encode_image(images), default.encode_image(images), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(custom.encode_text(tokens), default.encode_text(tokens), rtol=1e-5, atol=1e-5)
-    assert load_student_arch("world-s").block_type == "custom"
     with pytest.raises(ValueError, match="block_type must be 'default' or 'custom'"):
         tiny_arch(block_type="fast")
     with pytest.raises(ValueError, match="governor needs open_clip's default transformer blocks"):
