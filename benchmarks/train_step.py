@@ -2,72 +2,117 @@
 and where a step's time goes.
 
     .venv/bin/python benchmarks/train_step.py [--rho 0.5] [--steps 20] [--student world-s] [--device cpu]
+    # several students compared in one run
+    .venv/bin/python benchmarks/train_step.py --student world-s world-s-v6-text1-stem4 --precision bf16
     # the GPU preset at ViT-B/16 scale
     python benchmarks/train_step.py --student vit-b-16 --device cuda --precision bf16 --batch-size 256
 
 Uses the training step itself (`clip_loss`, the students' `Optimizers`, uint8 batches normalised
-per step as in training) on the configured student, measured interleaved in one run: mean seconds
+per step as in training) on the configured students, measured interleaved in one run: median seconds
 per step of each and their ratio (target ≤ 0.55 at ρ=0.5), then a profile of each step's parts
 (data normalisation, vision tower, text tower, loss, optimizer) measured the same way.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
+
+from juicer_pipeline.governance.clip_training import _CLIP_LOSS, Optimizers, clip_loss, student_config
+from juicer_pipeline.governance.images import attention_kernels, autocast, normalise_batch
+from juicer_pipeline.governance.pruning import kept_count
+from juicer_pipeline.models.kept_tokens import install_kept_tokens
+from juicer_pipeline.models.world_clip import build_clip
+from juicer_pipeline.settings import JuicerSettings, TrainingSettings
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rho", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--student", default=None)
+    ap.add_argument("--student", nargs="+", default=None,
+                    help="one or more student configs, timed interleaved in one run (default: the settings')")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the settings' batch size")
     a = ap.parse_args()
 
-    import torch.nn.functional as F
-
-    from juicer_pipeline.governance.clip_training import student_config
-    from juicer_pipeline.governance.clip_training import _CLIP_LOSS, Optimizers, clip_loss
-    from juicer_pipeline.governance.images import attention_kernels, autocast, normalise_batch
-    from juicer_pipeline.governance.pruning import kept_count
-    from juicer_pipeline.models.kept_tokens import install_kept_tokens
-    from juicer_pipeline.models.world_clip import build_clip
-    from juicer_pipeline.settings import JuicerSettings, TrainingSettings
-
-    overrides = {k: v for k, v in (("student", a.student), ("batch_size", a.batch_size)) if v is not None}
-    training = TrainingSettings(**overrides)
-    cfg = student_config(JuicerSettings(training=training))
-    torch.manual_seed(0)
-    torch.set_num_threads(cfg.threads)
     dev = torch.device(a.device)
-    model = build_clip(cfg.arch).to(dev).train()
-    kept = install_kept_tokens(model)
-    opts = Optimizers(model, cfg)
-    b, n = cfg.batch_size, cfg.arch.grid ** 2
+    students = a.student or [TrainingSettings().student]
+    runs = [_StepRun(student, a, dev) for student in students]
+    first = runs[0]
+    b, n = first.cfg.batch_size, first.cfg.arch.grid ** 2
     k = kept_count(n, a.rho)
-    images_u8 = torch.randint(0, 256, (b, 3, cfg.arch.image_size, cfg.arch.image_size), dtype=torch.uint8)
-    tokens = torch.randint(1, 49000, (b, cfg.arch.context_length), device=dev)
+    images_u8 = torch.randint(0, 256, (b, 3, first.cfg.arch.image_size, first.cfg.arch.image_size), dtype=torch.uint8)
     idx = torch.rand(b, n).argsort(1)[:, :k].sort(1).values.to(dev)
+    for run in runs[1:]:
+        if (run.cfg.arch.image_size, run.cfg.arch.grid) != (first.cfg.arch.image_size, first.cfg.arch.grid):
+            raise SystemExit("students compared in one run need the same image size and patch grid")
 
-    def sync():
-        if dev.type == "cuda":
+    with attention_kernels(dev, a.precision):  # as training runs: on CPU, the math kernel for bf16
+        for run in runs:
+            for _ in range(3):
+                run.step(images_u8, None), run.step(images_u8, idx)  # warm-up
+        for _ in range(a.steps):  # interleaved, so that a drift in the machine's speed hits every student alike
+            for run in runs:
+                for name, indices in (("full", None), ("kept", idx)):
+                    run.times[name].append(run.step(images_u8, indices))
+        print(f"batch {b}, {n} patches, device {_device_name(dev)}, {a.precision}, {torch.get_num_threads()} threads, "
+              f"{a.steps} interleaved steps each (median)")
+        for run in runs:
+            full, pruned = (statistics.median(run.times[x]) for x in ("full", "kept"))
+            arch = run.cfg.arch
+            print(f"student {run.student} ({arch.vision_width}w/{arch.vision_layers}L vision, {arch.stem} stem, "
+                  f"{arch.text_layers}L text)")
+            print(f"  full-patch step      : {full:.4f} s")
+            print(f"  kept-token step (ρ={a.rho}, {k} tokens): {pruned:.4f} s")
+            print(f"  ratio kept/full      : {pruned / full:.3f}   (target ≤ 0.55)")
+        for run in runs:
+            profile = {"full": {}, "kept": {}}
+            for _ in range(a.steps):
+                for name, indices in (("full", None), ("kept", idx)):
+                    run.step(images_u8, indices, profile[name])
+            print(f"{run.student}: where a step's time goes (s per step; backward covers both towers):")
+            for part in profile["full"]:
+                f, p = profile["full"][part] / a.steps, profile["kept"][part] / a.steps
+                print(f"  {part:15s} full {f:.4f}   kept {p:.4f}")
+
+
+class _StepRun:
+    """One student's model, optimizers and step times."""
+
+    def __init__(self, student: str, a, dev):
+        overrides = {k: v for k, v in (("student", student), ("batch_size", a.batch_size)) if v is not None}
+        self.student = student
+        self.cfg = student_config(JuicerSettings(training=TrainingSettings(**overrides)))
+        self.dev, self.precision = dev, a.precision
+        torch.manual_seed(0)
+        torch.set_num_threads(self.cfg.threads)
+        self.model = build_clip(self.cfg.arch).to(dev).train()
+        self.kept = install_kept_tokens(self.model)
+        self.opts = Optimizers(self.model, self.cfg)
+        self.tokens = torch.randint(1, 49000, (self.cfg.batch_size, self.cfg.arch.context_length), device=dev)
+        self.times = {"full": [], "kept": []}
+
+    def sync(self):
+        if self.dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(indices, parts=None):
+    def step(self, images_u8, indices, parts=None) -> float:
         marks = [time.perf_counter()]
 
         def mark():
-            sync()
+            self.sync()
             marks.append(time.perf_counter())
 
-        kept.indices = indices
-        images = normalise_batch(images_u8.to(dev))
+        model, tokens = self.model, self.tokens
+        self.kept.indices = indices
+        images = normalise_batch(images_u8.to(self.dev))
         mark()
-        with autocast(dev, a.precision):
+        with autocast(self.dev, self.precision):
             if parts is None:
                 loss = clip_loss(model, images, tokens)
             else:  # the same computation, split so that each part is timed
@@ -77,40 +122,16 @@ def main() -> None:
                 mark()
                 loss = _CLIP_LOSS(img, txt, model.logit_scale.exp().clamp(max=100))
                 mark()
-        opts.zero_grad()
+        self.opts.zero_grad()
         loss.backward()
         mark()
-        opts.step()
+        self.opts.step()
         mark()
         if parts is not None:
             names = ["data", "vision fwd", "text fwd", "loss", "backward (all)", "optimizer"]
             for name, t0, t1 in zip(names, marks, marks[1:]):
                 parts[name] = parts.get(name, 0.0) + t1 - t0
         return marks[-1] - marks[0]
-
-    with attention_kernels(dev, a.precision):  # as training runs: on CPU, the math kernel for bf16
-        for _ in range(3):
-            step(None), step(idx)  # warm-up
-        times = {"full": [], "kept": []}
-        for _ in range(a.steps):
-            for name, indices in (("full", None), ("kept", idx)):
-                times[name].append(step(indices))
-        full, pruned = (sum(v) / len(v) for v in (times["full"], times["kept"]))
-        print(f"student {training.student} ({cfg.arch.vision_width}w/{cfg.arch.vision_layers}L vision, "
-              f"{cfg.arch.stem} stem), batch {b}, {n} patches, device {_device_name(dev)}, {a.precision}, "
-              f"{torch.get_num_threads()} threads, "
-              f"{a.steps} interleaved steps each")
-        print(f"full-patch step      : {full:.4f} s")
-        print(f"kept-token step (ρ={a.rho}, {k} tokens): {pruned:.4f} s")
-        print(f"ratio kept/full      : {pruned / full:.3f}   (target ≤ 0.55)")
-        profile = {"full": {}, "kept": {}}
-        for _ in range(a.steps):
-            for name, indices in (("full", None), ("kept", idx)):
-                step(indices, profile[name])
-        print("where a step's time goes (s per step; backward covers both towers):")
-        for part in profile["full"]:
-            f, p = profile["full"][part] / a.steps, profile["kept"][part] / a.steps
-            print(f"  {part:15s} full {f:.4f}   kept {p:.4f}")
 
 
 def _device_name(dev) -> str:

@@ -103,6 +103,33 @@ def test_stem_depth_and_pooling_are_configuration():
         tiny_arch(stem_depth=0)
 
 
+def test_the_stem_first_stride_is_configuration():
+    """A first stride of 4 replaces the two widest stride-2 stages by one 4×4 patchify; the later
+    3×3 stage still reaches into the neighbouring patches."""
+    import torch
+
+    from juicer_pipeline.models.world_clip import ConvStem, build_clip, tiny_arch
+
+    stem = ConvStem(96, 8, first_stride=4)
+    convs = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [((4, 4), (4, 4), 48), ((3, 3), (2, 2), 96),
+                                                                          ((1, 1), (1, 1), 96)]
+    assert stem(torch.randn(2, 3, 64, 64)).shape == (2, 96, 8, 8)
+    stem.eval()
+    x = torch.randn(1, 3, 64, 64)
+    y = x.clone()
+    y[..., 8:16, 16:24] += 1  # one pixel patch changes (row 1, column 2 of the 8×8 grid) ...
+    changed = (stem(x) - stem(y)).abs().sum(1)[0] > 0
+    # ... and so do the tokens below and to its right, whose 3×3 window covers its last 4×4 cells
+    assert changed.nonzero().tolist() == [[1, 2], [1, 3], [2, 2], [2, 3]]
+    model = build_clip(tiny_arch(conv_stem=True, stem_first_stride=4))
+    assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    assert load_student_arch("world-s-stem4").stem_first_stride == 4
+    for bad in (3, 1, 16):
+        with pytest.raises(ValueError, match="stem_first_stride must be a power of two from 2 to the patch size"):
+            tiny_arch(stem_first_stride=bad)
+
+
 def test_the_conv_stem_computes_the_same_in_either_memory_layout():
     """The stem runs channels-last for speed; the result is the plain NCHW computation's."""
     import torch

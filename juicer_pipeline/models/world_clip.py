@@ -31,6 +31,12 @@ class ClipArch:
     hmlp_stem: bool = False
     # Convolutions per stride-2 stage of the conv stem: more local shape features per token.
     stem_depth: int = 1
+    # The conv stem's first stage: 2 (a 3×3 stride-2 convolution, the stem of "Early Convolutions
+    # Help Transformers See Better") or a larger power of two s, a non-overlapping s×s patchify.
+    # A larger first stride skips the stem's widest feature maps, which cost a pruned step as much
+    # as a full one because the stem runs on whole images; the later 3×3 stages still reach across
+    # patch borders.
+    stem_first_stride: int = 2
     # Run the conv stem on each patch alone (zero padding at patch borders) instead of on the
     # whole image: a pruned step then embeds only the kept patches.
     patch_local_stem: bool = False
@@ -47,6 +53,10 @@ class ClipArch:
             raise ValueError(f"block_type must be 'default' or 'custom', not {self.block_type!r}")
         if self.stem_depth < 1:
             raise ValueError(f"stem_depth must be at least 1, not {self.stem_depth}")
+        s = self.stem_first_stride
+        if s < 2 or s & (s - 1) or s > self.patch_size:
+            raise ValueError(f"stem_first_stride must be a power of two from 2 to the patch size "
+                             f"({self.patch_size}), not {s}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,15 +84,19 @@ class ConvStem(nn.Module):
     (as in "Early Convolutions Help Transformers See Better").
     """
 
-    def __init__(self, width: int, patch_size: int, depth: int = 1):
+    def __init__(self, width: int, patch_size: int, depth: int = 1, first_stride: int = 2):
         super().__init__()
-        stages = int(math.log2(patch_size))
-        if 2 ** stages != patch_size:
+        stages = int(math.log2(patch_size)) - int(math.log2(first_stride)) + 1
+        if 2 ** int(math.log2(patch_size)) != patch_size:
             raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
         chans = [3] + [max(16, width // 2 ** (stages - i)) for i in range(1, stages + 1)]
         layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            if i == 0 and first_stride > 2:  # a non-overlapping first_stride × first_stride patchify
+                conv = nn.Conv2d(cin, cout, first_stride, stride=first_stride, bias=False)
+            else:
+                conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False)
+            layers += [conv, nn.BatchNorm2d(cout), nn.GELU()]
             for _ in range(depth - 1):
                 layers += [nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
         layers.append(nn.Conv2d(chans[-1], width, 1))
@@ -154,9 +168,9 @@ class PatchConvStem(PatchLocalStem):
     inside a patch but see zeros past its border, where the whole-image conv stem sees the
     neighbours; in exchange a pruned step embeds only the kept patches."""
 
-    def __init__(self, width: int, patch_size: int, depth: int = 1):
+    def __init__(self, width: int, patch_size: int, depth: int = 1, first_stride: int = 2):
         super().__init__(width, patch_size)
-        self.conv = ConvStem(width, patch_size, depth)
+        self.conv = ConvStem(width, patch_size, depth, first_stride)
 
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
         return self.conv(patches).reshape(len(patches), self.width)
@@ -179,7 +193,7 @@ def build_clip(arch: ClipArch) -> open_clip.CLIP:
         raise ValueError("patch_local_stem runs the conv stem per patch: it needs conv_stem")
     if arch.conv_stem:
         stem = PatchConvStem if arch.patch_local_stem else ConvStem
-        model.visual.conv1 = stem(arch.vision_width, arch.patch_size, arch.stem_depth)
+        model.visual.conv1 = stem(arch.vision_width, arch.patch_size, arch.stem_depth, arch.stem_first_stride)
     elif arch.hmlp_stem:
         model.visual.conv1 = HMLPStem(arch.vision_width, arch.patch_size)
     return model
