@@ -68,7 +68,9 @@ class ClipArch:
     @property
     def stem(self) -> str:
         if self.conv_stem:
-            return "patch-local conv" if self.patch_local_stem else "conv"
+            s = self.stem_first_stride
+            conv = "conv" if s == 2 else f"conv ({s}×{s} first stage)"
+            return f"patch-local {conv}" if self.patch_local_stem else conv
         return "hMLP" if self.hmlp_stem else "patchify"
 
     @property
