@@ -55,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+    ap.add_argument("--precision", choices=["fp32", "bf16", "native"], default=None,
                     help="bf16: training steps under autocast (default: the preset's; the CPU preset's is whichever "
                          "of the two runs its training step faster on this CPU, timed at start)")
     ap.add_argument("--world", choices=list(WORLDS), default="default")
@@ -80,7 +80,7 @@ def main() -> None:
     preset = {**PRESETS[a.preset], **{k: v for k, v in (("drops", a.drops), ("samples", a.samples),
                                                         ("budget_full_steps", a.budget), ("student", a.student),
                                                         ("wallclock_s", a.wallclock)) if v is not None}}
-    precision = a.precision or resolve_precision(preset["precision"], a.device, preset["student"], preset["batch_size"])
+    precision = a.precision or preset["precision"]
     world = {**WORLDS[a.world], **{k: getattr(a, k) for k in WORLDS["default"] if getattr(a, k) is not None}}
     tmp = tempfile.TemporaryDirectory() if a.data_dir is None else None
     root = Path(tmp.name) if tmp else a.data_dir
@@ -91,6 +91,7 @@ def main() -> None:
     from juicer_pipeline.assets.training import comparison_table, format_comparison, learning_curves
     from juicer_pipeline.definitions import (COMPARE_JOB_NAME, DROP_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME,
                                              build_definitions)
+    from juicer_pipeline.governance.clip_training import student_config, with_native_precision
     from juicer_pipeline.governance.recipes import RECIPE_NAMES
     from juicer_pipeline.settings import GovernorSettings, JuicerSettings, SaliencySettings, TrainingSettings
     from juicer_pipeline.world import CaptionCorruption, DropConfig, generate_drop, generate_eval_set
@@ -113,6 +114,8 @@ def main() -> None:
                                 student=preset["student"], wallclock_s=wallclock)
     settings = JuicerSettings(governor=GovernorSettings(device=a.device), saliency=SaliencySettings(rho=a.rho),
                               training=training)
+    if precision == "native":  # resolved (and printed) now; training reuses the same timing
+        precision = with_native_precision(student_config(settings), progress=print).precision
     defs = build_definitions(settings, root)
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     recipes = RECIPE_NAMES if a.recipes == ["all"] else (a.recipes or QUESTION_RECIPES)
@@ -146,47 +149,6 @@ def main() -> None:
         print_inference(root, settings, storage)
     if tmp:
         tmp.cleanup()
-
-
-def resolve_precision(preset: str, device: str, student: str, batch_size: int) -> str:
-    """"native": whichever of bf16 and fp32 runs the student's training step faster on this CPU,
-    timed here. The CPU's flags do not tell: both machines below have AVX-512 BF16, and the CPU
-    preset's step (`train_step.py`) ran 1.5× faster in bf16 on an AMD EPYC (0.071 vs 0.107 s) and
-    1.5× slower on an Intel Xeon (0.25 vs 0.17 s). Without a GPU autocast is the only bf16 path."""
-    if preset != "native":
-        return preset
-    if device != "cpu":
-        return "fp32"
-    seconds = {p: step_seconds(student, batch_size, p) for p in ("fp32", "bf16")}
-    choice = min(seconds, key=seconds.get)
-    print(f"precision native: a training step takes fp32 {seconds['fp32']:.3f} s, bf16 {seconds['bf16']:.3f} s "
-          f"on this CPU; training runs in {choice}", flush=True)
-    return choice
-
-
-def step_seconds(student: str, batch_size: int, precision: str, steps: int = 4) -> float:
-    """Median seconds of a full-patch forward and backward of `student` (no optimizer), after a warm-up."""
-    import torch
-
-    from juicer_pipeline.governance.clip_training import clip_loss
-    from juicer_pipeline.governance.images import attention_kernels, autocast
-    from juicer_pipeline.models.students import load_student_arch
-    from juicer_pipeline.models.world_clip import build_clip
-
-    arch = load_student_arch(student)
-    torch.manual_seed(0)
-    model = build_clip(arch).train()
-    images = torch.randn(batch_size, 3, arch.image_size, arch.image_size)
-    tokens = torch.randint(1, 49000, (batch_size, arch.context_length))
-    times = []
-    with attention_kernels(torch.device("cpu"), precision):
-        for _ in range(steps + 1):
-            t = time.perf_counter()
-            with autocast(torch.device("cpu"), precision):
-                loss = clip_loss(model, images, tokens)
-            loss.backward()
-            times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def print_curves(t2i: dict, top1: dict, budget: str) -> None:

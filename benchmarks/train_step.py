@@ -10,16 +10,24 @@ and where a step's time goes.
 Uses the training step itself (`clip_loss`, the students' `Optimizers`, uint8 batches normalised
 per step as in training) on the configured students, measured interleaved in one run: median seconds
 per step of each and their ratio (target ≤ 0.55 at ρ=0.5), then a profile of each step's parts
-(data normalisation, vision tower, text tower, loss, optimizer) measured the same way.
+(data normalisation, vision tower, text tower, loss, optimizer) measured the same way, and the
+FLOPs of both steps (matmuls and convolutions, counted by `torch.utils.flop_counter`). The FLOP
+ratio is what the time ratio would be if every FLOP cost the same: what pruning cannot shrink (the
+stem on whole images, the text tower) is a share of the arithmetic, not a kernel's inefficiency
+that tuning could remove; the stem's batch norms and GELUs, which the count leaves out, add to
+that fixed side.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from juicer_pipeline.governance.clip_training import _CLIP_LOSS, Optimizers, clip_loss, student_config
 from juicer_pipeline.governance.images import attention_kernels, autocast, normalise_batch
@@ -79,6 +87,18 @@ def main() -> None:
             for part in profile["full"]:
                 f, p = profile["full"][part] / a.steps, profile["kept"][part] / a.steps
                 print(f"  {part:15s} full {f:.4f}   kept {p:.4f}")
+        for run in runs:
+            print_flops(run, images_u8, idx)
+
+
+def print_flops(run: "_StepRun", images_u8, idx) -> None:
+    """Matmul and convolution FLOPs of a whole step (forward and backward) and of each part's forward."""
+    full, kept = (run.flops(images_u8, indices) for indices in (None, idx))
+    print(f"{run.student}: GFLOPs per step (matmuls and convolutions), full / kept:")
+    print(f"  whole step (fwd+bwd) {full['step'] / 1e9:7.2f} / {kept['step'] / 1e9:7.2f}   "
+          f"ratio {kept['step'] / full['step']:.3f}   (the time ratio if every FLOP cost the same)")
+    for part in ("stem fwd", "vision fwd", "text fwd"):
+        print(f"  {part:20s} {full[part] / 1e9:7.2f} / {kept[part] / 1e9:7.2f}")
 
 
 class _StepRun:
@@ -96,6 +116,22 @@ class _StepRun:
         self.opts = Optimizers(self.model, self.cfg)
         self.tokens = torch.randint(1, 49000, (self.cfg.batch_size, self.cfg.arch.context_length), device=dev)
         self.times = {"full": [], "kept": []}
+
+    def flops(self, images_u8, indices) -> dict[str, int]:
+        """FLOPs of one training step and of the stem's, vision tower's and text tower's forward.
+        Attention runs on the math kernel here, whose matmuls the counter sees."""
+        self.kept.indices = indices
+        images = normalise_batch(images_u8.to(self.dev))
+        parts = {"step": lambda: self.step(images_u8, indices), "stem fwd": lambda: self.model.visual.conv1(images),
+                 "vision fwd": lambda: self.model.encode_image(images),
+                 "text fwd": lambda: self.model.encode_text(self.tokens)}
+        counted = {}
+        for name, run in parts.items():
+            with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+                with torch.no_grad() if name != "step" else contextlib.nullcontext():
+                    run()
+            counted[name] = counter.get_total_flops()
+        return counted
 
     def sync(self):
         if self.dev.type == "cuda":

@@ -287,6 +287,9 @@ DEMO_SETTINGS = """# Written by `juicer demo` (edit freely; delete to return to 
 [training]
 seeds = [0, 1]
 eval_points = 1
+# whichever of fp32 and bf16 runs the training step faster on this CPU (timed at the start of
+# training; the default, fp32, repeats bit for bit on any machine)
+precision = "native"
 """
 
 
@@ -343,8 +346,8 @@ def _print_summary(wh: Warehouse, names: list[str], seconds: float, trained: boo
         training = load_settings(data_dir=wh.root).training
         table = comparison_table(StorageResource(data_dir=str(wh.root)))
         print(f"recipes (held-out scores, % mean ± std over {len(training.seeds)} seeds; equal vision-token budget "
-              f"of {training.budget_full_steps} full-patch steps of {training.batch_size} images; chance: zero-shot "
-              f"top-1 10 %):")
+              f"of {training.budget_full_steps} full-patch steps of {training.batch_size} images, trained in "
+              f"{'/'.join(sorted(set(table.precision)))}; chance: zero-shot top-1 10 %):")
         print(table[["recipe", "seeds", "tokens_seen", "samples_seen"]].assign(
             **{m: [f"{100 * r[m + '_mean']:.1f} ± {100 * r[m + '_std']:.1f}" for r in table.to_dict("records")]
                for m in ("i2t_r@1", "t2i_r@1", "top1")}).to_string(index=False))

@@ -160,8 +160,11 @@ class TrainingSettings(_Section):
         "restarts a short warm-up and its own cosine. 0: it continues the run's cosine, near zero by then"))
     eval_points: int = Field(3, ge=1, description="learning-curve evaluations over the budget")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the training step runs under autocast "
-                                                                   "(GPU); evaluation stays fp32")
+    # fp32 by default, so that a run repeats bit for bit on any machine; the demo trains "native".
+    precision: Literal["fp32", "bf16", "native"] = Field(
+        "fp32", description="bf16: the training step runs under autocast; native: whichever of the two runs the "
+                            "student's step faster on this machine (timed when training starts; the checkpoint "
+                            "records the one used); evaluation stays fp32")
     threads: int = Field(2, ge=1)
     processes: int = Field(1, ge=1, description="data-parallel training processes on this machine: 1 trains in the "
                                                 "asset's process; N > 1 runs torch DDP under torchrun with N processes "

@@ -17,7 +17,7 @@ CASES = {
                     "EQUAL VISION TOKENS", "EQUAL WALL-CLOCK (2.0 s)", "(c) the paper's claim",
                     "INFERENCE on full images vs governor-salient")),
     "scale_ceiling.py": (["--sizes", "40", "60"], "patch_saliency: peak RSS from 40 to 60 samples"),
-    "train_step.py": (["--steps", "1"], "ratio kept/full"),
+    "train_step.py": (["--steps", "1"], ("ratio kept/full", "whole step (fwd+bwd)", "stem fwd")),
     "student_arch.py": (["--samples", "300", "--eval-samples", "40", "--budget", "2", "--batch-size", "32",
                          "--eval-points", "1", "--probe-samples", "40", "--patches", "saliency", "--precision", "bf16",
                          "--size-jitter", "0.7", "1.3"],

@@ -130,6 +130,36 @@ def test_cpu_training_picks_the_attention_kernel_by_precision_and_restores_the_c
     assert (flags.flash_sdp_enabled(), flags.math_sdp_enabled()) == before
 
 
+@pytest.mark.parametrize("timed, chosen", [({"fp32": 0.2, "bf16": 0.1}, "bf16"), ({"fp32": 0.1, "bf16": 0.3}, "fp32")])
+def test_native_precision_trains_in_the_faster_one_and_records_it(monkeypatch, timed, chosen):
+    monkeypatch.setattr(clip_training, "_cpu_step_seconds", lambda arch, batch, threads: tuple(timed.items()))
+    said = []
+    cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 2, rho=0.5, warmup_steps=1,
+                        precision="native")
+    _, rec = train_student(_saliency_data(), cfg, seed=0, progress=said.append)
+    assert rec["config"]["precision"] == chosen
+    assert any(f"fp32 {timed['fp32']:.3f} s, bf16 {timed['bf16']:.3f} s" in s and f"runs in {chosen}" in s
+               for s in said)
+    for fixed in ("fp32", "bf16"):  # a precision that is set is kept as it is, untimed
+        assert clip_training.with_native_precision(replace(cfg, precision=fixed)).precision == fixed
+
+
+def test_native_precision_times_both_precisions_once_per_student():
+    first = clip_training._cpu_step_seconds(tiny_arch(), 8, 1, steps=1)
+    assert [p for p, _ in first] == ["fp32", "bf16"] and all(s > 0 for _, s in first)
+    assert clip_training._cpu_step_seconds(tiny_arch(), 8, 1, steps=1) is first  # cached: one choice per process
+
+
+def test_training_settings_accept_native_precision_and_reject_others():
+    from pydantic import ValidationError
+
+    from juicer_pipeline.settings import TrainingSettings
+
+    assert TrainingSettings(precision="native").precision == "native"
+    with pytest.raises(ValidationError, match="precision"):
+        TrainingSettings(precision="fp16")
+
+
 def test_math_attention_kernel_gives_the_default_kernels_loss_and_gradients():
     from juicer_pipeline.governance.images import attention_kernels
 

@@ -195,7 +195,8 @@ def build_training_assets(settings: JuicerSettings) -> list:
         recorded = [({"checkpoint_id": r["checkpoint_id"], "recipe": recipe.name, "seed": r["seed"],
                       "training_set_id": ts_id, "path": r["path"], "config_hash": tr.config_hash(),
                       **{k: r[k] for k in ("tokens_seen", "samples_seen", "wall_seconds", "final_loss")},
-                      "record": json.dumps({k: r[k] for k in ("phases", "learning_curve", "steps", "train_samples")}),
+                      "record": json.dumps({**{k: r[k] for k in ("phases", "learning_curve", "steps", "train_samples")},
+                                            "precision": r["config"]["precision"]}),
                       "budget": r["budget"]},
                      LineageRow("clip_checkpoint", f"{recipe.name}/{r['name']}",
                                 [f"training_set/{recipe.name}", f"training_set_id:{ts_id}"],
@@ -361,13 +362,15 @@ def comparison_table(storage: StorageResource, budget: str = "tokens") -> pd.Dat
     if scores.empty:
         return pd.DataFrame()
     ckpts["step_seconds"] = ckpts.record.map(lambda r: json.loads(r)["phases"][0]["step_seconds"])
+    # the precision the run trained in (with "native", the one timed faster); rows recorded before it was kept: fp32
+    ckpts["precision"] = ckpts.record.map(lambda r: json.loads(r).get("precision", "fp32"))
     rows = []
     for recipe in [r for r in RECIPE_NAMES if r in set(scores.recipe)]:
         s = scores[scores.recipe == recipe]
         c = ckpts[ckpts.recipe == recipe]
         row = {"recipe": recipe, "budget": budget, "seeds": s.seed.nunique(), "tokens_seen": int(c.tokens_seen.mean()),
                "samples_seen": int(c.samples_seen.mean()), "step_seconds": float(c.step_seconds.mean()),
-               "wall_seconds": float(c.wall_seconds.mean())}
+               "wall_seconds": float(c.wall_seconds.mean()), "precision": "/".join(sorted(set(c.precision)))}
         for m in HEADLINE:
             v = s[s.metric == m].value
             row[f"{m}_mean"], row[f"{m}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -380,7 +383,8 @@ def comparison_rows(table: pd.DataFrame) -> list[dict]:
     rows = []
     for r in table.to_dict("records"):
         row = {"recipe": r["recipe"], "seeds": int(r["seeds"]), "tokens": int(r["tokens_seen"]),
-               "samples": int(r["samples_seen"]), "step s": f"{r['step_seconds']:.3f}", "wall s": f"{r['wall_seconds']:.0f}"}
+               "samples": int(r["samples_seen"]), "step s": f"{r['step_seconds']:.3f}", "wall s": f"{r['wall_seconds']:.0f}",
+               "precision": r["precision"]}
         row.update({m: f"{100 * r[f'{m}_mean']:.1f} ± {100 * r[f'{m}_std']:.1f}" for m in HEADLINE})
         rows.append(row)
     return rows

@@ -37,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..models.kept_tokens import install_kept_tokens
 from ..models.world_clip import ClipArch, build_clip
-from .clip_training import EvalSet, StudentConfig, TrainClock, TrainData, _train, evaluate_student
+from .clip_training import (EvalSet, StudentConfig, TrainClock, TrainData, _train, evaluate_student,
+                            with_native_precision)
 
 PROGRESS = "[juicer-ddp] "  # rank 0's progress lines on stdout, passed on by the launcher
 SPARSE_PARAMETER = "token_embedding.weight"
@@ -260,6 +261,7 @@ def train_student_processes(data: TrainData, cfg: StudentConfig, seed: int, proc
 
     if processes < 2:
         raise ValueError("train_student_processes is for 2 or more processes; use train_student for one")
+    cfg = with_native_precision(cfg, progress)  # once, here: every process must train in the same precision
     if cfg.batch_size % processes:
         raise ValueError(f"batch_size {cfg.batch_size} does not split into {processes} equal shares")
     backend = backend_for(cfg.device)
