@@ -119,8 +119,9 @@ def test_comparison_tables_and_learning_curves(trained):
     for budget in ("tokens", "wallclock"):
         table = meta[f"equal_{budget}"].value  # a Dagster table: rendered inline and sortable in the UI
         assert [r.data["recipe"] for r in table.records] == list(RECIPES)
-        assert {"t2i_r@1", "top1", "tokens", "wall s"} <= {c.name for c in table.schema.columns}
+        assert {"t2i_r@1", "top1", "tokens", "wall s", "precision"} <= {c.name for c in table.schema.columns}
         assert "±" in table.records[0].data["top1"]
+        assert {r.data["precision"] for r in table.records} == {"fp32"}  # the settings' default, as trained
         assert "learning_curves_" + budget in meta
         assert (root / "warehouse" / "recipe_comparison" / f"learning_curves_{budget}.png").stat().st_size > 500
 
