@@ -145,7 +145,11 @@ def test_native_precision_trains_in_the_faster_one_and_records_it(monkeypatch, t
 
 
 def test_native_precision_times_both_precisions_once_per_student():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
     first = clip_training._cpu_step_seconds(tiny_arch(), 8, 1, steps=1)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state is untouched
     assert [p for p, _ in first] == ["fp32", "bf16"] and all(s > 0 for _, s in first)
     assert clip_training._cpu_step_seconds(tiny_arch(), 8, 1, steps=1) is first  # cached: one choice per process
 

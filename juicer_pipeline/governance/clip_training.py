@@ -140,13 +140,15 @@ def with_native_precision(cfg: StudentConfig, progress=None) -> StudentConfig:
 @functools.lru_cache(maxsize=None)
 def _cpu_step_seconds(arch: ClipArch, batch_size: int, threads: int, steps: int = 4) -> tuple:
     """Median seconds of a full-patch forward and backward of a fresh student (no optimizer) in fp32
-    and in bf16, each after a warm-up step, on random inputs."""
+    and in bf16, each after a warm-up step, on random inputs. The caller's random state is left as
+    it was (building a student draws from it)."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, arch.image_size, arch.image_size, generator=gen)
     tokens = torch.randint(1, 49000, (batch_size, arch.context_length), generator=gen)
     seconds = []
     for precision in ("fp32", "bf16"):
-        model = build_clip(arch).train()
+        with torch.random.fork_rng(devices=[]):
+            model = build_clip(arch).train()
         times = []
         with torch_threads(threads), attention_kernels(torch.device("cpu"), precision):
             for _ in range(steps + 1):
