@@ -276,7 +276,8 @@ def cmd_demo(a) -> int:
 
 # The demo trains three of the paper's recipes with two seeds at the CPU preset's budget (600
 # steps of 64): the baseline, the sieve and the juicer, a table with spreads within 15 minutes on 2
-# CPU cores. With `flip` too it took 20.6 min on an Intel Xeon; at 400 steps, 13.9 min, but `raw`
+# CPU cores (10 min on an Intel Xeon in its faster precision, bf16 there; 14 min in fp32). With
+# `flip` too it took 20.6 min in fp32 on that Xeon; at 400 steps, 13.9 min, but `raw`
 # then sat in the steep part of its learning curve (zero-shot 17.8 ± 3.5 %, under 2× chance).
 # benchmarks/recipes.py runs the question recipes with three seeds at both budgets.
 DEMO_RECIPES = ("raw", "datasieve", "datajuicer")
