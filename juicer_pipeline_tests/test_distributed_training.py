@@ -144,6 +144,7 @@ def test_clip_checkpoint_with_two_processes_matches_one(tmp_path):
     from juicer_pipeline.models.world_clip import build_clip
     from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSettings, TrainingSettings
     from juicer_pipeline.storage import Catalog
+    from juicer_pipeline.storage.lineage import trace_back
     from juicer_pipeline.world import DropConfig, generate_drop, generate_eval_set
 
     from .helpers import run_drop
@@ -168,12 +169,17 @@ def test_clip_checkpoint_with_two_processes_matches_one(tmp_path):
 
     def train(inst, processes):
         defs = build_definitions(settings(processes), root)
-        assert defs.resolve_job_def(RECIPES_JOB_NAME).execute_in_process(
+        run = defs.resolve_job_def(RECIPES_JOB_NAME).execute_in_process(
             instance=inst, partition_key="flip", run_config=quiet,
-            asset_selection=[AssetKey("training_set"), AssetKey("clip_checkpoint")]).success
-        row = Catalog(root / "catalog.duckdb").query(
-            "SELECT tokens_seen, samples_seen, final_loss, record, path FROM checkpoints WHERE recipe = 'flip'")
+            asset_selection=[AssetKey("training_set"), AssetKey("clip_checkpoint")])
+        assert run.success
+        catalog = Catalog(root / "catalog.duckdb")
+        row = catalog.query("SELECT checkpoint_id, tokens_seen, samples_seen, final_loss, record, path "
+                            "FROM checkpoints WHERE recipe = 'flip'")
         assert len(row) == 1
+        # lineage names the run that trained this checkpoint (the second run replaces the first's)
+        own = trace_back(catalog, row.checkpoint_id[0])["lineage"].set_index("artifact").loc["clip_checkpoint/flip/seed0"]
+        assert own.run_id == run.run_id
         return row.iloc[0], load_world_clip(row.path[0]).info  # the file is replaced by the next run
 
     with instance_for_test() as inst:

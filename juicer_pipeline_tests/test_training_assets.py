@@ -48,10 +48,14 @@ def trained(tmp_path_factory):
         assert defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=inst, run_config=QUIET).success
         for drop in ("d1", "leak"):
             assert run_drop(root, inst, drop, settings, assets=None).success
+        train_runs = {}
         for recipe in RECIPES:
-            assert defs.resolve_job_def(RECIPES_JOB_NAME).execute_in_process(
-                instance=inst, partition_key=recipe, run_config=QUIET).success
+            run = defs.resolve_job_def(RECIPES_JOB_NAME).execute_in_process(
+                instance=inst, partition_key=recipe, run_config=QUIET)
+            assert run.success
+            train_runs[recipe] = run.run_id
         result = defs.resolve_job_def(COMPARE_JOB_NAME).execute_in_process(instance=inst, run_config=QUIET)
+    result.train_runs = train_runs  # the Dagster run that trained each recipe, for lineage tests
     yield root, result
     shutil.rmtree(root, ignore_errors=True)
 
@@ -172,6 +176,24 @@ def test_checkpoints_are_traced_through_lineage_as_of_their_recording(trained):
     again = trace_back(cat, ckpts.checkpoint_id[0])
     assert again["lineage"].equals(back["lineage"]) and "later-run" not in set(again["members"].caption_run_id)
     assert cat.query("SELECT run_id FROM lineage_current WHERE artifact = 'enriched_captions/d1'").run_id[0] == "later-run"
+
+
+def test_every_checkpoint_traces_to_its_own_run(trained):
+    """Token-budget and wall-clock checkpoints of every seed: each trace names its own lineage row
+    (`seed<n>` or `seed<n>-wallclock`), written by the run that trained it, as of its recording."""
+    from juicer_pipeline.storage.lineage import checkpoint_artifact, trace_back
+
+    root, result = trained
+    cat = Catalog(root / "catalog.duckdb")
+    ckpts = cat.query("SELECT checkpoint_id, recipe, seed, budget, lineage_seq FROM checkpoints ORDER BY recipe, seed")
+    assert set(ckpts.budget) == {"tokens", "wallclock"}
+    for c in ckpts.itertuples():
+        own = checkpoint_artifact(c.recipe, c.seed, c.budget)
+        assert own.endswith(f"/seed{c.seed}" + ("-wallclock" if c.budget == "wallclock" else ""))
+        lineage = trace_back(cat, c.checkpoint_id)["lineage"]
+        mine = lineage[lineage.artifact.str.startswith("clip_checkpoint/")]
+        assert list(mine.artifact) == [own], (c, mine)
+        assert mine.seq.iloc[0] == c.lineage_seq and mine.run_id.iloc[0] == result.train_runs[c.recipe]
 
 
 def test_static_report(trained):

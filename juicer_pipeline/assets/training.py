@@ -26,6 +26,7 @@ from ..models.loader import load_world_clip, save_world_clip
 from ..automation.conditions import FOLLOW_UPSTREAM, SHARED
 from ..settings import JuicerSettings, SaliencySettings, code_version
 from ..storage import LineageRow, replace_checkpoints, replace_training_set, write_lineage
+from ..storage.lineage import checkpoint_run_name
 from ..governance.hard_negatives import swap_negative_tokens
 from ..governance.vocabulary import ClassVocabulary
 from .resources import StorageResource
@@ -176,7 +177,7 @@ def build_training_assets(settings: JuicerSettings) -> list:
         rows, curves = [], {}
         for seed in tr.seeds:
             for run_cfg in budgets:
-                name = f"seed{seed}" + ("" if run_cfg.budget == "tokens" else f"-{run_cfg.budget}")
+                name = checkpoint_run_name(seed, run_cfg.budget)
                 context.log.info(f"{recipe.name}: training {name} ({run_cfg.budget} budget) on {len(members)} samples")
                 if tr.processes > 1:  # torch DDP under torchrun; the same global batch, loss and budget
                     model, record = train_student_processes(data, run_cfg, seed, tr.processes, eval_set=ev,

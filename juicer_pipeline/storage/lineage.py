@@ -19,7 +19,7 @@ QUALIFY row_number() OVER (PARTITION BY artifact ORDER BY seq DESC) = 1
 """
 
 TARGET_SQL = """
-SELECT checkpoint_id, recipe, seed, coalesce(lineage_seq, (SELECT max(seq) FROM lineage)) AS lineage_seq
+SELECT checkpoint_id, recipe, seed, budget, coalesce(lineage_seq, (SELECT max(seq) FROM lineage)) AS lineage_seq
 FROM checkpoints
 WHERE checkpoint_id LIKE $id || '%'
    OR checkpoint_id IN (SELECT checkpoint_id FROM benchmark_scores WHERE score_id = $id)
@@ -54,6 +54,17 @@ ORDER BY m.recipe, c.seed
 """
 
 
+def checkpoint_run_name(seed: int, budget: str) -> str:
+    """The name of one trained run within a recipe's checkpoints: `seed0` for the equal-token
+    budget, `seed0-wallclock` for the equal-wall-clock one (the checkpoint file and lineage row)."""
+    return f"seed{seed}" + ("" if budget == "tokens" else f"-{budget}")
+
+
+def checkpoint_artifact(recipe: str, seed: int, budget: str) -> str:
+    """The lineage artifact of a checkpoint (`clip_checkpoint/<recipe>/<run name>`)."""
+    return f"clip_checkpoint/{recipe}/{checkpoint_run_name(seed, budget)}"
+
+
 def trace_back(catalog: Catalog, ident: str) -> dict:
     with catalog.connect(read_only=True) as con:
         target = _target(con, ident)
@@ -66,11 +77,11 @@ def trace_back(catalog: Catalog, ident: str) -> dict:
         artifacts = [f"{a}/{d}" for d in drops for a in ("raw_samples", "patch_saliency", "pruned_images",
                                                           "extracted_classes", "sieve_scores", "enriched_captions")]
         artifacts += ["governor", "eval_sets", f"training_set/{target.recipe}"]
-        own = [f"clip_checkpoint/{target.recipe}/seed{target.seed}"]
+        own = [checkpoint_artifact(target.recipe, int(target.seed), target.budget)]
         lineage = pd.concat([_lineage_as_of(con, artifacts, ts_seq), _lineage_as_of(con, own, seq)])
         scores = con.execute("SELECT metric, value FROM benchmark_scores WHERE checkpoint_id = ? ORDER BY metric",
                              [ckpt]).df()
-    return {"checkpoint_id": ckpt, "recipe": target.recipe, "seed": int(target.seed),
+    return {"checkpoint_id": ckpt, "recipe": target.recipe, "seed": int(target.seed), "budget": target.budget,
             "training_set_id": rows.training_set_id.iloc[0], "drops": drops, "members": rows,
             "lineage": lineage.sort_values("artifact", ignore_index=True), "scores": scores}
 
