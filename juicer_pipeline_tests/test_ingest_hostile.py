@@ -273,3 +273,58 @@ def test_other_formats_are_unsupported_format(tmp_path):
     for local_id in ("a.ppm", "b.ico", "0", "1"):
         assert rows[local_id]["quarantine_reason"] == "unsupported_format", local_id
     assert rows["ok.png"]["status"] == "valid"
+
+
+def _jsonl(root, lines: list[str]):
+    root.mkdir()
+    (root / "ok.png").write_bytes(png_bytes())
+    (root / "sub").mkdir()
+    (root / "captions.jsonl").write_text("".join(line + "\n" for line in lines))
+    return root
+
+
+def test_paths_no_file_system_can_name_are_quarantined_not_fatal(tmp_path):
+    """A NUL byte (os calls raise ValueError on it), a lone surrogate (no byte sequence encodes it),
+    a 10 kB name (ENAMETOOLONG) and a directory: each its own named row; the good row survives."""
+    import json
+
+    refs = {"nul": "ok\x00.png", "surrogate": "ok\ud800.png", "long": "x" * 10_000, "folder": "sub", "good": "ok.png"}
+    root = _jsonl(tmp_path / "d", [json.dumps({"image": ref, "caption": "a red star", "sample_id": sid})
+                                   for sid, ref in refs.items()])
+    got, stats = ingest_rows(root)
+    reasons = {r["local_id"]: r["quarantine_reason"] for r in got}
+    assert reasons == {"nul": "invalid_path", "surrogate": "invalid_path", "long": "invalid_path",
+                       "folder": "missing_file", "good": None}
+    assert "NUL" in by_id(got)["nul"]["quarantine_detail"] and stats.n_samples == len(refs)
+
+
+def test_undecodable_ids_and_captions_are_stored_escaped(tmp_path):
+    """A tar member name in Latin-1, and KEY.json strings with lone surrogates: the sample keeps its
+    row, its id and label escaped so the catalog can store them; such a caption is binary."""
+    write_tar_members = [("caf\udce9.png", png_bytes()), ("caf\udce9.txt", b"a red star"),
+                         ("k.png", png_bytes(colour=(1, 2, 3))), ("k.txt", b"a blue \xed\xa0\x80 star"),
+                         ("k.json", b'{"sample_id": "id\\ud800", "label": "\\udcff"}')]
+    (tmp_path / "d").mkdir()
+    with tarfile.open(tmp_path / "d" / "0.tar", "w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        for name, data in write_tar_members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = by_id(ingest_rows(tmp_path / "d")[0])
+    assert got["caf\\xe9"]["status"] == "valid" and got["caf\\xe9"]["sample_id"] == "d/caf\\xe9"
+    assert got["id\\ud800"]["label"] == "\\xff" and got["id\\ud800"]["quarantine_reason"] == "binary_caption"
+
+
+def test_unparseable_manifest_lines_are_rows_of_their_own(tmp_path):
+    root = _jsonl(tmp_path / "d", ['{"image": "ok.png", "caption": "a red star"}', "{broken", "[1, 2]", ""])
+    got, stats = ingest_rows(root)
+    assert [(r["status"], r["quarantine_reason"]) for r in got] == [
+        ("valid", None), ("quarantined", "bad_manifest_row"), ("quarantined", "bad_manifest_row")]
+    assert "line 2" in got[1]["quarantine_detail"] and "line 3" in got[2]["quarantine_detail"]
+    csv_drop = tmp_path / "c"
+    csv_drop.mkdir()
+    (csv_drop / "ok.png").write_bytes(png_bytes())
+    (csv_drop / "captions.csv").write_bytes(b'image,caption\nok.png,a red star\nok.png,x,extra\n\xff.png,caf\xe9\n')
+    rows = ingest_rows(csv_drop)[0]
+    assert [r["quarantine_reason"] for r in rows] == [None, "bad_manifest_row", "missing_file"]
+    assert rows[2]["path"] == "\\xff.png"  # the undecodable byte, escaped

@@ -1,5 +1,6 @@
 """raw_samples through Dagster: catalog rows, lineage, idempotent re-materialisation, errors."""
 import pandas as pd
+import pytest
 
 from juicer_pipeline.settings import IngestSettings, JuicerSettings
 from juicer_pipeline.storage import Catalog, Warehouse
@@ -65,11 +66,24 @@ def test_broken_manifest_fails_the_run_with_a_clear_message(data_dir, instance):
     write_folder_drop(data_dir / "drops" / "bad", {"a.png": png_bytes()}, [{"image": "a.png", "text": "x"}], "jsonl")
     result = run_drop(data_dir, instance, "bad", raise_on_error=False)
     assert not result.success
-    failure = [e for e in result.all_events if e.is_step_failure][0]
-    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else \
-        failure.step_failure_data.error.message
+    message = _failure_message(result)
     assert "captions.jsonl" in message and "'caption'" in message
     assert not (data_dir / "warehouse" / "raw_samples" / "bad.parquet").exists()
+
+
+def _failure_message(result) -> str:
+    error = [e for e in result.all_events if e.is_step_failure][0].step_failure_data.error
+    return error.cause.message if error.cause else error.message
+
+
+@pytest.mark.parametrize("key", ["..", "../outside", "a/b", "-x", "x\x00y", "é"])
+def test_a_hand_typed_partition_key_that_is_no_drop_name_fails_cleanly(data_dir, instance, key):
+    """The UI lets anyone add a `drops` partition with any key; ingestion refuses it by name and
+    writes nothing, inside the warehouse or out of it."""
+    (data_dir / "drops" / "outside").mkdir(parents=True, exist_ok=True)
+    result = run_drop(data_dir, instance, key, raise_on_error=False)
+    assert not result.success and "is not a drop name" in _failure_message(result)
+    assert not list(data_dir.rglob("*.parquet"))
 
 
 def test_ingest_settings_change_the_code_version(data_dir, instance, world_drop):

@@ -5,7 +5,7 @@ from collections import Counter
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from ..governance.drop_sources import open_drop
+from ..governance.drop_sources import drop_folder, open_drop
 from ..governance.images import ImageLimits, load_rgb
 from ..governance.ingest import RAW_SAMPLES_SCHEMA, RAW_SAMPLES_WRITER_OPTIONS, IngestStats, ingest_batches
 from ..automation.conditions import RERUN_ON_SETTINGS
@@ -35,7 +35,7 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
     def raw_samples(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         drop_id = context.partition_key
         wh = storage.warehouse
-        source = open_drop(wh.drops_dir / drop_id)
+        source = open_drop(drop_folder(wh.drops_dir, drop_id))
         context.log.info(f"ingesting drop {drop_id} ({source.format}: {', '.join(source.describe())})")
         stats, preview, thumbs = IngestStats(), [], []
         t0, progress = time.perf_counter(), ThrottledProgress(context.log.info)

@@ -1,14 +1,10 @@
 """Finding new, complete drops under the drops folder (no Dagster import)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..governance.drop_sources import is_complete_drop
-
-# Partition keys become file names and URL parts: keep them plain.
-VALID_DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+from ..governance.drop_sources import VALID_DROP_NAME, is_complete_drop
 
 
 @dataclass

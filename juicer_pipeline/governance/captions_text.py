@@ -14,13 +14,28 @@ class CaptionRejected(ValueError):
         self.reason = reason
 
 
+def storable_text(text: str) -> str:
+    """`text` as valid UTF-8, which Parquet and DuckDB require: bytes that were not UTF-8 (kept as
+    surrogate escapes by the readers) and lone surrogates become visible backslash escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the original bytes of undecodable input
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")  # surrogates that stand for no byte
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def raw_caption_text(value) -> str | None:
     """The caption as stored verbatim (undecodable bytes kept visible as escapes)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "backslashreplace")
-    return str(value)
+    return storable_text(str(value))
 
 
 def normalise_caption(value, max_chars: int = 4000) -> str:
@@ -36,7 +51,10 @@ def normalise_caption(value, max_chars: int = 4000) -> str:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CaptionRejected("binary_caption", "not valid UTF-8") from exc
-    text = unicodedata.normalize("NFC", str(value))
+    text = str(value)
+    if storable_text(text) is not text:
+        raise CaptionRejected("binary_caption", "not valid Unicode (undecodable bytes or lone surrogates)")
+    text = unicodedata.normalize("NFC", text)
     if _looks_binary(text):
         raise CaptionRejected("binary_caption", "control characters")
     text = _WS.sub(" ", text).strip()

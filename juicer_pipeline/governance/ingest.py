@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
-from .captions_text import CaptionRejected, normalise_caption, raw_caption_text
+from .captions_text import CaptionRejected, normalise_caption, raw_caption_text, storable_text
 from .drop_sources import DropSource, RawRecord, iter_records
 from .images import ImageLimits, ImageRejected
 from .inspection import Inspection, inspect_chunk, inspect_image
@@ -88,7 +88,7 @@ def ingest_batches(source: DropSource, drop_id: str, limits: ImageLimits, max_ca
     # Every content digest and id seen so far (an id maps to how many later duplicates it has
     # had), on disk: as a Python set and dict they grew ~23 MB per 100k samples.
     with SeenKeys(SEEN_KEYS_IN_MEMORY) as seen_hashes, SeenKeys(SEEN_KEYS_IN_MEMORY) as seen_ids:
-        records = iter_records(source, limits.max_file_bytes)
+        records = map(_make_storable, iter_records(source, limits.max_file_bytes))
         inspected = _inspect_all(records, limits, workers)
         while chunk := list(islice(inspected, batch_rows)):
             # one query per store for the whole batch; the rows' checks below are then in memory
@@ -195,8 +195,18 @@ def _row(rec: RawRecord, seen: Inspection, drop_id: str, max_caption_chars: int,
         row["image"] = data
         row["thumbprint"] = seen.thumbprint
     except (ImageRejected, CaptionRejected) as exc:
-        row.update(status="quarantined", quarantine_reason=exc.reason, quarantine_detail=str(exc), caption=None)
+        row.update(status="quarantined", quarantine_reason=exc.reason, quarantine_detail=storable_text(str(exc)),
+                   caption=None)
     return row
+
+
+def _make_storable(rec: RawRecord) -> RawRecord:
+    """Ids, paths and metadata as the catalog can store them (see `storable_text`), before any id
+    is looked up, so that two ids that escape alike are told apart as duplicates."""
+    rec.local_id, rec.path = storable_text(rec.local_id), storable_text(rec.path)
+    rec.url = storable_text(rec.url) if rec.url is not None else None
+    rec.label = storable_text(rec.label) if rec.label is not None else None
+    return rec
 
 
 def _claim_id(rec: RawRecord, seen_ids: SeenKeys) -> str | None:

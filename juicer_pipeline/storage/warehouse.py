@@ -35,6 +35,17 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, "data")).resolve()
 
 
+def plain_partition_name(partition: str) -> str:
+    """`partition` if it names one file in a folder; a ValueError otherwise. Partition keys become
+    file names, and a dynamic partition can be added by hand in the UI with any key: a key with a
+    slash, a NUL byte or a leading dot would write outside its asset's folder or be hidden."""
+    if (not partition or partition.startswith(".") or len(partition.encode("utf-8", "surrogatepass")) > 200
+            or any(c in partition for c in "/\\\x00")):
+        raise ValueError(f"partition key {partition[:80]!r} cannot name a file: use letters, digits, '_', '.', '-' "
+                         f"(not first), at most 200 bytes")
+    return partition
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it into place only if the block succeeds.
@@ -126,7 +137,7 @@ class Warehouse:
         return f"{self.tables_dir}/{asset}"
 
     def partition_path(self, asset: str, partition: str) -> str:
-        return f"{self.asset_dir(asset)}/{partition}.parquet"
+        return f"{self.asset_dir(asset)}/{plain_partition_name(partition)}.parquet"
 
     def object_path(self, asset: str, name: str) -> str:
         """A non-table artifact of an asset (governor.json, a checkpoint, a chart)."""
@@ -204,7 +215,7 @@ class Warehouse:
     def shard_dir(self, asset: str, partition: str) -> Path:
         """Where the steps that compute one partition in pieces put their pieces (no catalog view
         and no reader of the warehouse looks here)."""
-        return self.shards_dir / asset / partition
+        return self.shards_dir / asset / plain_partition_name(partition)
 
     def adopt(self, asset: str, partition: str, finished: Path) -> str:
         """Make a finished local file (written under the same data root) the partition, atomically:
