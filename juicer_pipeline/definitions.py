@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dagster import (AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions,
+from dagster import (AssetSelection, AssetsDefinition, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions,
                      define_asset_job)
 
 from .assets.checks import build_checks
@@ -29,7 +29,7 @@ def build_assets(settings: JuicerSettings) -> tuple[list, list]:
     """(all assets, the per-drop ones that the drop job materialises)."""
     everything = [*build_ingest_assets(settings), *build_vision_assets(settings), *build_text_assets(settings),
                   *build_training_assets(settings)]
-    per_drop = [a for a in everything if a.partitions_def is drops_partitions]
+    per_drop = [a for a in everything if a.partitions_def is drops_partitions and isinstance(a, AssetsDefinition)]
     return everything, per_drop
 
 

@@ -29,6 +29,17 @@ class _Section(BaseModel):
         payload = json.dumps(self.model_dump(mode="json", exclude=set(self._unhashed)), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
+    @model_validator(mode="after")
+    def _no_nul_bytes(self):
+        # Paths, sources and names end in os calls, which raise a bare "embedded null byte" on one
+        # (TOML's \u0000 escape writes it): say which key holds it instead.
+        for key in type(self).model_fields:
+            value = getattr(self, key)
+            for text in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(text, str) and "\x00" in text:
+                    raise ValueError(f"{key} contains a NUL byte, which no path or name can hold")
+        return self
+
 
 class IngestSettings(_Section):
     """Bounds that decide whether a sample is valid."""

@@ -60,6 +60,31 @@ def run_drop(data_dir: Path, instance, drop: str, settings: JuicerSettings | Non
         run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
 
 
+class DropSensorTicks:
+    """Ticks of the drop sensor as the daemon runs them: the cursor carried from tick to tick, and
+    each tick's asset events stored and partitions added before the next."""
+
+    def __init__(self, data_dir: Path, instance, settings: JuicerSettings | None = None):
+        from dagster import build_sensor_context
+
+        from juicer_pipeline.assets.resources import StorageResource
+
+        self.defs = build_definitions(settings=settings, data_dir=data_dir)
+        self.instance, self.cursor = instance, None
+        self._context = lambda: build_sensor_context(
+            instance=instance, instance_ref=instance.get_ref(), definitions=self.defs, cursor=self.cursor,
+            resources={"storage": StorageResource(data_dir=str(data_dir))})
+
+    def tick(self):
+        result = self.defs.resolve_sensor_def("drop_sensor").evaluate_tick(self._context())
+        self.cursor = result.cursor if result.cursor is not None else self.cursor
+        for event in result.asset_events:
+            self.instance.report_runless_asset_event(event)
+        for request in result.dynamic_partitions_requests:
+            self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        return result
+
+
 def run_governor(data_dir: Path, instance, settings: JuicerSettings):
     defs = build_definitions(settings=settings, data_dir=data_dir)
     return defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(

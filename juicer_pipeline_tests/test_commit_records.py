@@ -1,6 +1,7 @@
 """Commit records: with `[catalog] writes = "commit_records"` per-drop steps never open the catalog;
 the committer folds their records into exactly the rows a direct run writes, once, in order."""
 import json
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -31,16 +32,17 @@ def _juice(data_dir: Path, settings: JuicerSettings) -> None:
 
 
 def _catalog_rows(data_dir: Path) -> dict:
-    """Everything a drop puts in the catalog, without the columns that differ by run or data root."""
+    """Everything a drop puts in the catalog, without the columns that differ by run or data root
+    (the drop's version fingerprints its files' modification times too)."""
     cat = Catalog(data_dir / "catalog.duckdb")
     root = str(data_dir)
     samples = cat.query("SELECT * FROM samples ORDER BY sample_id")
-    drops = cat.query("SELECT * EXCLUDE (ingested_at, run_id) FROM drops ORDER BY drop_id")
+    drops = cat.query("SELECT * EXCLUDE (ingested_at, run_id, version, status_changed_at) FROM drops ORDER BY drop_id")
     lineage = cat.query("SELECT artifact, asset, partition_key, inputs, code_version, config_hash, governor_id "
                         "FROM lineage_current WHERE partition_key = 'cr' ORDER BY artifact")
     text = json.dumps({"samples": samples.to_dict("records"), "drops": drops.to_dict("records"),
                        "lineage": lineage.to_dict("records")}, default=str)
-    return json.loads(text.replace(root, "<data>"))
+    return json.loads(re.sub(r"drop_version:[0-9a-f]{64}", "drop_version:<version>", text.replace(root, "<data>")))
 
 
 @pytest.mark.timeout(600)

@@ -25,6 +25,10 @@ def test_settings_file_is_validated(tmp_path):
         load_settings(bad)
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
+    nul = tmp_path / "nul.toml"  # TOML's \u0000 escape: a path no os call accepts, named at load
+    nul.write_text('[classes]\nvocabulary = "classes\\u0000.txt"\n')
+    with pytest.raises(SettingsError, match="vocabulary contains a NUL byte"):
+        load_settings(nul)
 
 
 def test_settings_come_from_env_or_data_dir(tmp_path, monkeypatch):
@@ -51,6 +55,7 @@ def test_migrations_are_idempotent(tmp_path):
     assert v >= 1 and cat.migrate() == v
     tables = set(cat.query("SELECT table_name FROM information_schema.tables").table_name)
     assert {"drops", "samples", "lineage", "schema_version"} <= tables
+    assert {"version", "status", "status_changed_at"} <= set(cat.query("DESCRIBE drops").column_name)
 
 
 _HOLD_LOCK = """

@@ -3,8 +3,10 @@
 import time
 from collections import Counter
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (AssetExecutionContext, DataVersion, DataVersionsByPartition, MaterializeResult, MetadataValue,
+                     asset, observable_source_asset)
 
+from ..governance.drop_fingerprint import drop_version, fingerprint_drop
 from ..governance.drop_sources import drop_folder, open_drop
 from ..governance.images import ImageLimits, load_rgb
 from ..governance.ingest import RAW_SAMPLES_SCHEMA, RAW_SAMPLES_WRITER_OPTIONS, IngestStats, ingest_batches
@@ -20,6 +22,18 @@ _PREVIEW_ROWS = 8
 _THUMBNAILS = 12
 
 
+@observable_source_asset(
+    partitions_def=drops_partitions, group_name="ingest",
+    description="The files of each drop folder, versioned by their content fingerprint (paths, sizes, "
+                "modification times; manifest and shard hashes). The drop sensor observes every drop each "
+                "tick, so a drop whose files change makes exactly its raw_samples partition unsynced; a "
+                "deleted folder is observed as version 'deleted'.")
+def drop_files(context, storage: StorageResource) -> DataVersionsByPartition:
+    """Observing by hand ('Observe' in the UI) gives the same versions the sensor records."""
+    names = context.instance.get_dynamic_partitions(drops_partitions.name)
+    return DataVersionsByPartition({n: DataVersion(drop_version(storage.warehouse.drops_dir, n)[0]) for n in names})
+
+
 def build_ingest_assets(settings: JuicerSettings) -> list:
     cfg = settings.ingest
     version = code_version("ingest-3", cfg)
@@ -27,7 +41,7 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
                          max_file_bytes=cfg.max_file_bytes)
 
     @asset(
-        partitions_def=drops_partitions, code_version=version, group_name="ingest",
+        partitions_def=drops_partitions, code_version=version, group_name="ingest", deps=[drop_files],
         kinds={"parquet", "duckdb"}, automation_condition=RERUN_ON_SETTINGS,
         description="Every sample of a drop, decoded and verified: valid with its image bytes, or "
                     "quarantined with a precise reason. Catalog rows in `samples` and `drops`.",
@@ -36,7 +50,9 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
         drop_id = context.partition_key
         wh = storage.warehouse
         source = open_drop(drop_folder(wh.drops_dir, drop_id))
-        context.log.info(f"ingesting drop {drop_id} ({source.format}: {', '.join(source.describe())})")
+        fingerprint = fingerprint_drop(source.root)  # before reading: a change while reading shows next tick
+        context.log.info(f"ingesting drop {drop_id} ({source.format}: {', '.join(source.describe())}; "
+                         f"version {fingerprint.version[:12]})")
         stats, preview, thumbs = IngestStats(), [], []
         t0, progress = time.perf_counter(), ThrottledProgress(context.log.info)
         with wh.stream_table("raw_samples", drop_id, RAW_SAMPLES_SCHEMA, **RAW_SAMPLES_WRITER_OPTIONS) as writer:
@@ -51,13 +67,18 @@ def build_ingest_assets(settings: JuicerSettings) -> list:
         path = wh.partition_path("raw_samples", drop_id)
         drop_row = {"drop_id": drop_id, "path": str(source.root), "format": source.format,
                     "sources": source.describe(), "n_samples": stats.n_samples, "n_valid": stats.n_valid,
-                    "n_quarantined": stats.n_quarantined, "bytes": stats.bytes, "run_id": context.run.run_id}
-        lineage = LineageRow("raw_samples", drop_id, [f"drop:{source.root}/{s}" for s in source.describe()],
-                             context.run.run_id, version, cfg.config_hash())
+                    "n_quarantined": stats.n_quarantined, "bytes": stats.bytes, "run_id": context.run.run_id,
+                    "version": fingerprint.version}
+        lineage = LineageRow("raw_samples", drop_id, [f"drop:{source.root}/{s}" for s in source.describe()]
+                             + [f"drop_version:{fingerprint.version}"], context.run.run_id, version, cfg.config_hash())
         storage.commit([drop_op(drop_row, path), lineage_op(lineage)])
-        return MaterializeResult(metadata=_metadata(stats, seconds, path, preview, thumbs))
+        return MaterializeResult(metadata={**_metadata(stats, seconds, path, preview, thumbs),
+                                           DROP_VERSION_KEY: fingerprint.version, "drop_files": fingerprint.n_files})
 
-    return [raw_samples]
+    return [drop_files, raw_samples]
+
+
+DROP_VERSION_KEY = "drop_version"  # raw_samples metadata: the drop version it ingested
 
 
 def _collect_previews(batch, preview: list, thumbs: list) -> None:

@@ -50,11 +50,14 @@ def eval_folders(wh, tr) -> dict:
     return {k: Path(own[k]) if own[k] else wh.world_dir / "evalsets" / k for k in EVAL_KINDS}
 
 
-def juiced_drops(storage: StorageResource) -> list[str]:
-    """Drops with every per-drop input of a training set materialised."""
+def juiced_drops(storage: StorageResource) -> tuple[list[str], list[str]]:
+    """(drops with every per-drop input of a training set materialised, those of them left out
+    because the drop sensor found their folder deleted)."""
     wh = storage.warehouse
     names = [set(wh.partitions(a)) for a in PER_DROP_INPUTS]
-    return sorted(set.intersection(*names)) if names else []
+    juiced = set.intersection(*names) if names else set()
+    deleted = set(storage.catalog.query("SELECT drop_id FROM drops WHERE status = 'deleted'").drop_id)
+    return sorted(juiced - deleted), sorted(juiced & deleted)
 
 
 def _samples_frame(storage: StorageResource, drops: list[str]) -> pd.DataFrame:
@@ -115,7 +118,9 @@ def build_training_assets(settings: JuicerSettings) -> list:
     def training_set(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         recipe = RECIPES[context.partition_key]
         wh = storage.warehouse
-        drops = juiced_drops(storage)
+        drops, deleted = juiced_drops(storage)
+        if deleted:
+            context.log.warning(f"left out drop(s) whose folder was deleted: {', '.join(deleted)}")
         if not drops:
             raise FileNotFoundError("no juiced drop yet: materialise the per-drop assets (job juice_drop) first")
         with wh.duckdb() as con:

@@ -1,9 +1,10 @@
-"""Finding new, complete drops under the drops folder (no Dagster import)."""
+"""Finding new, complete drops under the drops folder, and drops that changed (no Dagster import)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..governance.drop_fingerprint import DELETED_VERSION, DropFingerprint, drop_version
 from ..governance.drop_sources import VALID_DROP_NAME, is_complete_drop
 
 
@@ -29,3 +30,31 @@ def scan_drops(drops_dir: Path, known: set[str]) -> DropScan:
         else:
             scan.incomplete.append(name)
     return scan
+
+
+@dataclass
+class DropVersions:
+    """What one look at the drop folders found, against the versions seen at the last look."""
+    seen: dict[str, str]                         # drop -> version now (the sensor's next cursor)
+    changed: dict[str, DropFingerprint] = field(default_factory=dict)  # drop -> its fingerprint, where it changed
+    deleted: list[str] = field(default_factory=list)           # drops whose folder is gone since the last look
+    restored: list[str] = field(default_factory=list)          # drops whose folder is back
+
+
+def look_at_drops(drops_dir: Path, names: list[str], seen: dict[str, str]) -> DropVersions:
+    """Fingerprint each drop in `names` and compare with `seen` (drop -> version): the drops that
+    changed, were deleted or came back. Unchanged drops cost a fingerprint and nothing else."""
+    now = DropVersions(seen=dict(seen))
+    for name in names:
+        version, fingerprint = drop_version(drops_dir, name)
+        before = seen.get(name)
+        if version == before:
+            continue
+        now.seen[name] = version
+        if fingerprint is None:
+            now.deleted.append(name)
+            continue
+        now.changed[name] = fingerprint
+        if before == DELETED_VERSION:
+            now.restored.append(name)
+    return now

@@ -124,10 +124,12 @@ def _manifest_chunks(manifest: Path) -> Iterator[list["dict | BadManifestRow"]]:
             for batch in iter_parquet_batches(pf, _CHUNK_ROWS):
                 yield batch.to_pylist()
             return
-        chunks = _csv_chunks(manifest) if manifest.suffix == ".csv" else _jsonl_chunks(manifest)
+        if manifest.suffix == ".csv":
+            yield from _csv_chunks(manifest)
+            return
         first = True
-        for chunk in chunks:
-            if first:
+        for chunk in _jsonl_chunks(manifest):
+            if first:  # JSON Lines has no header: the keys of the first rows are its columns
                 _check_columns(manifest, list(dict.fromkeys(k for row in chunk if isinstance(row, dict) for k in row)))
                 first = False
             yield chunk
@@ -154,6 +156,9 @@ def _csv_chunks(manifest: Path) -> Iterator[list["dict | BadManifestRow"]]:
     is a `BadManifestRow`."""
     with open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh, restkey=_EXTRA_FIELDS)
+        if reader.fieldnames is None:
+            raise DropError(f"manifest {manifest} is empty: no header and no rows")
+        _check_columns(manifest, reader.fieldnames)
         yield from _chunked(_csv_row(row, reader.line_num) for row in reader)
 
 

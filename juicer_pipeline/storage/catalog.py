@@ -169,6 +169,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         folded_at TIMESTAMP NOT NULL
     );
     """),
+    # Drops as versioned inputs: the content fingerprint each was ingested at, and whether its
+    # folder is still there (the drop sensor marks a drop whose folder was deleted).
+    (7, """
+    ALTER TABLE drops ADD COLUMN version VARCHAR;             -- fingerprint of the files ingested
+    ALTER TABLE drops ADD COLUMN status VARCHAR DEFAULT 'present';  -- 'present' | 'deleted'
+    ALTER TABLE drops ADD COLUMN status_changed_at TIMESTAMP;
+    UPDATE drops SET status = 'present';
+    """),
 ]
 
 
@@ -373,10 +381,20 @@ def replace_drop(con: duckdb.DuckDBPyConnection, drop: dict, samples_parquet: "s
     )
     con.execute("DELETE FROM drops WHERE drop_id = ?", [drop["drop_id"]])
     con.execute(
-        "INSERT INTO drops VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO drops (drop_id, path, format, sources, n_samples, n_valid, n_quarantined, bytes, ingested_at, "
+        "run_id, version, status, status_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'present', ?)",
         [drop["drop_id"], drop["path"], drop["format"], json.dumps(drop["sources"]), drop["n_samples"],
-         drop["n_valid"], drop["n_quarantined"], drop["bytes"], _now(), drop.get("run_id")],
+         drop["n_valid"], drop["n_quarantined"], drop["bytes"], _now(), drop.get("run_id"), drop.get("version"),
+         _now()],
     )
+
+
+def mark_drop(con: duckdb.DuckDBPyConnection, drop_id: str, status: str) -> None:
+    """Record that a drop's folder is gone ('deleted') or back ('present'); its rows stay, marked."""
+    if status not in ("present", "deleted"):
+        raise ValueError(f"unknown drop status {status!r}")
+    con.execute("UPDATE drops SET status = ?, status_changed_at = ? WHERE drop_id = ? AND status <> ?",
+                [status, _now(), drop_id, status])
 
 
 def upsert_model(con: duckdb.DuckDBPyConnection, model_id: str, role: str, source: str, config: dict,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import duckdb
 
-from .catalog import Catalog, LineageRow, lock_backoffs, replace_drop, write_lineage
+from .catalog import Catalog, LineageRow, lock_backoffs, mark_drop, replace_drop, write_lineage
 from .warehouse import atomic_path
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,11 @@ def drop_op(drop: dict, samples_parquet: str) -> dict:
     return {"op": "replace_drop", "drop": drop, "samples_parquet": str(samples_parquet)}
 
 
+def drop_status_op(drop_id: str, status: str) -> dict:
+    """Mark one drop 'deleted' (its folder is gone) or 'present' again."""
+    return {"op": "mark_drop", "drop_id": drop_id, "status": status}
+
+
 def apply_ops(con: duckdb.DuckDBPyConnection, ops: list[dict]) -> None:
     """Run catalog operations inside the caller's transaction (the direct path and the committer
     share this, so both write exactly the same rows)."""
@@ -46,6 +51,8 @@ def apply_ops(con: duckdb.DuckDBPyConnection, ops: list[dict]) -> None:
             write_lineage(con, LineageRow(**op["row"]))
         elif op["op"] == "replace_drop":
             replace_drop(con, op["drop"], op["samples_parquet"])
+        elif op["op"] == "mark_drop":
+            mark_drop(con, op["drop_id"], op["status"])
         else:
             raise ValueError(f"unknown catalog operation {op['op']!r}")
 
