@@ -60,6 +60,12 @@ def run_drop(data_dir: Path, instance, drop: str, settings: JuicerSettings | Non
         run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
 
 
+def code_versions(defs) -> dict[str, str]:
+    """Asset name -> Dagster code version, for every materialisable asset of the definitions."""
+    graph = defs.resolve_asset_graph()
+    return {key.to_user_string(): graph.get(key).code_version for key in graph.materializable_asset_keys}
+
+
 class DropSensorTicks:
     """Ticks of the drop sensor as the daemon runs them: the cursor carried from tick to tick, and
     each tick's asset events stored and partitions added before the next."""

@@ -142,3 +142,72 @@ def test_browser_renders_the_asset_graph_and_an_asset_page(dagster_dev, tmp_path
     page = _chromium(f"{base}/assets/pruned_images", shots / "asset_pruned_images.png", tmp_path / "profile2")
     assert "pruned_images" in page and "Top ⌈ρ·N⌉ patches" in page
     assert (shots / "asset_graph.png").stat().st_size > 10_000
+
+
+def _drop_runs(server: DagsterDev) -> list[dict]:
+    runs = server.query("""{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }""")
+    return [{"run_id": r["runId"], "status": r["status"], **{t["key"]: t["value"] for t in r["tags"]}}
+            for r in runs["runsOrError"]["results"]]
+
+
+def _wait_for_runs(server: DagsterDev, n: int, timeout: float = 240) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = _drop_runs(server)
+        if len(runs) >= n and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"waited {timeout:.0f}s for {n} finished runs: {_drop_runs(server)}")
+
+
+def _raw_samples_status(server: DagsterDev, drops: list[str]) -> list[str]:
+    """What the UI shows per partition: FRESH, or STALE ('Unsynced')."""
+    nodes = server.query("""query($p: [String!]) { assetNodes(assetKeys: [{path: ["raw_samples"]}]) {
+        staleStatusByPartition(partitions: $p) } }""", {"p": drops})["assetNodes"]
+    return nodes[0]["staleStatusByPartition"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_daemon_rejuices_exactly_the_drop_whose_files_changed(data_dir, tmp_path):
+    """The real daemon and webserver: two drops are juiced; one gets a new image and manifest row;
+    the UI then shows only its raw_samples partition unsynced, and the drop sensor launches one run
+    for it, tagged with its new version; after that run both are fresh and no further run comes."""
+    from dagster import DagsterInstance
+
+    from juicer_pipeline.settings import JuicerSettings
+    from juicer_pipeline.world import DropConfig, generate_drop
+
+    from .helpers import png_bytes, run_governor
+
+    with DagsterInstance.ephemeral() as inst:  # juice_drop needs the governor; the asset daemon is off below
+        assert run_governor(data_dir, inst, JuicerSettings()).success
+    for i, name in enumerate(("keep", "grow")):
+        generate_drop(data_dir / "drops" / name, DropConfig(n_samples=24, manifest_format="csv", seed=70 + i))
+    server = DagsterDev(data_dir, tmp_path / "dagster_home",
+                        extra_yaml="auto_materialize:\n  enabled: false\n  use_sensors: false\n")
+    try:
+        server.wait_ready()
+        first = _wait_for_runs(server, 2)
+        assert sorted(r["dagster/partition"] for r in first) == ["grow", "keep"], first
+        assert {r["status"] for r in first} == {"SUCCESS"}, first
+        assert _raw_samples_status(server, ["keep", "grow"]) == ["FRESH", "FRESH"]
+        grow = data_dir / "drops" / "grow"
+        (grow / "images" / "late.png").write_bytes(png_bytes(colour=(5, 150, 250)))
+        with open(grow / "captions.csv", "a") as manifest:
+            manifest.write("images/late.png,a late blue square\n")
+        deadline = time.time() + 120  # the sensor looks every 30 s
+        while _raw_samples_status(server, ["keep", "grow"]) != ["FRESH", "STALE"] and time.time() < deadline:
+            time.sleep(2)
+        assert _raw_samples_status(server, ["keep", "grow"]) == ["FRESH", "STALE"]
+        runs = _wait_for_runs(server, 3)
+        (again,) = [r for r in runs if r["run_id"] not in {f["run_id"] for f in first}]
+        assert again["dagster/partition"] == "grow" and again["status"] == "SUCCESS", again
+        assert len(again["juicer/drop_version"]) == 64
+        assert _raw_samples_status(server, ["keep", "grow"]) == ["FRESH", "FRESH"]
+        time.sleep(35)  # one more sensor tick: unchanged drops start nothing
+        assert len(_drop_runs(server)) == 3
+    finally:
+        server.stop()
+    assert Catalog(data_dir / "catalog.duckdb").query(
+        "SELECT n_samples FROM drops WHERE drop_id = 'grow'").n_samples[0] == 25

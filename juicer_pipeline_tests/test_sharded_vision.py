@@ -19,7 +19,7 @@ from juicer_pipeline.models.world_clip import build_clip, tiny_arch
 from juicer_pipeline.settings import GovernorSettings, JuicerSettings, SettingsError, load_settings
 from juicer_pipeline.world import DropConfig, generate_drop
 
-from .helpers import png_bytes, run_drop
+from .helpers import code_versions, png_bytes, run_drop
 
 BATCH = 16
 
@@ -195,9 +195,8 @@ def test_shards_below_one_are_rejected_and_shards_change_no_version(tmp_path, da
     # how the work is split is not hashed: no stage turns unsynced when it changes
     from juicer_pipeline.definitions import build_definitions
 
-    versions = lambda s: {k: v for ad in build_definitions(s, data_dir).assets  # noqa: E731
-                          for k, v in ad.code_versions_by_key.items()}
-    assert versions(_settings(source, 1)) == versions(_settings(source, 4))
+    assert code_versions(build_definitions(_settings(source, 1), data_dir)) == code_versions(
+        build_definitions(_settings(source, 4), data_dir))
     assert GovernorSettings(shards=1).config_hash() == GovernorSettings(shards=4).config_hash()
 
 

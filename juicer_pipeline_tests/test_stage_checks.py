@@ -26,7 +26,7 @@ from juicer_pipeline.settings import ClassSettings, GovernorSettings, IngestSett
 from juicer_pipeline.world import DropConfig, generate_drop
 from juicer_pipeline.world.vocabulary import load_vocabulary
 
-from .helpers import run_drop, run_governor
+from .helpers import code_versions, run_drop, run_governor
 
 DROP = "v1"
 NEW_CHECKS = {"rows_in_rows_out", "quarantine_share", "one_row_per_valid_image", "finite_values",
@@ -177,9 +177,7 @@ def test_quarantine_alarm_is_a_setting_that_changes_no_asset(juiced):
     assert not check.passed and check.metadata["quarantine_alarm"].value == 0.01
     assert sorted(raw.sample_id[raw.status == "quarantined"])[0] in _meta(check, "offending_samples")
     # an alarm level decides a check only: no stage turns unsynced when it changes
-    versions = lambda s: {k: v for ad in build_definitions(s, data_dir).assets  # noqa: E731
-                          for k, v in ad.code_versions_by_key.items()}
-    assert versions(strict) == versions(settings)
+    assert code_versions(build_definitions(strict, data_dir)) == code_versions(build_definitions(settings, data_dir))
 
 
 def test_one_row_per_valid_image_names_missing_duplicated_and_extra_rows(juiced):

@@ -6,6 +6,8 @@ import pytest
 from juicer_pipeline.models.students import STUDENTS, load_student_arch
 from juicer_pipeline.settings import TrainingSettings
 
+from .helpers import code_versions
+
 
 def test_packaged_students_load_and_differ_only_in_configuration():
     archs = {name: load_student_arch(name) for name in STUDENTS}
@@ -77,7 +79,7 @@ def test_editing_a_student_file_makes_the_checkpoints_unsynced(tmp_path):
     for width in (48, 64):  # same file name, edited content
         path.write_text(json.dumps({"vision_width": width, "vision_layers": 1, "vision_heads": 2, "conv_stem": True}))
         defs = build_definitions(JuicerSettings(training=TrainingSettings(student=str(path))), tmp_path)
-        versions.append({k.to_user_string(): v for ad in defs.assets for k, v in ad.code_versions_by_key.items()})
+        versions.append(code_versions(defs))
     assert versions[0]["clip_checkpoint"] != versions[1]["clip_checkpoint"]
     assert versions[0]["training_set"] == versions[1]["training_set"]
 

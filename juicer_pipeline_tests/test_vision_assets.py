@@ -10,7 +10,7 @@ from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSett
 from juicer_pipeline.storage import Catalog
 from juicer_pipeline.world import DropConfig, generate_drop
 
-from .helpers import run_drop, run_governor
+from .helpers import code_versions, run_drop, run_governor
 
 
 @pytest.fixture
@@ -79,19 +79,18 @@ def test_changing_rho_changes_only_the_decision_stages(data_dir, tiny_settings):
 
     a = build_definitions(tiny_settings, data_dir)
     b = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(rho=0.25)}), data_dir)
-    versions = lambda d: {k.to_user_string(): v for ad in d.assets for k, v in ad.code_versions_by_key.items()}  # noqa
-    va, vb = versions(a), versions(b)
+    va, vb = code_versions(a), code_versions(b)
     changed = {k for k in va if va[k] != vb[k]}
     assert changed == {"pruned_images", "clip_checkpoint"}  # flip's random K follows ρ too
     c = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(method="cls_attention")}),
                           data_dir)
-    vc = versions(c)
+    vc = code_versions(c)
     # classes cut regions from their own map; training reads the map itself when the student's
     # patch grid differs from the governor's (kept sets are then re-selected on the student's grid)
     assert {k for k in va if va[k] != vc[k]} == {"pruned_images", "clip_checkpoint"}
     d = build_definitions(tiny_settings.model_copy(update={"classes": tiny_settings.classes.model_copy(
         update={"saliency_method": "cls_attention"})}), data_dir)
-    vd = versions(d)
+    vd = code_versions(d)
     assert {k for k in va if va[k] != vd[k]} == {"extracted_classes", "governor"}  # τ is calibrated on those crops
 
 
