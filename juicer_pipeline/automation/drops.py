@@ -43,9 +43,10 @@ class DropVersions:
 
 def look_at_drops(drops_dir: Path, names: list[str], seen: dict[str, str]) -> DropVersions:
     """Fingerprint each drop in `names` and compare with `seen` (drop -> version): the drops that
-    changed, were deleted or came back. Unchanged drops cost a fingerprint and nothing else."""
+    changed, were deleted or came back. Unchanged drops cost a fingerprint and nothing else. A
+    partition key that is no drop name (typed in the UI) has no folder to look at: skipped."""
     now = DropVersions(seen=dict(seen))
-    for name in names:
+    for name in filter(VALID_DROP_NAME.match, names):
         version, fingerprint = drop_version(drops_dir, name)
         before = seen.get(name)
         if version == before:
