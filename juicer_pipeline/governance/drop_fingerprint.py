@@ -5,8 +5,9 @@ modification time, and for manifests and shards also a hash of their bytes (the 
 the first and last `SAMPLE_BYTES` of a shard, so that a shard rewritten in place with the same size
 and time is caught without reading gigabytes). Names starting with '.' (files being copied in)
 or '_' (markers such as `_READY`, side files) are not content. Replacing a shard, adding an image,
-or editing the manifest changes it; reading the drop does not. It costs one `stat` per file, so a
-200k-image folder drop is fingerprinted in well under a second (benchmarks/drop_fingerprint.py).
+or editing the manifest changes it; reading the drop does not. It costs one `stat` per file: a
+200k-image folder drop takes about 1.4 s (1.5x a bare walk with one stat per file), a drop of 20
+shards of 256 MB 2 ms (benchmarks/drop_fingerprint.py on a 2-core AMD EPYC).
 """
 from __future__ import annotations
 
