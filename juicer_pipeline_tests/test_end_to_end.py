@@ -141,6 +141,7 @@ def test_browser_renders_the_asset_graph_and_an_asset_page(dagster_dev, tmp_path
         assert name in vision, f"{name} not rendered in the vision group graph"
     page = _chromium(f"{base}/assets/pruned_images", shots / "asset_pruned_images.png", tmp_path / "profile2")
     assert "pruned_images" in page and "Top ⌈ρ·N⌉ patches" in page
+    assert "Join the Dagster community" not in page  # dagster.yaml turns the first-visit modal off
     assert (shots / "asset_graph.png").stat().st_size > 10_000
 
 
