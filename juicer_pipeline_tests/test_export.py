@@ -291,3 +291,126 @@ def test_asset_metadata_preview_and_lineage_both_ways(juiced, tmp_path, monkeypa
     assert juicer_main(["lineage", "--export", manifest["export_id"][:12], "--limit", "2"]) == 0
     printed = capsys.readouterr().out
     assert f"export {manifest['export_id']} (recipe datajuicer)" in printed and "training_set/datajuicer" in printed
+
+
+# --- real trainers on an export -------------------------------------------------------------------
+
+# Installed in the trainer's process through PYTHONPATH (sitecustomize), this only watches: it logs
+# the key of every sample open_clip_train's own filter admits into training. The trainer's
+# "[n/N (100%)]" line alone proves little: webdataset's with_epoch repeats what it can read to
+# fill the epoch, so shards whose samples are skipped still end at 100 %.
+AUDIT = '''
+import logging
+import open_clip_train.data as data
+_admit = data.filter_no_caption_or_no_image
+def _audited(sample):
+    admitted = _admit(sample)
+    if admitted:
+        logging.info("audit: admitted sample %s", sample["__key__"])
+    return admitted
+data.filter_no_caption_or_no_image = _audited
+'''
+
+
+def _run_trainer(command: list[str], cwd: Path, timeout: float = 240) -> str:
+    audit = cwd / "audit"
+    audit.mkdir(exist_ok=True)
+    (audit / "sitecustomize.py").write_text(AUDIT)
+    env = {**__import__("os").environ, "PYTHONPATH": str(audit), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _every_sample_read(log: str, uids: set[str]) -> bool:
+    """The run admitted each exported sample (and nothing else) into training."""
+    import re
+
+    admitted = set(re.findall(r"audit: admitted sample (\w+)", log))
+    return admitted == uids
+
+
+def _epoch_end(log: str) -> tuple[int, int] | None:
+    import re
+
+    seen = re.findall(r"Train Epoch: 0 \[\s*(\d+)/(\d+) \(100%\)\]", log)
+    return tuple(map(int, seen[-1])) if seen else None
+
+
+@pytest.fixture(scope="module")
+def exported(juiced, tmp_path_factory):
+    root, settings, _, _ = juiced
+    out = tmp_path_factory.mktemp("oc") / "export"
+    result = _export(root, settings, "datajuicer", out, samples_per_shard=32)
+    assert result.n_shards == 2
+    return out, result
+
+
+def test_open_clip_train_trains_one_epoch_on_the_export_reading_every_sample(exported, tmp_path):
+    """The command `juicer export` prints, run as printed (python -> this interpreter)."""
+    import shlex
+
+    from juicer_pipeline.export.webdataset_export import open_clip_train_command
+
+    out, result = exported
+    command = shlex.split(open_clip_train_command(str(out), result.manifest))
+    assert command[:3] == ["python", "-m", "open_clip_train.main"]
+    assert "--train-data" in command and command[command.index("--train-data") + 1].endswith("{00000..00001}.tar")
+    log = _run_trainer([sys.executable, *command[1:], "--log-every-n-steps", "1"], tmp_path)
+    uids = set(result.members.column("uid").to_pylist())
+    assert _every_sample_read(log, uids)
+    assert _epoch_end(log) == (result.n_samples, result.n_samples)  # sizes.json gave the epoch its length
+
+
+def test_shards_without_captions_fail_the_same_assertion(exported, tmp_path):
+    """Negative control: the second shard loses its .txt members; open_clip_train still ends its
+    epoch at 100 % (it repeats the first shard), and the assertion above catches it. (Batches of
+    half the export: webdataset restarts the whole pipeline on each repetition, so a batch larger
+    than the readable samples would never fill.)"""
+    import tarfile
+
+    out, result = exported
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shard = broken / "shards" / "00001.tar"
+    with tarfile.open(out / "shards" / "00001.tar") as src, tarfile.open(shard, "w") as dst:
+        for member in src.getmembers():
+            if not member.name.endswith(".txt"):
+                dst.addfile(member, src.extractfile(member))
+    command = [sys.executable, "-m", "open_clip_train.main", "--train-data",
+               str(broken / "shards" / "{00000..00001}.tar"), "--dataset-type", "webdataset",
+               "--model", f"local-dir:{broken / 'open_clip_model'}", "--aug-cfg", "scale=(1.0,1.0)",
+               "--batch-size", str(result.n_samples // 2), "--epochs", "1", "--workers", "0", "--device", "cpu",
+               "--precision", "fp32", "--warmup", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
+               "--report-to", "", "--logs", str(tmp_path / "logs"), "--log-every-n-steps", "1"]
+    assert result.n_samples % 2 == 0 and result.manifest["shards"][0]["samples"] >= result.n_samples // 2
+    log = _run_trainer(command, tmp_path, timeout=120)
+    assert _epoch_end(log) == (result.n_samples, result.n_samples)  # the progress line alone is fooled
+    assert not _every_sample_read(log, set(result.members.column("uid").to_pylist()))
+
+
+def test_kept_tokens_in_a_stock_open_clip_train_run(exported, tmp_path):
+    """The launcher feeds each batch its stored kept.8x8.npy: the vision transformer sees K + 1
+    tokens per image (CLS and the 32 kept patches), batch after batch, and every sample once."""
+    import json as _json
+    import re
+
+    out, result = exported
+    n, k = result.n_samples, result.manifest["grids"][0]["k"]
+    batch = max(d for d in range(1, n // 2 + 1) if n % d == 0)
+    assert batch > 1
+    command = [sys.executable, "-m", "juicer_pipeline.export.open_clip_kept", "--", "--train-data",
+               str(out / "shards" / "{00000..00001}.tar"), "--dataset-type", "webdataset",
+               "--model", f"local-dir:{out / 'open_clip_model'}", "--aug-cfg", "scale=(1.0,1.0)",
+               "--batch-size", str(batch), "--epochs", "1", "--workers", "0", "--device", "cpu",
+               "--precision", "fp32", "--warmup", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
+               "--report-to", "", "--logs", str(tmp_path / "logs"), "--log-every-n-steps", "1"]
+    log = _run_trainer(command, tmp_path)
+    report = _json.loads(re.search(r"^juicer-kept-tokens (\{.*\})$", log, re.M).group(1))
+    batches = n // batch
+    assert report["kept_file"] == "kept.8x8.npy" and report["tokens_per_image"] == [k + 1]
+    assert report["batches"] == batches and report["vision_tokens"] == batches * batch * (k + 1)
+    assert report["module_tokens_fed"] == report["vision_tokens"]
+    assert _every_sample_read(log, set(result.members.column("uid").to_pylist()))
+    assert _epoch_end(log) == (n, n)
