@@ -414,3 +414,54 @@ def test_kept_tokens_in_a_stock_open_clip_train_run(exported, tmp_path):
     assert report["module_tokens_fed"] == report["vision_tokens"]
     assert _every_sample_read(log, set(result.members.column("uid").to_pylist()))
     assert _epoch_end(log) == (n, n)
+
+
+def test_export_to_object_storage_is_committed_by_its_manifest(juiced, tmp_path, monkeypatch):
+    """On S3 (a moto server on loopback) each object is uploaded whole and the manifest, uploaded
+    last, commits the export; a re-export removes the objects it no longer has, and a failed one
+    leaves no manifest, so no reader takes it for a whole export."""
+    import hashlib
+
+    import s3fs
+
+    from .helpers import MotoS3Server
+
+    root, settings, _, _ = juiced
+    storage = _storage(root)
+    server = MotoS3Server()
+    try:
+        options = server.storage_options()
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("exports")
+        request, governor = export_request(settings, storage, "datajuicer", samples_per_shard=20)
+        first = export_training_set(storage.warehouse, "s3://exports/dj", request, governor, options)
+        names = sorted(p.split("exports/dj/", 1)[1] for p in fs.find("exports/dj"))
+        assert names == sorted(["manifest.json", "uids.npy", "excluded.parquet", "open_clip_model/open_clip_config.json",
+                                "shards/sizes.json"] + [f"shards/{i:05d}{e}" for i in range(first.n_shards)
+                                                        for e in (".tar", ".parquet", "_stats.json")])
+        local = tmp_path / "00000.tar"
+        fs.get_file("exports/dj/shards/00000.tar", str(local))
+        assert hashlib.sha256(local.read_bytes()).hexdigest() == first.manifest["shards"][0]["sha256"]
+        assert len(list(wds.WebDataset(str(local), shardshuffle=False))) == 20
+        fewer = export_training_set(storage.warehouse, "s3://exports/dj", dataclasses_replace(request, 40), governor,
+                                    options)
+        assert fewer.n_shards == 2 < first.n_shards and not fs.exists("exports/dj/shards/00002.tar")
+        assert json.loads(fs.cat_file("exports/dj/manifest.json")) == fewer.manifest
+        monkeypatch.setattr(webdataset_export, "_encode_image", _raises(OSError("connection reset")))
+        with pytest.raises(OSError, match="connection reset"):
+            export_training_set(storage.warehouse, "s3://exports/dj", request, governor, options)
+        assert not fs.exists("exports/dj/manifest.json")
+    finally:
+        server.stop()
+
+
+def dataclasses_replace(request, samples_per_shard: int):
+    import dataclasses
+
+    return dataclasses.replace(request, samples_per_shard=samples_per_shard)
+
+
+def _raises(exc: Exception):
+    def fail(*args):
+        raise exc
+    return fail
