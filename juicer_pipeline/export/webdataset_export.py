@@ -430,7 +430,7 @@ class _Shards:
         if self._writer is None:
             self._name = f"{len(self.done):05d}"
             self._path = self.stage.file(f"shards/{self._name}.tar")
-            self._writer = wds.TarWriter(str(self._path), encoder=False, mtime=0.0)  # reproducible bytes
+            self._writer = wds.TarWriter(str(self._path), encoder=False, mtime=0)  # reproducible bytes
         record = {"__key__": sample.key, self.image_ext: sample.image, "txt": sample.fields["caption"].encode(),
                   "json": json.dumps(sample.fields, sort_keys=True).encode(), "saliency.npy": _npy(sample.saliency)}
         record.update({f"kept.{g}.npy": _npy(k) for g, k in sample.kept.items()})
