@@ -465,3 +465,35 @@ def _raises(exc: Exception):
     def fail(*args):
         raise exc
     return fail
+
+
+def test_scale_one_crop_keeps_the_whole_exported_image():
+    """What the docs promise: open_clip_train's training transform with --aug-cfg scale='(1.0,1.0)'
+    gives a square exported image to the model whole, so its patch grid is the export's."""
+    import open_clip
+
+    train = open_clip.image_transform(64, is_train=True, aug_cfg={"scale": (1.0, 1.0)})
+    whole = open_clip.image_transform(64, is_train=False, resize_mode="squash")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    reference = whole(image)
+    assert all(torch.allclose(train(image), reference, atol=1e-6) for _ in range(100))
+    default = open_clip.image_transform(64, is_train=True)  # scale (0.9, 1.0): crops move the grid
+    assert not all(torch.allclose(default(image), reference, atol=1e-6) for _ in range(100))
+
+
+def test_cli_export_prints_the_commands_that_train(juiced, tmp_path, monkeypatch, capsys):
+    root, settings, _, _ = juiced
+    monkeypatch.setenv("JUICER_DATA_DIR", str(root))
+    monkeypatch.setenv("JUICER_CONFIG", str(_settings_file(tmp_path, settings)))
+    out = tmp_path / "cli"
+    assert juicer_main(["export", "--recipe", "datajuicer", "--out", str(out), "--grid", "4x4",
+                        "--samples-per-shard", "40"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert f"exported {manifest['samples']} samples of recipe datajuicer" in printed
+    assert "K per grid {'8x8': 32, '4x4': 8}" in printed
+    assert f"python -m open_clip_train.main --train-data '{out}/shards/{{00000..00001}}.tar'" in printed
+    assert "python -m juicer_pipeline.export.open_clip_kept -- --train-data" in printed
+    assert juicer_main(["export", "--recipe", "datasieve", "--out", str(tmp_path / "sieve")]) == 0
+    assert "uids only (DataComp's subset format)" in capsys.readouterr().out
