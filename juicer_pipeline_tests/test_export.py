@@ -497,3 +497,10 @@ def test_cli_export_prints_the_commands_that_train(juiced, tmp_path, monkeypatch
     assert "python -m juicer_pipeline.export.open_clip_kept -- --train-data" in printed
     assert juicer_main(["export", "--recipe", "datasieve", "--out", str(tmp_path / "sieve")]) == 0
     assert "uids only (DataComp's subset format)" in capsys.readouterr().out
+
+
+def test_the_exporter_and_the_launcher_import_no_dagster():
+    code = ("import sys, juicer_pipeline.export, juicer_pipeline.export.open_clip_kept; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
