@@ -115,8 +115,24 @@ def _parser() -> argparse.ArgumentParser:
     lineage = sub.add_parser("lineage", help="trace a score/checkpoint to its samples, or a sample forward")
     lineage.add_argument("ident", nargs="?", help="checkpoint id (or prefix) or score id '<checkpoint>:<metric>'")
     lineage.add_argument("--sample", help="trace this sample id forward instead")
+    lineage.add_argument("--export", metavar="ID_OR_UID", help="trace an export (its id or a prefix) to its samples, "
+                                                               "or an exported uid back to its sample")
     lineage.add_argument("--limit", type=int, default=10, help="member rows to print")
     lineage.set_defaults(func=cmd_lineage)
+
+    export = sub.add_parser("export", help="a recipe's training set as WebDataset shards (img2dataset's layout) "
+                                           "for open_clip_train and DataComp-style tools")
+    export.add_argument("--recipe", required=True, help="the recipe whose training set to export")
+    export.add_argument("--out", required=True, help="output folder (a local path or an fsspec URL such as s3://b/x); "
+                                                     "an earlier export there is replaced whole")
+    export.add_argument("--lossless", action="store_true", help="PNG images instead of JPEG (quality 95)")
+    export.add_argument("--grid", action="append", default=[], metavar="HxW",
+                        help="also write kept patch indices on this patch grid (repeatable; saliency recipes)")
+    export.add_argument("--uids-only", action="store_true", default=None,
+                        help="write uids.npy (DataComp's subset format) without shards; a sample filter "
+                             "(datasieve) is always exported this way")
+    export.add_argument("--samples-per-shard", type=int, default=1000)
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="write one static HTML page of the latest recipe comparison")
     report.add_argument("--out", type=Path, default=None, help="default: <data dir>/report.html")
@@ -431,6 +447,9 @@ def cmd_lineage(a) -> None:
 
     cat = _snapshot_catalog(_storage().warehouse)
     try:
+        if a.export:
+            _print_export_trace(cat, a.export, a.limit)
+            return
         if a.sample:
             out = trace_forward(cat, a.sample)
             print("sample:", out["sample"])
@@ -455,6 +474,56 @@ def cmd_lineage(a) -> None:
     print(out["lineage"].to_string(index=False))
     if len(out["scores"]):
         print("scores:", {r.metric: round(r.value, 4) for r in out["scores"].itertuples()})
+
+
+def cmd_export(a) -> None:
+    from .assets.export import export_request, export_summary, record_export
+    from .export import export_training_set, parse_grid
+    from .export.webdataset_export import open_clip_train_command
+    from .settings import load_settings
+
+    storage = _storage()
+    wh = storage.warehouse
+    settings = load_settings(data_dir=default_data_dir())
+    out = a.out if "://" in a.out else str(Path(a.out).resolve())
+    same_store = "://" in out and wh.url and out.split("://")[0] == wh.url.split("://")[0]
+    request, governor = export_request(settings, storage, a.recipe, grids=[parse_grid(g) for g in a.grid],
+                                       lossless=a.lossless, uids_only=a.uids_only,
+                                       samples_per_shard=a.samples_per_shard)
+    t0 = time.perf_counter()
+    result = export_training_set(wh, out, request, governor, wh.storage_options if same_store else None,
+                                 progress=log.info)
+    seconds = time.perf_counter() - t0
+    record_export(storage, result, run_id=None)
+    s = export_summary(result)
+    print(f"exported {s['samples']} samples of recipe {s['recipe']} to {out} in {seconds:.1f}s "
+          f"({s['samples'] / max(seconds, 1e-9):.0f} samples/s): {s['shards']} shard(s), {s['bytes']} bytes, "
+          f"K per grid {s['k_per_grid'] or '(all patches)'}; export id {result.export_id[:16]}")
+    if result.manifest["uids_only"]:
+        print(f"uids only (DataComp's subset format): {out}/uids.npy selects these samples from any export of "
+              f"the pool, e.g. `juicer export --recipe raw`")
+        return
+    print("train a stock open_clip CLIP on it (the model config beside the shards, no download):")
+    print(f"  {open_clip_train_command(out, result.manifest)}")
+    if result.manifest["grids"]:
+        print("the same run fed only the kept patch tokens of each image:")
+        print(f"  {open_clip_train_command(out, result.manifest, kept=True)}")
+
+
+def _print_export_trace(cat: Catalog, ident: str, limit: int) -> None:
+    from .storage.lineage import trace_export
+
+    out = trace_export(cat, ident)
+    if "uid" in out:
+        print(f"uid {out['uid']} is sample {out['sample']}")
+        print(out["exports"].to_string(index=False))
+        return
+    m = out["members"]
+    print(f"export {out['export_id']} (recipe {out['recipe']}) at {out['out']}")
+    print(f"training set {out['training_set_id']}: {len(m)} samples from drops {', '.join(out['drops'])}")
+    print(m.head(limit).to_string(index=False))
+    print("artifacts as of the export (code version, config hash, governor, run):")
+    print(out["lineage"].to_string(index=False))
 
 
 def cmd_report(a) -> None:

@@ -7,6 +7,7 @@ from dagster import (AssetSelection, AssetsDefinition, AutomationConditionSensor
                      define_asset_job)
 
 from .assets.checks import build_checks
+from .assets.export import build_export_assets
 from .assets.ingest import build_ingest_assets
 from .assets.text import build_text_assets
 from .assets.training import build_training_assets
@@ -23,12 +24,13 @@ DROP_JOB_NAME = "juice_drop"
 GOVERNOR_JOB_NAME = "prepare_shared"
 RECIPES_JOB_NAME = "train_recipe"
 COMPARE_JOB_NAME = "compare_recipes"
+EXPORT_JOB_NAME = "export_recipe"
 
 
 def build_assets(settings: JuicerSettings) -> tuple[list, list]:
     """(all assets, the per-drop ones that the drop job materialises)."""
     everything = [*build_ingest_assets(settings), *build_vision_assets(settings), *build_text_assets(settings),
-                  *build_training_assets(settings)]
+                  *build_training_assets(settings), *build_export_assets(settings)]
     per_drop = [a for a in everything if a.partitions_def is drops_partitions and isinstance(a, AssetsDefinition)]
     return everything, per_drop
 
@@ -47,10 +49,12 @@ def build_definitions(settings: JuicerSettings | None = None, data_dir: Path | N
     governor_job = define_asset_job(GOVERNOR_JOB_NAME, selection=AssetSelection.assets("governor", "eval_sets"),
                                     description="Resolve the governor (calibrate τ, record it in the catalog) and "
                                                 "ingest the held-out evaluation sets.")
+    export_job = define_asset_job(EXPORT_JOB_NAME, selection=AssetSelection.assets("juiced_dataset"),
+                                  description="Export one recipe's training set as WebDataset shards (juiced_dataset).")
     return Definitions(
         assets=all_assets,
         asset_checks=build_checks(settings),
-        jobs=[drop_job, governor_job, recipes_job, compare_job],
+        jobs=[drop_job, governor_job, recipes_job, compare_job, export_job],
         sensors=[build_drop_sensor(drop_job),
                  build_commit_sensor(settings.catalog.commit_interval_s, settings.catalog.writes == "commit_records"),
                  AutomationConditionSensorDefinition(

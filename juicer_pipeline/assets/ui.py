@@ -139,3 +139,18 @@ def prune_preview(image: Image.Image, saliency, kept, grid: tuple[int, int], sca
         arr[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = 128
     panel = image_strip([image, heat_img, Image.fromarray(arr)], height=h)
     return panel.resize((panel.width * scale, panel.height * scale), Image.NEAREST)
+
+
+def kept_preview(image: Image.Image, kept, grid: tuple[int, int], scale: int = 3) -> Image.Image:
+    """An exported image with its dropped patches shaded (half grey), so the kept tokens stand out."""
+    import numpy as np
+
+    arr = np.asarray(image.convert("RGB")).astype(np.float32)
+    keep = np.zeros(grid[0] * grid[1], bool)
+    keep[np.asarray(kept, dtype=int)] = True
+    ph, pw = image.height // grid[0], image.width // grid[1]
+    for idx in np.where(~keep)[0]:
+        r, c = divmod(int(idx), grid[1])
+        arr[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = 0.35 * arr[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] + 0.65 * 128
+    shaded = Image.fromarray(arr.astype("uint8"))
+    return shaded.resize((shaded.width * scale, shaded.height * scale), Image.NEAREST)

@@ -121,3 +121,50 @@ def trace_forward(catalog: Catalog, sample_id: str) -> dict:
 
 def _has_view(con, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0])
+
+
+EXPORT_MEMBERS_VIEW = "juiced_dataset_members"  # written by the juiced_dataset asset and `juicer export`
+
+
+def trace_export(catalog: Catalog, ident: str) -> dict:
+    """An export (its id, or a prefix of one) traced to its training set, samples and inputs as of
+    when it was written; or an exported uid traced back to its sample (and every export holding it)."""
+    with catalog.connect(read_only=True) as con:
+        if not _has_view(con, EXPORT_MEMBERS_VIEW):
+            raise KeyError("no export is recorded in the catalog yet (materialise juiced_dataset or run juicer export)")
+        holding = con.execute(f"SELECT export_id, recipe, shard, key, out, sample_id FROM {EXPORT_MEMBERS_VIEW} "
+                              f"WHERE uid = ? ORDER BY recipe, export_id", [ident.lower()]).df()
+        if len(holding):
+            sample = con.execute("SELECT sample_id, drop_id, content_hash, status FROM samples WHERE sample_id = ?",
+                                 [holding.sample_id.iloc[0]]).df()
+            return {"uid": ident.lower(), "sample": sample.iloc[0].to_dict() if len(sample) else
+                    {"sample_id": holding.sample_id.iloc[0]}, "exports": holding.drop(columns="sample_id")}
+        return _trace_export_id(con, ident)
+
+
+def _trace_export_id(con, ident: str) -> dict:
+    found = con.execute(f"SELECT DISTINCT export_id, recipe, out FROM {EXPORT_MEMBERS_VIEW} "
+                        f"WHERE export_id LIKE ? || '%'", [ident.lower()]).df()
+    if found.empty:
+        raise KeyError(f"no export or exported uid matches {ident!r} (an export id, a prefix of one, or a uid)")
+    if found.export_id.nunique() > 1:
+        raise KeyError(f"{ident!r} matches {found.export_id.nunique()} exports: give more of the id")
+    export = found.iloc[0]
+    row = con.execute("SELECT seq, inputs, run_id, code_version, config_hash, governor_id, created_at FROM lineage "
+                      "WHERE artifact = ? AND inputs LIKE ? ORDER BY seq DESC LIMIT 1",
+                      [f"juiced_dataset/{export.recipe}", f"%export_id:{export.export_id}%"]).df()
+    if row.empty:
+        raise KeyError(f"export {export.export_id[:12]} has members but no lineage row")
+    inputs = json.loads(row.inputs.iloc[0])
+    members = con.execute(f"SELECT m.uid, m.sample_id, s.drop_id, s.content_hash, m.shard "
+                          f"FROM {EXPORT_MEMBERS_VIEW} m LEFT JOIN samples s USING (sample_id) "
+                          f"WHERE m.export_id = ? ORDER BY m.shard, m.sample_id", [export.export_id]).df()
+    drops = sorted(set(members.drop_id.dropna()))
+    artifacts = [f"{a}/{d}" for d in drops for a in ("raw_samples", "patch_saliency", "pruned_images",
+                                                      "extracted_classes", "sieve_scores", "enriched_captions")]
+    artifacts += ["governor", "eval_sets", f"training_set/{export.recipe}", f"juiced_dataset/{export.recipe}"]
+    seq = int(row.seq.iloc[0])
+    return {"export_id": export.export_id, "recipe": export.recipe, "out": export.out,
+            "training_set_id": next((i.split(":", 1)[1] for i in inputs if i.startswith("training_set_id:")), None),
+            "drops": drops, "members": members, "lineage": _lineage_as_of(con, artifacts, seq)
+            .sort_values("artifact", ignore_index=True), "seq": seq}
