@@ -60,6 +60,44 @@ def run_drop(data_dir: Path, instance, drop: str, settings: JuicerSettings | Non
         run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
 
 
+def tiny_governor_world(root: Path, eval_samples: int) -> Path:
+    """The training tests' set-up: a random-init tiny governor (64 px, conv stem, seeded) at
+    `root/tiny.safetensors` and the world's held-out sets of `eval_samples` images each."""
+    import torch
+
+    from juicer_pipeline.models.loader import save_world_clip
+    from juicer_pipeline.models.world_clip import build_clip, tiny_arch
+    from juicer_pipeline.world import generate_eval_set
+
+    torch.manual_seed(0)
+    arch = tiny_arch(image_size=64, conv_stem=True)
+    path = root / "tiny.safetensors"
+    save_world_clip(build_clip(arch), arch, path, {"note": "random init"})
+    for kind in ("retrieval", "classification"):
+        generate_eval_set(root / "world" / "evalsets" / kind, kind, eval_samples)
+    return path
+
+
+def comparable_catalog_rows(data_dir: Path) -> dict:
+    """Everything the per-drop stages put in the catalog, without what differs by run, data root or
+    file times (a drop's version fingerprints its files' modification times): two data roots
+    juiced from the same drops by different executors compare equal."""
+    import re
+
+    from juicer_pipeline.storage import Catalog
+
+    cat = Catalog(data_dir / "catalog.duckdb")
+    frames = {
+        "samples": cat.query("SELECT * FROM samples ORDER BY sample_id"),
+        "drops": cat.query("SELECT * EXCLUDE (ingested_at, run_id, version, status_changed_at) FROM drops "
+                           "ORDER BY drop_id"),
+        "lineage": cat.query("SELECT artifact, asset, partition_key, inputs, code_version, config_hash, governor_id "
+                             "FROM lineage_current WHERE partition_key IS NOT NULL ORDER BY artifact"),
+    }
+    text = json.dumps({k: v.to_dict("records") for k, v in frames.items()}, default=str).replace(str(data_dir), "<data>")
+    return json.loads(re.sub(r"drop_version:[0-9a-f]{64}", "drop_version:<version>", text))
+
+
 def code_versions(defs) -> dict[str, str]:
     """Asset name -> Dagster code version, for every materialisable asset of the definitions."""
     graph = defs.resolve_asset_graph()

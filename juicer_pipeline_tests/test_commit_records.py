@@ -1,7 +1,5 @@
 """Commit records: with `[catalog] writes = "commit_records"` per-drop steps never open the catalog;
 the committer folds their records into exactly the rows a direct run writes, once, in order."""
-import json
-import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -16,7 +14,7 @@ from juicer_pipeline.settings import ExecutionSettings, JuicerSettings, Settings
 from juicer_pipeline.storage import Catalog, CommitLog
 from juicer_pipeline.world import DropConfig, generate_drop
 
-from .helpers import REPO, run_drop, run_governor
+from .helpers import REPO, comparable_catalog_rows, run_drop, run_governor
 
 COMMIT_RECORDS = JuicerSettings.model_validate({"catalog": {"writes": "commit_records"}})
 
@@ -29,20 +27,6 @@ def _juice(data_dir: Path, settings: JuicerSettings) -> None:
         assert result.success
         checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
         assert checks and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks if not c.passed]
-
-
-def _catalog_rows(data_dir: Path) -> dict:
-    """Everything a drop puts in the catalog, without the columns that differ by run or data root
-    (the drop's version fingerprints its files' modification times too)."""
-    cat = Catalog(data_dir / "catalog.duckdb")
-    root = str(data_dir)
-    samples = cat.query("SELECT * FROM samples ORDER BY sample_id")
-    drops = cat.query("SELECT * EXCLUDE (ingested_at, run_id, version, status_changed_at) FROM drops ORDER BY drop_id")
-    lineage = cat.query("SELECT artifact, asset, partition_key, inputs, code_version, config_hash, governor_id "
-                        "FROM lineage_current WHERE partition_key = 'cr' ORDER BY artifact")
-    text = json.dumps({"samples": samples.to_dict("records"), "drops": drops.to_dict("records"),
-                       "lineage": lineage.to_dict("records")}, default=str)
-    return json.loads(re.sub(r"drop_version:[0-9a-f]{64}", "drop_version:<version>", text.replace(root, "<data>")))
 
 
 @pytest.mark.timeout(600)
@@ -63,13 +47,13 @@ def test_folded_commit_records_equal_a_direct_run_and_fold_once(tmp_path, monkey
 
     report = storage.fold_commits()
     assert (report.folded, report.already, report.pending) == (6, 0, 0)
-    assert _catalog_rows(queued) == _catalog_rows(direct)
+    assert comparable_catalog_rows(queued) == comparable_catalog_rows(direct)
 
     # a committer killed after its transaction but before moving the record: the re-fold skips it
     shutil.copy(log.folded_dir / records[0].name, log.pending_dir / records[0].name)
     again = storage.fold_commits()
     assert (again.folded, again.already, again.pending) == (0, 1, 0)
-    assert _catalog_rows(queued) == _catalog_rows(direct)
+    assert comparable_catalog_rows(queued) == comparable_catalog_rows(direct)
     n_lineage = Catalog(queued / "catalog.duckdb").query("SELECT count(*) AS n FROM lineage WHERE partition_key = 'cr'")
     assert int(n_lineage.n[0]) == 6
 

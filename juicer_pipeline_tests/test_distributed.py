@@ -17,10 +17,9 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from juicer_pipeline.settings import JuicerSettings, load_settings
-from juicer_pipeline.storage import Catalog
 from juicer_pipeline.world import DropConfig, generate_drop
 
-from .helpers import REPO, PostgresServer, RedisServer, run_drop, run_governor, wait_for
+from .helpers import REPO, PostgresServer, RedisServer, comparable_catalog_rows, run_drop, run_governor, wait_for
 
 DROPS = [f"dist-{i}" for i in range(4)]
 STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "sieve_scores", "enriched_captions")
@@ -79,18 +78,6 @@ def tables(data_dir: Path) -> dict:
                     df[col] = df[col].str.replace(str(data_dir), "<data>", regex=False)
             out[(stage, drop)] = df
     return out
-
-
-def catalog_rows(data_dir: Path) -> dict:
-    cat = Catalog(data_dir / "catalog.duckdb")
-    frames = {
-        "samples": cat.query("SELECT * FROM samples ORDER BY sample_id"),
-        "drops": cat.query("SELECT * EXCLUDE (ingested_at, run_id) FROM drops ORDER BY drop_id"),
-        "lineage": cat.query("SELECT artifact, asset, partition_key, inputs, code_version, config_hash, governor_id "
-                             "FROM lineage_current WHERE partition_key IS NOT NULL ORDER BY artifact"),
-    }
-    text = json.dumps({k: v.to_dict("records") for k, v in frames.items()}, default=str)
-    return json.loads(text.replace(str(data_dir), "<data>"))
 
 
 class _Processes:
@@ -217,7 +204,7 @@ def test_celery_workers_juice_four_drops_equal_to_a_serial_run(tmp_path):
     serial, dist = tables(out["serial_dir"]), tables(out["celery_dir"])
     for key in serial:
         pd.testing.assert_frame_equal(dist[key], serial[key], check_exact=True, obj=str(key))
-    assert catalog_rows(out["celery_dir"]) == catalog_rows(out["serial_dir"])
+    assert comparable_catalog_rows(out["celery_dir"]) == comparable_catalog_rows(out["serial_dir"])
     print(f"\n4 drops x {len(STAGES)} stages: serial in-process {out['serial_s']:.1f} s, celery (2 workers, "
           f"PostgreSQL instance, Redis broker) {out['celery_s']:.1f} s; commit records folded {folded} in "
           f"{len(folds)} folds, {backoffs} lock back-offs; reader: {reader['reads']} reads, "

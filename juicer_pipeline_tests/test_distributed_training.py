@@ -140,22 +140,17 @@ def test_clip_checkpoint_with_two_processes_matches_one(tmp_path):
     from dagster import AssetKey, instance_for_test
 
     from juicer_pipeline.definitions import GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
-    from juicer_pipeline.models.loader import load_world_clip, save_world_clip
-    from juicer_pipeline.models.world_clip import build_clip
+    from juicer_pipeline.models.loader import load_world_clip
     from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSettings, TrainingSettings
     from juicer_pipeline.storage import Catalog
     from juicer_pipeline.storage.lineage import trace_back
-    from juicer_pipeline.world import DropConfig, generate_drop, generate_eval_set
+    from juicer_pipeline.world import DropConfig, generate_drop
 
-    from .helpers import run_drop
+    from .helpers import run_drop, tiny_governor_world
 
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     root = tmp_path / "data"
-    torch.manual_seed(0)
-    arch = tiny_arch(image_size=64, conv_stem=True)
-    save_world_clip(build_clip(arch), arch, root / "tiny.safetensors", {"note": "random init"})
-    for kind in ("retrieval", "classification"):
-        generate_eval_set(root / "world" / "evalsets" / kind, kind, 40)
+    tiny_governor_world(root, 40)
     generate_drop(root / "drops" / "d1", DropConfig(n_samples=80, seed=1))
     student = root / "student.json"
     student.write_text(json.dumps(tiny_arch(image_size=64, patch_size=16, vision_layers=1).to_dict()))

@@ -1,6 +1,5 @@
 """The juiced dataset leaves the pipeline: WebDataset shards in img2dataset's layout, read back by
 webdataset, open_clip_train and DataComp-style uid filtering."""
-import io
 import json
 import shutil
 import subprocess
@@ -9,15 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
 from dagster import AssetKey, instance_for_test
 from PIL import Image
 
-from juicer_pipeline.assets.export import export_request, record_export
+from juicer_pipeline.assets.export import export_request
 from juicer_pipeline.assets.resources import StorageResource
 from juicer_pipeline.cli import main as juicer_main
 from juicer_pipeline.definitions import EXPORT_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
@@ -25,13 +22,11 @@ from juicer_pipeline.export import ExportError, export_training_set, uid_for
 from juicer_pipeline.export import webdataset_export
 from juicer_pipeline.governance.images import load_rgb
 from juicer_pipeline.governance.pruning import kept_on_grid
-from juicer_pipeline.models.loader import save_world_clip
-from juicer_pipeline.models.world_clip import build_clip, tiny_arch
 from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSettings, TrainingSettings
 from juicer_pipeline.storage import Catalog, Warehouse
-from juicer_pipeline.world import DropConfig, generate_drop, generate_eval_set
+from juicer_pipeline.world import DropConfig, generate_drop
 
-from .helpers import REPO, run_drop
+from .helpers import run_drop, tiny_governor_world
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 RECIPES = ("raw", "datasieve", "datajuicer")
@@ -41,11 +36,7 @@ RECIPES = ("raw", "datasieve", "datajuicer")
 def juiced(tmp_path_factory):
     """Two juiced drops (64 px images, an 8x8 governor grid) and three recipes' training sets."""
     root = tmp_path_factory.mktemp("export") / "data"
-    torch.manual_seed(0)
-    arch = tiny_arch(image_size=64, conv_stem=True)
-    save_world_clip(build_clip(arch), arch, root / "tiny.safetensors", {"note": "random init"})
-    for kind in ("retrieval", "classification"):
-        generate_eval_set(root / "world" / "evalsets" / kind, kind, 40)
+    tiny_governor_world(root, 40)
     generate_drop(root / "drops" / "d1", DropConfig(n_samples=40, seed=1, broken_rate=0.05))
     generate_drop(root / "drops" / "d2", DropConfig(n_samples=30, seed=2, drop_index=1, format="wds"))
     settings = JuicerSettings(

@@ -5,18 +5,15 @@ import json
 
 import pytest
 import s3fs
-import torch
 from dagster import AssetCheckSeverity, instance_for_test
 
 from juicer_pipeline.assets.resources import StorageResource
 from juicer_pipeline.definitions import GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
-from juicer_pipeline.models.loader import save_world_clip
-from juicer_pipeline.models.world_clip import build_clip, tiny_arch
 from juicer_pipeline.settings import JuicerSettings
 from juicer_pipeline.storage.lineage import trace_back
-from juicer_pipeline.world import DropConfig, generate_drop, generate_eval_set
+from juicer_pipeline.world import DropConfig, generate_drop
 
-from .helpers import MotoS3Server, run_drop
+from .helpers import MotoS3Server, run_drop, tiny_governor_world
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "sieve_scores", "enriched_captions")
@@ -35,11 +32,7 @@ def s3():
 def test_a_drop_juiced_trained_and_traced_with_the_warehouse_on_s3(data_dir, s3):
     fs = s3fs.S3FileSystem(**s3.storage_options())
     fs.mkdir("juicer")
-    torch.manual_seed(0)
-    arch = tiny_arch(image_size=64, conv_stem=True)
-    save_world_clip(build_clip(arch), arch, data_dir / "tiny.safetensors", {"note": "random init"})
-    for kind in ("retrieval", "classification"):
-        generate_eval_set(data_dir / "world" / "evalsets" / kind, kind, 60)
+    tiny_governor_world(data_dir, 60)
     generate_drop(data_dir / "drops" / "s3drop", DropConfig(n_samples=80, broken_rate=0.05, seed=9))
     settings = JuicerSettings.model_validate({
         "governor": {"source": f"file:{data_dir / 'tiny.safetensors'}", "batch_size": 64},

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from juicer_pipeline.definitions import COMPARE_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
-from juicer_pipeline.models.loader import save_world_clip
-from juicer_pipeline.models.world_clip import build_clip, tiny_arch
+from juicer_pipeline.models.world_clip import tiny_arch
 from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSettings, TrainingSettings
 from juicer_pipeline.storage import Catalog
-from juicer_pipeline.world import DropConfig, generate_drop, generate_eval_set
+from juicer_pipeline.world import DropConfig, generate_drop
 
-from .helpers import run_drop, write_folder_drop
+from .helpers import run_drop, tiny_governor_world, write_folder_drop
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 RECIPES = ("raw", "flip", "sieve_then_juice")
@@ -24,11 +23,7 @@ def trained(tmp_path_factory):
     from dagster import instance_for_test
 
     root = tmp_path_factory.mktemp("train") / "data"
-    torch.manual_seed(0)
-    arch = tiny_arch(image_size=64, conv_stem=True)
-    save_world_clip(build_clip(arch), arch, root / "tiny.safetensors", {"note": "random init"})
-    for kind in ("retrieval", "classification"):
-        generate_eval_set(root / "world" / "evalsets" / kind, kind, 120)
+    tiny_governor_world(root, 120)
     generate_drop(root / "drops" / "d1", DropConfig(n_samples=160, seed=1))
     # a drop that carries an evaluation image again: it must never reach a training set
     eval_image = sorted((root / "world" / "evalsets" / "retrieval" / "images").iterdir())[0]

@@ -42,6 +42,7 @@ from PIL import Image
 from ..governance.images import load_rgb
 from ..governance.parquet_batches import iter_parquet_batches
 from ..governance.pruning import kept_on_grid
+from ..storage.warehouse import sha256_file
 
 SCHEMA_VERSION = 1
 UID_DTYPE = np.dtype("u8,u8")  # DataComp's subset files: np.load(f).dtype == np.dtype("u8,u8")
@@ -374,7 +375,7 @@ class _Plan:
 
 
 def _samples(wh, members, plan: _Plan) -> Iterator[_Sample]:
-    request, governor = plan.request, plan.governor
+    request = plan.request
     by_drop = {d: g.set_index("sample_id") for d, g in members.groupby("drop_id", sort=True)}
     for drop, wanted in by_drop.items():
         found = 0
@@ -446,7 +447,7 @@ class _Shards:
         if self._writer is None:
             return
         self._writer.close()
-        digest, size = _sha256(self._path), self._path.stat().st_size
+        digest, size = sha256_file(self._path), self._path.stat().st_size
         self.stage.publish(f"shards/{self._name}.tar")
         pq.write_table(pa.Table.from_pylist(self._rows, SAMPLE_SCHEMA), self.stage.file(f"shards/{self._name}.parquet"))
         self.stage.publish(f"shards/{self._name}.parquet")
@@ -456,14 +457,6 @@ class _Shards:
         self.stage.write_bytes(f"shards/{self._name}_stats.json", json.dumps(stats, indent=1).encode())
         self.done.append({"name": f"{self._name}.tar", "samples": len(self._rows), "bytes": size, "sha256": digest})
         self._writer, self._rows = None, []
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _governor_grid(wh, members) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from open_clip.tokenizer import SimpleTokenizer
 
+from ..storage.warehouse import sha256_file
 from .world_clip import ClipArch, build_clip
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -61,14 +62,6 @@ class FoundationModel:
                 out.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1))
         dim = self.model.text_projection.shape[-1] if self.model.text_projection is not None else 0
         return torch.cat(out) if out else torch.empty(0, dim)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def simple_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:

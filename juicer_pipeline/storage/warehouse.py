@@ -13,6 +13,7 @@ Layout under the data root (``JUICER_DATA_DIR``, default ``./data``)::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 import time
@@ -33,6 +34,15 @@ DATA_DIR_ENV = "JUICER_DATA_DIR"
 
 def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, "data")).resolve()
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def plain_partition_name(partition: str) -> str:
