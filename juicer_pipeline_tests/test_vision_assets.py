@@ -81,13 +81,14 @@ def test_changing_rho_changes_only_the_decision_stages(data_dir, tiny_settings):
     b = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(rho=0.25)}), data_dir)
     va, vb = code_versions(a), code_versions(b)
     changed = {k for k in va if va[k] != vb[k]}
-    assert changed == {"pruned_images", "clip_checkpoint"}  # flip's random K follows ρ too
+    # flip's random K follows ρ too; the export writes the kept sets (resampled on extra grids by ρ)
+    assert changed == {"pruned_images", "clip_checkpoint", "juiced_dataset"}
     c = build_definitions(tiny_settings.model_copy(update={"saliency": SaliencySettings(method="cls_attention")}),
                           data_dir)
     vc = code_versions(c)
     # classes cut regions from their own map; training reads the map itself when the student's
     # patch grid differs from the governor's (kept sets are then re-selected on the student's grid)
-    assert {k for k in va if va[k] != vc[k]} == {"pruned_images", "clip_checkpoint"}
+    assert {k for k in va if va[k] != vc[k]} == {"pruned_images", "clip_checkpoint", "juiced_dataset"}
     d = build_definitions(tiny_settings.model_copy(update={"classes": tiny_settings.classes.model_copy(
         update={"saliency_method": "cls_attention"})}), data_dir)
     vd = code_versions(d)
