@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from juicer_pipeline_tests.test_distributed import catalog_rows, run_celery_vs_serial, tables  # noqa: E402
+from juicer_pipeline_tests.helpers import comparable_catalog_rows  # noqa: E402
+from juicer_pipeline_tests.test_distributed import run_celery_vs_serial, tables  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = run_celery_vs_serial(Path(tmp), a.samples, a.workers)
         serial, dist = tables(out["serial_dir"]), tables(out["celery_dir"])
         same_tables = all(dist[k].equals(serial[k]) for k in serial)
-        same_catalog = catalog_rows(out["celery_dir"]) == catalog_rows(out["serial_dir"])
+        same_catalog = comparable_catalog_rows(out["celery_dir"]) == comparable_catalog_rows(out["serial_dir"])
     result = {"drops": 4, "samples_per_drop": a.samples, "workers": a.workers,
               "serial_s": round(out["serial_s"], 1), "celery_s": round(out["celery_s"], 1),
               "celery_over_serial": round(out["celery_s"] / out["serial_s"], 2),
