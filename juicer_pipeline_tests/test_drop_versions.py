@@ -155,3 +155,26 @@ def test_new_training_sets_leave_out_a_deleted_drop(data_dir):
     assert juiced_drops(storage) == (["a", "b"], [])
     catalog.write(lambda con: apply_ops(con, [drop_status_op("b", "deleted")]))
     assert juiced_drops(storage) == (["a"], ["b"])
+
+
+def test_observing_drop_files_by_hand_records_the_versions_the_sensor_sees(data_dir, two_drops):
+    """'Observe' in the UI runs drop_files' own observe function: the same version per drop, so the
+    drops stay fresh; a drop changed since gets its new version there too."""
+    from dagster._core.definitions.observe import observe
+
+    from juicer_pipeline.assets.ingest import drop_files
+    from juicer_pipeline.assets.resources import StorageResource
+
+    def observed() -> dict:
+        result = observe([drop_files], instance=two_drops.instance,
+                         resources={"storage": StorageResource(data_dir=str(data_dir))})
+        assert result.success
+        return {e.partition: e.tags["dagster/data_version"] for e in result.asset_observations_for_node("drop_files")}
+
+    folder = data_dir / "drops" / "folder"
+    assert observed() == {"shards": fingerprint_drop(data_dir / "drops" / "shards").version,
+                          "folder": fingerprint_drop(folder).version}
+    assert _stale(two_drops, "folder") == StaleStatus.FRESH
+    (folder / "images" / "extra.png").write_bytes(png_bytes(colour=(7, 7, 7)))
+    assert observed()["folder"] == fingerprint_drop(folder).version
+    assert _stale(two_drops, "folder") == StaleStatus.STALE and _stale(two_drops, "shards") == StaleStatus.FRESH
