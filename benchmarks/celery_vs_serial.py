@@ -3,7 +3,7 @@
 Four world drops are juiced once serially in this process (direct catalog writes, the default) and
 once by `--workers` celery workers behind Redis, with the Dagster instance on PostgreSQL, commit
 records folded by one committer and a reader querying the catalog throughout (the arrangement of
-juicer_pipeline_tests/test_distributed.py, which this reuses). Prints both wall times, their ratio,
+juicer_pipeline_tests/end_to_end/test_distributed.py, which this reuses). Prints both wall times, their ratio,
 and whether every table and catalog row came out identical.
 
     .venv/bin/python benchmarks/celery_vs_serial.py --samples 600
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from juicer_pipeline_tests.helpers import comparable_catalog_rows  # noqa: E402
-from juicer_pipeline_tests.test_distributed import run_celery_vs_serial, tables  # noqa: E402
+from juicer_pipeline_tests.end_to_end.test_distributed import run_celery_vs_serial, tables  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

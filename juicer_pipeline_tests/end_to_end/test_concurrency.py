@@ -1,0 +1,135 @@
+"""Concurrency: four drops juiced at once by the real Dagster daemon (drop sensor → queued runs, four
+at a time, each in its own process), while another process keeps reading the catalog the way the
+README tells users to (snapshots and the Parquet files). Nothing may fail on a lock, and every
+count must equal a serial run of the same drops."""
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from dagster import DagsterInstance
+
+from juicer_pipeline.settings import JuicerSettings
+from juicer_pipeline.storage import Catalog
+from juicer_pipeline.world import DropConfig, generate_drop
+
+from ..helpers import DagsterDev, run_drop, run_governor
+
+DROPS = [f"par-{i}" for i in range(4)]
+STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "enriched_captions")
+
+# The outside reader: snapshot + query, and the Parquet files read directly, in a loop until told to stop.
+READER = textwrap.dedent("""
+    import json, logging, sys, time
+    from pathlib import Path
+    import duckdb
+    from juicer_pipeline.storage import Catalog
+
+    data, stop = Path(sys.argv[1]), Path(sys.argv[2])
+    retries = []
+
+    class CountRetries(logging.Handler):
+        def emit(self, record):
+            retries.append(record.getMessage())
+
+    log = logging.getLogger("juicer_pipeline.storage.catalog")
+    log.setLevel(logging.INFO)
+    log.addHandler(CountRetries())
+    catalog = Catalog(data / "catalog.duckdb", lock_timeout_s=60)
+    reads, errors, most = 0, [], 0
+    while not stop.exists():
+        try:
+            snap = catalog.snapshot(data / "reader-snapshot.duckdb")
+            with duckdb.connect(str(snap), read_only=True) as con:
+                most = max(most, con.execute("SELECT count(*) FROM samples").fetchone()[0])
+            files = [str(p) for p in (data / "warehouse" / "raw_samples").glob("*.parquet")]
+            if files:
+                duckdb.sql(f"SELECT count(*) FROM read_parquet({files})").fetchall()
+            reads += 1
+        except Exception as exc:  # every failure is reported, none hidden
+            errors.append(f"{type(exc).__name__}: {exc}")
+        time.sleep(0.5)
+    print(json.dumps({"reads": reads, "errors": errors, "lock_retries": len(retries), "most_samples": most}))
+""")
+
+
+def _make_drops(data_dir: Path) -> None:
+    for i, name in enumerate(DROPS):
+        generate_drop(data_dir / "drops" / name, DropConfig(n_samples=80, seed=40 + i, drop_index=i))
+
+
+def _counts(data_dir: Path) -> dict:
+    catalog = Catalog(data_dir / "catalog.duckdb")
+    drops = catalog.query("SELECT drop_id, n_samples, n_valid, n_quarantined FROM drops ORDER BY drop_id")
+    samples = catalog.query("SELECT drop_id, status, count(*) AS n FROM samples GROUP BY ALL ORDER BY ALL")
+    lineage = catalog.query("SELECT artifact, count(*) AS n FROM lineage_current "
+                            "WHERE artifact NOT LIKE 'governor%' GROUP BY ALL ORDER BY ALL")
+    rows = {(a, d): pq.read_metadata(data_dir / "warehouse" / a / f"{d}.parquet").num_rows
+            for a in STAGES for d in DROPS}
+    return {"drops": drops.to_dict("records"), "samples": samples.to_dict("records"),
+            "lineage": lineage.to_dict("records"), "rows": rows}
+
+
+def _runs(server: DagsterDev) -> list[dict]:
+    return server.query("""{ runsOrError { ... on Runs { results { runId status startTime endTime
+        tags { key value } } } } }""")["runsOrError"]["results"]
+
+
+def _most_at_once(runs: list[dict]) -> int:
+    events = sorted([(r["startTime"], 1) for r in runs] + [(r["endTime"], -1) for r in runs])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_four_drops_juiced_at_once_beside_a_reader_equal_a_serial_run(data_dir, tmp_path):
+    settings = JuicerSettings()
+    with DagsterInstance.ephemeral() as inst:
+        assert run_governor(data_dir, inst, settings).success
+    _make_drops(data_dir)
+    stop = tmp_path / "stop-reader"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(data_dir), str(stop)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    # four runs at a time; the asset daemon (which evaluates the automation sensor) is off, so that
+    # only the drop sensor launches runs
+    server = DagsterDev(data_dir, tmp_path / "dagster_home", max_concurrent_runs=4,
+                        extra_yaml="auto_materialize:\n  enabled: false\n  use_sensors: false\n")
+    try:
+        server.wait_ready()
+        deadline, runs = time.time() + 900, []
+        while time.time() < deadline:
+            runs = _runs(server)
+            if len(runs) == len(DROPS) and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+                break
+            time.sleep(3)
+    finally:
+        server.stop()
+        stop.touch()
+        out, err = reader.communicate(timeout=120)
+    partitions = sorted(t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition")
+    assert partitions == DROPS, runs
+    assert [r["status"] for r in runs] == ["SUCCESS"] * len(DROPS), runs
+    overlap = _most_at_once(runs)
+    read = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"stderr": err}
+    print(f"runs at once: {overlap}; reader: {read}")
+    assert overlap == len(DROPS)  # all four really ran at the same time
+    assert read["errors"] == [] and read["reads"] > 0, read
+    parallel = _counts(data_dir)
+
+    serial_dir = tmp_path / "serial"
+    (serial_dir / "drops").mkdir(parents=True)
+    _make_drops(serial_dir)
+    with DagsterInstance.ephemeral() as inst:
+        assert run_governor(serial_dir, inst, settings).success
+        for drop in DROPS:
+            assert run_drop(serial_dir, inst, drop, assets=None).success
+    assert parallel == _counts(serial_dir)
+    assert sum(d["n_samples"] for d in parallel["drops"]) == 4 * 80  # rows in = rows out, nothing lost
