@@ -88,10 +88,10 @@ def main() -> None:
     from dagster import DagsterInstance
 
     from juicer_pipeline.assets.resources import StorageResource
-    from juicer_pipeline.assets.training import comparison_table, format_comparison, learning_curves
+    from juicer_pipeline.storage.results import comparison_table, learning_curves
     from juicer_pipeline.definitions import (COMPARE_JOB_NAME, DROP_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME,
                                              build_definitions)
-    from juicer_pipeline.governance.clip_training import student_config, with_native_precision
+    from juicer_pipeline.training import student_config, with_native_precision
     from juicer_pipeline.governance.recipes import RECIPE_NAMES
     from juicer_pipeline.settings import GovernorSettings, JuicerSettings, SaliencySettings, TrainingSettings
     from juicer_pipeline.world import CaptionCorruption, DropConfig, generate_drop, generate_eval_set
@@ -138,17 +138,26 @@ def main() -> None:
           f"budgets: {training.budget_full_steps} full-patch steps of {training.batch_size} | {wallclock} s; "
           f"total {time.perf_counter() - t0:.0f}s")
     for budget, title in (("tokens", "EQUAL VISION TOKENS"), ("wallclock", f"EQUAL WALL-CLOCK ({wallclock} s)")):
-        table = comparison_table(storage, budget)
+        table = comparison_table(storage.catalog, budget)
         if table.empty:
             continue
         print(f"\n{title} (held-out scores in %, mean ± std over seeds)")
         print(format_comparison(table))
-        print_curves(learning_curves(storage, budget, "t2i_r@1"), learning_curves(storage, budget, "top1"), budget)
+        print_curves(learning_curves(storage.catalog, budget, "t2i_r@1"),
+                     learning_curves(storage.catalog, budget, "top1"), budget)
         print_answers(table)
     if not a.no_inference:
         print_inference(root, settings, storage)
     if tmp:
         tmp.cleanup()
+
+
+def format_comparison(table) -> str:
+    """The comparison table as markdown, scores as 'mean ± std' in percent."""
+    from juicer_pipeline.assets.ui import markdown_table
+    from juicer_pipeline.storage.results import comparison_rows
+
+    return markdown_table(comparison_rows(table), max_chars=20)
 
 
 def print_curves(t2i: dict, top1: dict, budget: str) -> None:
@@ -186,21 +195,20 @@ def print_inference(root: Path, settings, storage) -> None:
     import pandas as pd
     from open_clip.tokenizer import SimpleTokenizer
 
-    from juicer_pipeline.assets.training import CURRENT_CHECKPOINTS_SQL, _eval_set
-    from juicer_pipeline.governance.clip_training import evaluate_student, student_config
+    from juicer_pipeline.storage.results import current_checkpoints
+    from juicer_pipeline.training import evaluate_student, held_out_eval_set, student_config
     from juicer_pipeline.governance.salient_eval import salient_kept
     from juicer_pipeline.models.loader import load_foundation_model, load_world_clip
     from juicer_pipeline.assets.vocabulary import class_vocabulary
 
     cfg = student_config(settings)
     tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
-    ev = _eval_set(storage.warehouse, tokenizer, cfg, class_vocabulary(settings.classes))
+    ev = held_out_eval_set(storage.warehouse, tokenizer, cfg.arch.image_size, class_vocabulary(settings.classes))
     governor = load_foundation_model(settings.governor.source, settings.governor.device)
     grid = (cfg.arch.grid, cfg.arch.grid)
     ev.retrieval_kept = salient_kept(governor, ev.retrieval_images, settings.saliency, grid)
     ev.class_kept = salient_kept(governor, ev.class_images, settings.saliency, grid)
-    ckpts = storage.catalog.query(f"SELECT recipe, seed, path FROM ({CURRENT_CHECKPOINTS_SQL}) "
-                                  f"WHERE budget = 'tokens' ORDER BY recipe, seed")
+    ckpts = current_checkpoints(storage.catalog, "tokens")
     rows = []
     for c in ckpts.itertuples():
         model = load_world_clip(c.path, cfg.device).model

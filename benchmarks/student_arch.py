@@ -31,7 +31,7 @@ import torch
 
 def world_train_data(n_samples: int, coverage: float, shared_colour: float, image_size: int, tokenizer,
                      hard_negatives: bool, size_jitter: tuple[float, float], coverage_shared_by: int):
-    from juicer_pipeline.governance.clip_training import TrainData
+    from juicer_pipeline.training import TrainData
     from juicer_pipeline.governance.images import to_uint8_chw
     from juicer_pipeline.world import DropConfig
     from juicer_pipeline.world.generate import drop_samples, jpeg_roundtrip
@@ -55,8 +55,8 @@ def world_train_data(n_samples: int, coverage: float, shared_colour: float, imag
 
 def world_eval_set(n: int, coverage: float, shared_colour: float, image_size: int, tokenizer,
                    coverage_shared_by: int):
-    from juicer_pipeline.governance.clip_training import EvalSet
-    from juicer_pipeline.governance.eval_data import caption_key
+    from juicer_pipeline.training import EvalSet
+    from juicer_pipeline.training.evaluation import caption_key
     from juicer_pipeline.governance.images import to_uint8_chw
     from juicer_pipeline.world.generate import eval_spec, iter_clean_samples
     from juicer_pipeline.world.vocabulary import load_vocabulary
@@ -95,7 +95,7 @@ def print_zero_shot_by_object_size(model, tokenizer, ev, coverage: float, image_
     """Zero-shot top-1 on single objects drawn like the classification held-out set but at other
     object areas (× factor): how far the student's shape recognition carries across object size.
     Factor 1 is the held-out set's own size (its first n images)."""
-    from juicer_pipeline.governance.clip_training import zero_shot_classifier
+    from juicer_pipeline.training import zero_shot_classifier
     from juicer_pipeline.governance.images import to_uint8_chw
     from juicer_pipeline.world.generate import eval_spec, iter_clean_samples
     from juicer_pipeline.world.governor_training import encode_images
@@ -118,7 +118,7 @@ def print_zero_shot_by_object_size(model, tokenizer, ev, coverage: float, image_
 
 @torch.inference_mode()
 def print_probe(model, tokenizer, ev, probe_images, probe_labels, seed: int) -> None:
-    from juicer_pipeline.governance.clip_training import zero_shot_classifier
+    from juicer_pipeline.training import zero_shot_classifier
     from juicer_pipeline.governance.metrics import linear_probe_accuracy, per_class_accuracy
     from juicer_pipeline.world.governor_training import encode_images
 
@@ -185,8 +185,8 @@ def main() -> None:
 
     from open_clip.tokenizer import SimpleTokenizer
 
-    from juicer_pipeline.governance.clip_training import student_config
-    from juicer_pipeline.governance.clip_training import evaluate_student, train_student
+    from juicer_pipeline.training import student_config
+    from juicer_pipeline.training import evaluate_student, train_student
     from juicer_pipeline.settings import JuicerSettings, TrainingSettings
     from juicer_pipeline.world import DropConfig
 

@@ -29,8 +29,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from juicer_pipeline.governance.clip_training import _CLIP_LOSS, Optimizers, clip_loss, student_config
-from juicer_pipeline.governance.images import attention_kernels, autocast, normalise_batch
+from juicer_pipeline.training.config import student_config
+from juicer_pipeline.training.loss import _CLIP_LOSS, clip_loss
+from juicer_pipeline.training.trainer import Optimizers
+from juicer_pipeline.governance.images import normalise_batch
+from juicer_pipeline.training.runtime import attention_kernels, autocast
 from juicer_pipeline.governance.pruning import kept_count
 from juicer_pipeline.models.kept_tokens import install_kept_tokens
 from juicer_pipeline.models.world_clip import build_clip

@@ -37,7 +37,8 @@ def main() -> None:
 
     from juicer_pipeline.governance.ingest import RAW_SAMPLES_SCHEMA, IngestStats, ingest_batches
     from juicer_pipeline.governance.drop_sources import open_drop
-    from juicer_pipeline.governance.images import ImageLimits, autocast
+    from juicer_pipeline.governance.images import ImageLimits
+    from juicer_pipeline.training.runtime import autocast
     from juicer_pipeline.governance.saliency import VisionPass
     from juicer_pipeline.governance.vision import (SALIENCY_SCHEMA, iter_valid_images, saliency_record_batch,
                                                    score_batch)

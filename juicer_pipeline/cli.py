@@ -1,9 +1,8 @@
-"""`juicer` console entry: demo, world generation, status."""
+"""`juicer` console entry: argument parsing and one small function per command."""
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,18 +10,9 @@ from pathlib import Path
 import duckdb
 
 from .storage import Catalog, CatalogLocked, CommitLog, Warehouse, default_data_dir
-from .world import CaptionCorruption, DropConfig, demo_drop_configs, generate_corpus, generate_drop, generate_eval_set
+from .world import CaptionCorruption, DropConfig, generate_corpus, generate_drop, generate_eval_set
 
 log = logging.getLogger("juicer")
-DEMO_DROP_PREFIX = "demo"
-_DEFAULT_DAGSTER_YAML = """telemetry:
-  enabled: false
-concurrency:
-  runs:
-    max_concurrent_runs: 2
-run_monitoring:
-  enabled: true
-"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +36,12 @@ def _one_line(exc: BaseException) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="juicer", description="Token-level governance of image-text data.")
     sub = p.add_subparsers(required=True, metavar="command")
+    for add in (_add_demo, _add_world, _add_governor, _add_truth, _add_lineage, _add_export, _add_report, _add_status, _add_catalog):
+        add(sub)
+    return p
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="generate the demo world (if absent) and juice its drops")
     demo.add_argument("--drops", type=int, default=2, help="number of demo drops (default 2)")
     demo.add_argument("--samples", type=int, default=1500, help="samples per demo drop (default 1500)")
@@ -55,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--skip-training", action="store_true", help="juice the drops but train no recipe")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_world(sub) -> None:
     world = sub.add_parser("world", help="generate synthetic-world data").add_subparsers(required=True, metavar="what")
     drop = world.add_parser("drop", help="a web-like corrupted drop with its _truth.parquet")
     drop.add_argument("out", type=Path, help="drop folder to create (e.g. data/drops/my-drop)")
@@ -89,8 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     evalsets.add_argument("--seed", type=int, default=0)
     evalsets.set_defaults(func=cmd_world_evalsets)
 
+
+def _add_governor(sub) -> None:
     gov = sub.add_parser("governor", help="the world governor").add_subparsers(required=True, metavar="what")
-    train = gov.add_parser("train", help="pretrain the world governor on the clean corpus (CPU: ~45 min)")
+    train = gov.add_parser("train", help="pretrain the world governor on the clean corpus (a long CPU run)")
     train.add_argument("--out", type=Path, default=None,
                        help="weights file (default: <data dir>/models/world_governor.safetensors; the packaged "
                             "governor is replaced only when named here explicitly)")
@@ -107,11 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--jpeg-rate", type=float, default=None, help="share of images re-encoded as JPEG")
     train.set_defaults(func=cmd_governor_train)
 
+
+def _add_truth(sub) -> None:
     truth = sub.add_parser("truth", help="truth metrics of a juiced world drop (saliency and classes)")
     truth.add_argument("drop", help="drop name (partition key) under the data dir's drops/")
     truth.add_argument("--rho", type=float, default=None, help="ρ to evaluate (default: the configured one)")
     truth.set_defaults(func=cmd_truth)
 
+
+def _add_lineage(sub) -> None:
     lineage = sub.add_parser("lineage", help="trace a score/checkpoint to its samples, or a sample forward")
     lineage.add_argument("ident", nargs="?", help="checkpoint id (or prefix) or score id '<checkpoint>:<metric>'")
     lineage.add_argument("--sample", help="trace this sample id forward instead")
@@ -120,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("--limit", type=int, default=10, help="member rows to print")
     lineage.set_defaults(func=cmd_lineage)
 
+
+def _add_export(sub) -> None:
     export = sub.add_parser("export", help="a recipe's training set as WebDataset shards (img2dataset's layout) "
                                            "for open_clip_train and DataComp-style tools")
     export.add_argument("--recipe", required=True, help="the recipe whose training set to export")
@@ -134,20 +139,25 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--samples-per-shard", type=int, default=1000)
     export.set_defaults(func=cmd_export)
 
+
+def _add_report(sub) -> None:
     report = sub.add_parser("report", help="write one static HTML page of the latest recipe comparison")
     report.add_argument("--out", type=Path, default=None, help="default: <data dir>/report.html")
     report.set_defaults(func=cmd_report)
 
+
+def _add_status(sub) -> None:
     status = sub.add_parser("status", help="drops, sample counts and quarantine reasons from the catalog")
     status.set_defaults(func=cmd_status)
 
+
+def _add_catalog(sub) -> None:
     catalog = sub.add_parser("catalog", help="the catalog's commit records").add_subparsers(required=True,
                                                                                           metavar="what")
     fold = catalog.add_parser("fold", help="fold pending commit records into the catalog (what the "
                                            "catalog_committer sensor does), once or every --every seconds")
     fold.add_argument("--every", type=float, default=None, help="keep folding at this interval until stopped")
     fold.set_defaults(func=cmd_catalog_fold)
-    return p
 
 
 def cmd_catalog_fold(a) -> None:
@@ -215,227 +225,15 @@ def governor_usage(weights: Path, data_dir: Path) -> str:
             f"  [governor]\n  source = \"file:{Path(weights).resolve()}\"")
 
 
-def ensure_demo_world(wh: Warehouse, n_drops: int, n_samples: int, eval_samples: int, seed: int) -> list[str]:
-    """Generate whatever part of the demo world is missing; return the demo drop names."""
-    names = []
-    for cfg in demo_drop_configs(n_drops, n_samples, seed):
-        name = f"{DEMO_DROP_PREFIX}-{cfg.drop_index:02d}"
-        names.append(name)
-        if not (wh.drops_dir / name).exists():
-            r = generate_drop(wh.drops_dir / name, cfg)
-            log.info("generated drop %s (%s, %d samples, %.0f images/s)", name, cfg.format, r.n_samples,
-                     r.images_per_second)
-    for kind in ("retrieval", "classification"):
-        out = wh.world_dir / "evalsets" / kind
-        if not out.exists():
-            r = generate_eval_set(out, kind, eval_samples, seed)
-            log.info("generated held-out %s set (%d images, %.0f images/s)", kind, r.n_samples, r.images_per_second)
-    return names
-
-
-def dagster_instance(data_dir: Path):
-    """The Dagster instance the UI reads, so demo runs show up in `make ui`."""
-    from dagster import DagsterInstance
-
-    if not os.environ.get("DAGSTER_HOME"):
-        home = data_dir / "dagster_home"
-        home.mkdir(parents=True, exist_ok=True)
-        if not (home / "dagster.yaml").exists():
-            (home / "dagster.yaml").write_text(_DEFAULT_DAGSTER_YAML)
-        os.environ["DAGSTER_HOME"] = str(home)
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
-    return DagsterInstance.get()
-
-
 def cmd_demo(a) -> int:
-    from .definitions import COMPARE_JOB_NAME, DROP_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
-    from .settings import load_settings
+    from .demo import run_demo
 
-    data_dir = default_data_dir()
-    wh = Warehouse(data_dir)
-    t0 = time.perf_counter()
-    ensure_demo_settings(data_dir)
-    preflight(load_settings(data_dir=data_dir))  # a wrong model or vocabulary fails now, not after the world
-    names = ensure_demo_world(wh, a.drops, a.samples, a.eval_samples, a.seed)
-    instance = dagster_instance(data_dir)
-    defs = build_definitions(data_dir=data_dir)
-    known = set(instance.get_dynamic_partitions("drops"))
-    instance.add_dynamic_partitions("drops", [n for n in names if n not in known])
-    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    log.info("resolving the governor and ingesting the held-out evaluation sets")
-    if not defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False,
-                                                                      run_config=quiet).success:
-        print("juicer: the governor run failed; see the run in the UI (make ui)", file=sys.stderr)
-        return 1
-    job = defs.resolve_job_def(DROP_JOB_NAME)
-    for name in names:
-        log.info("juicing drop %s", name)
-        result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False, run_config=quiet)
-        if not result.success:
-            print(f"juicer: demo run for drop {name} failed; see the run in the UI (make ui)", file=sys.stderr)
-            return 1
-    if not a.skip_training:
-        recipes_job = defs.resolve_job_def(RECIPES_JOB_NAME)
-        for recipe in DEMO_RECIPES:
-            log.info("training recipe %s", recipe)
-            if not recipes_job.execute_in_process(partition_key=recipe, instance=instance, raise_on_error=False,
-                                                  run_config=quiet).success:
-                print(f"juicer: demo run for recipe {recipe} failed; see the run in the UI", file=sys.stderr)
-                return 1
-        if not defs.resolve_job_def(COMPARE_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False,
-                                                                         run_config=quiet).success:
-            print("juicer: recipe comparison failed; see the run in the UI", file=sys.stderr)
-            return 1
-    _print_summary(wh, names, time.perf_counter() - t0, trained=not a.skip_training)
-    return 0
-
-
-# The demo trains three of the paper's recipes with two seeds at the CPU preset's budget (600
-# steps of 64): the baseline, the sieve and the juicer, a table with spreads within 15 minutes on 2
-# CPU cores (10 min on an Intel Xeon in its faster precision, bf16 there; 14 min in fp32). With
-# `flip` too it took 20.6 min in fp32 on that Xeon; at 400 steps, 13.9 min, but `raw`
-# then sat in the steep part of its learning curve (zero-shot 17.8 ± 3.5 %, under 2× chance).
-# benchmarks/recipes.py runs the question recipes with three seeds at both budgets.
-DEMO_RECIPES = ("raw", "datasieve", "datajuicer")
-DEMO_SETTINGS = """# Written by `juicer demo` (edit freely; delete to return to the defaults).
-# The CPU preset's training budget (600 steps of 64 images) with two seeds and one evaluation per
-# run: the demo's table with spreads within 15 minutes on 2 CPU cores. benchmarks/recipes.py runs
-# the full comparison, 3 seeds, both budgets.
-[training]
-seeds = [0, 1]
-eval_points = 1
-# whichever of fp32 and bf16 runs the training step faster on this CPU (timed at the start of
-# training; the default, fp32, repeats bit for bit on any machine)
-precision = "native"
-"""
-
-
-def preflight(settings) -> None:
-    """One clear error before any long work: the models the settings name exist, and the class
-    vocabulary file reads. (The code location itself loads without them, so the UI can show the
-    failing stage; a command-line run should not get that far.)"""
-    from .assets.vocabulary import class_vocabulary
-    from .models.loader import ModelNotFound, weights_path
-
-    source = settings.governor.source
-    folder = Path(source[3:]) if source.startswith("hf:") else None
-    path = weights_path(source)
-    if (folder is not None and not folder.is_dir()) or (folder is None and path is not None and not path.exists()):
-        raise ModelNotFound(f"[governor] source = {source!r}: no weights at {folder or path}; put them there "
-                            f"or change the source (README: Bring your own models and data)")
-    caption_model = settings.captions.model_path
-    if settings.captions.backend == "transformers" and not Path(caption_model).is_dir():
-        raise ModelNotFound(f"[captions] model_path = {caption_model!r} is not a folder; point it at a local "
-                            f"transformers model folder or set backend = \"rules\"")
-    class_vocabulary(settings.classes)  # a missing or malformed vocabulary file raises its own clear error
-
-
-def ensure_demo_settings(data_dir: Path) -> None:
-    path = data_dir / "juicer.toml"
-    if not path.exists() and not os.environ.get("JUICER_CONFIG"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(DEMO_SETTINGS)
-        log.info("wrote demo settings to %s", path)
-
-
-def _print_summary(wh: Warehouse, names: list[str], seconds: float, trained: bool = True) -> None:
-    cat = Catalog(wh.catalog_path)
-    quoted = ", ".join(f"'{n}'" for n in names)
-    counts = cat.query(f"SELECT drop_id, n_samples, n_valid, n_quarantined FROM drops WHERE drop_id IN ({quoted}) ORDER BY 1")
-    reasons = cat.query(f"SELECT quarantine_reason AS reason, count(*) AS n FROM samples "
-                        f"WHERE drop_id IN ({quoted}) AND status = 'quarantined' GROUP BY 1 ORDER BY 2 DESC, 1")
-    print("\n=== juicer demo summary ===")
-    print(f"time: {seconds:.1f}s   data dir: {wh.root}")
-    print(counts.to_string(index=False))
-    print(f"total: {int(counts.n_samples.sum())} samples, {int(counts.n_valid.sum())} valid, "
-          f"{int(counts.n_quarantined.sum())} quarantined")
-    print("quarantined by reason:")
-    print(reasons.to_string(index=False) if len(reasons) else "  (none)")
-    from .settings import load_settings
-
-    rho = load_settings(data_dir=wh.root).saliency.rho
-    for name in names:
-        print(truth_report(wh, name, rho))
-    if trained:
-        from .assets.resources import StorageResource
-        from .assets.training import comparison_table
-
-        training = load_settings(data_dir=wh.root).training
-        table = comparison_table(StorageResource(data_dir=str(wh.root)))
-        print(f"recipes (held-out scores, % mean ± std over {len(training.seeds)} seeds; equal vision-token budget "
-              f"of {training.budget_full_steps} full-patch steps of {training.batch_size} images, trained in "
-              f"{'/'.join(sorted(set(table.precision)))}; chance: zero-shot top-1 10 %):")
-        print(table[["recipe", "seeds", "tokens_seen", "samples_seen"]].assign(
-            **{m: [f"{100 * r[m + '_mean']:.1f} ± {100 * r[m + '_std']:.1f}" for r in table.to_dict("records")]
-               for m in ("i2t_r@1", "t2i_r@1", "top1")}).to_string(index=False))
-        print(demo_scope(list(table.recipe), len(training.seeds)))
-        print(f"curves:   {wh.tables_dir}/recipe_comparison/learning_curves_tokens.png")
-    print(f"outputs:  {wh.tables_dir}/<asset>/<drop>.parquet")
-    print(f"catalog:  {wh.catalog_path}")
-    print(reader_recipe(wh, cat.snapshot()))
-    print("UI:       make ui   (then open http://127.0.0.1:3000)")
-
-
-def demo_scope(trained: list[str], n_seeds: int) -> str:
-    """The demo's table is a subset of the benchmark's: say which recipes it left out."""
-    from .governance.recipes import RECIPE_NAMES
-
-    left_out = ", ".join(r for r in RECIPE_NAMES if r not in set(trained)) or "none"
-    return (f"the demo trains {len(trained)} of {len(RECIPE_NAMES)} recipes (left out: {left_out}) with {n_seeds} "
-            f"seeds and no equal wall-clock runs, to stay within 15 minutes; benchmarks/recipes.py runs the full "
-            f"comparison (flip too, both budgets, 3 seeds)")
-
-
-def truth_report(wh: Warehouse, drop: str, rho: float, settings=None) -> str:
-    from .world.truth_metrics import class_table, saliency_table
-
-    drop_dir = wh.drops_dir / drop
-    if not (drop_dir / "_truth.parquet").exists():
-        raise FileNotFoundError(f"{drop_dir} has no _truth.parquet: truth metrics exist for world drops only")
-    table = saliency_table(drop_dir, wh.partition_path("patch_saliency", drop), drop, rho)
-    lines = [f"saliency vs truth on {drop} (ρ={rho}, {int(table.images[0])} images):",
-             table.drop(columns=["images"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
-    classes_path = wh.partition_path("extracted_classes", drop)
-    if wh.exists(classes_path):
-        c = class_table(drop_dir, classes_path, drop)
-        lines.append(f"classes vs truth: precision {c['precision']:.3f}, recall {c['recall']:.3f} "
-                     f"({c['true_positives']} correct, {c['false_positives']} wrong, {c['missed']} missed)")
-        lines.append(_pooled_baseline_line(wh, drop_dir, drop, settings))
-    captions_path = wh.partition_path("enriched_captions", drop)
-    if wh.exists(captions_path):
-        from .world.truth_metrics import caption_table
-
-        t = caption_table(drop_dir, captions_path, drop)
-        lines.append(f"captions mentioning every true object: {t['all_objects_mentioned_before']:.3f} before, "
-                     f"{t['all_objects_mentioned_after']:.3f} after enrichment; mentioning an object not in the "
-                     f"image: {t['foreign_object_before']:.3f} before, {t['foreign_object_after']:.3f} after")
-    return "\n".join(lines)
-
-
-def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=None) -> str:
-    """Region crops (the pipeline's choice) vs the pooled-embedding alternative, same τ and k."""
-    import json as _json
-
-    from .assets.vision import _class_embeddings
-    from .assets.vocabulary import class_vocabulary
-    from .models.loader import cached_foundation_model
-    from .settings import load_settings
-    from .world.truth_metrics import pooled_class_baseline
-
-    settings = settings or load_settings(data_dir=wh.root)
-    record = _json.loads(wh.read_text(wh.object_path("governor", "governor.json")))
-    fm = cached_foundation_model(settings.governor.source, settings.governor.device)
-    vocab = class_vocabulary(settings.classes)
-    from .governance.classes import model_temperature
-
-    b = pooled_class_baseline(drop_dir, wh.partition_path("patch_saliency", drop), drop, _class_embeddings(fm, vocab),
-                              list(vocab.names), record["tau"], settings.classes.k, model_temperature(fm))
-    return (f"  pooled-embedding alternative at the same τ={record['tau']:.2f}: precision {b['precision']:.3f}, "
-            f"recall {b['recall']:.3f}")
+    return run_demo(default_data_dir(), a.drops, a.samples, a.eval_samples, a.seed, train=not a.skip_training)
 
 
 def cmd_truth(a) -> None:
     from .settings import load_settings
+    from .truth_report import truth_report
 
     data_dir = default_data_dir()
     rho = a.rho if a.rho is not None else load_settings(data_dir=data_dir).saliency.rho
@@ -556,29 +354,19 @@ def _snapshot_catalog(wh: Warehouse) -> Catalog:
 
 
 def cmd_status(a) -> None:
+    from .demo import reader_recipe
+    from .storage.records import drop_counts, quarantine_reasons
+
     wh = _storage().warehouse
     cat = _snapshot_catalog(wh)  # read the copy: no lock on the live catalog while printing
     snap = cat.path
-    print(cat.query("SELECT drop_id, format, n_samples, n_valid, n_quarantined, ingested_at FROM drops ORDER BY 1")
-          .to_string(index=False))
-    print(cat.query("SELECT drop_id, quarantine_reason, count(*) AS n FROM samples WHERE status = 'quarantined' "
-                    "GROUP BY ALL ORDER BY 1, 3 DESC").to_string(index=False))
+    print(drop_counts(cat).to_string(index=False))
+    print(quarantine_reasons(cat).to_string(index=False))
     pending = CommitLog(wh.commits_dir).pending()
     if pending:
         print(f"{len(pending)} commit record(s) not yet folded into the catalog (catalog_committer sensor, "
               f"or `juicer catalog fold`)")
     print(reader_recipe(wh, snap))
-
-
-def reader_recipe(wh: Warehouse, snap: Path) -> str:
-    """How to query the catalog from outside the pipeline without making its writers wait."""
-    return "\n".join([
-        f"snapshot: {snap}  (a copy of {wh.catalog_path}; `juicer status` refreshes it)",
-        "query it, never the live catalog (an open connection, even read-only, makes pipeline writers wait):",
-        f"  python -c \"import duckdb; print(duckdb.connect('{snap}', read_only=True)"
-        f".sql('SELECT status, quarantine_reason, count(*) FROM samples GROUP BY ALL'))\"",
-        f"or the Parquet files directly: duckdb.sql(\"SELECT * FROM read_parquet('{wh.tables_dir}/raw_samples/*.parquet')\")",
-    ])
 
 
 if __name__ == "__main__":

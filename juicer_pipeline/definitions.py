@@ -7,6 +7,7 @@ from dagster import (AssetSelection, AssetsDefinition, AutomationConditionSensor
                      define_asset_job)
 
 from .assets.checks import build_checks
+from .assets.evaluation import build_eval_sets_asset, build_evaluation_assets
 from .assets.export import build_export_assets
 from .assets.ingest import build_ingest_assets
 from .assets.text import build_text_assets
@@ -30,9 +31,16 @@ EXPORT_JOB_NAME = "export_recipe"
 def build_assets(settings: JuicerSettings) -> tuple[list, list]:
     """(all assets, the per-drop ones that the drop job materialises)."""
     everything = [*build_ingest_assets(settings), *build_vision_assets(settings), *build_text_assets(settings),
-                  *build_training_assets(settings), *build_export_assets(settings)]
+                  *_across_drops(settings), *build_export_assets(settings)]
     per_drop = [a for a in everything if a.partitions_def is drops_partitions and isinstance(a, AssetsDefinition)]
     return everything, per_drop
+
+
+def _across_drops(settings: JuicerSettings) -> list:
+    """eval_sets, then per recipe: training_set → clip_checkpoint → benchmark_scores, and recipe_comparison."""
+    eval_sets = build_eval_sets_asset(settings)
+    training_set, clip_checkpoint = build_training_assets(settings, eval_sets)
+    return [eval_sets, training_set, clip_checkpoint, *build_evaluation_assets(settings, clip_checkpoint, eval_sets)]
 
 
 def build_definitions(settings: JuicerSettings | None = None, data_dir: Path | None = None) -> Definitions:

@@ -8,18 +8,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .storage import Catalog, Warehouse, atomic_path
+from .storage.records import checkpoints_overview, current_governor, training_sets_overview
+from .storage.results import HEADLINE, comparison_table
 
 
 def write_report(wh: Warehouse, out: Path | None = None) -> Path:
-    from .assets.resources import StorageResource
-    from .assets.training import HEADLINE, comparison_table
-
     cat = Catalog(wh.catalog_path)
-    table = comparison_table(StorageResource(data_dir=str(wh.root)))
-    sets = cat.query("SELECT recipe, training_set_id, n_members, excluded, drops FROM training_sets ORDER BY recipe")
-    ckpts = cat.query("SELECT recipe, seed, checkpoint_id, tokens_seen, samples_seen, wall_seconds FROM checkpoints "
-                      "ORDER BY recipe, seed")
-    gov = cat.query("SELECT model_id, source, tau FROM models WHERE role = 'governor' ORDER BY created_at DESC LIMIT 1")
+    table = comparison_table(cat)
+    sets, ckpts, gov = training_sets_overview(cat), checkpoints_overview(cat), current_governor(cat)
     chart = wh.object_path("recipe_comparison", "learning_curves_tokens.png")
     img = (f'<img alt="learning curves" src="data:image/png;base64,'
            f'{base64.b64encode(wh.filesystem.cat_file(chart)).decode()}">' if wh.exists(chart) else "")

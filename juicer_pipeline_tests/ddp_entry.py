@@ -1,4 +1,4 @@
-"""torchrun entry for tests: the real `distributed_training.main`, with a spy on the tokens each
+"""torchrun entry for tests: the real `distributed.main`, with a spy on the tokens each
 rank's vision transformer really receives, and an injected fault on request.
 
 Environment: JUICER_TEST_OUT (a folder: each rank writes fed-rank<r>.json there) and
@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from juicer_pipeline.governance import clip_training, distributed_training
+from juicer_pipeline.training import distributed, trainer
 
 rank = int(os.environ["RANK"])
 fed: list[int] = []
-_install = clip_training.install_kept_tokens
+_install = trainer.install_kept_tokens
 
 
 def _spying_install(model):
@@ -23,13 +23,13 @@ def _spying_install(model):
     return _install(model)
 
 
-clip_training.install_kept_tokens = _spying_install
+trainer.install_kept_tokens = _spying_install
 
 fault = os.environ.get("JUICER_TEST_FAULT")
 if fault:
     kind, fault_rank, fault_step = fault.split(":")
     if int(fault_rank) == rank:
-        _step, steps = clip_training.Optimizers.step, [0]
+        _step, steps = trainer.Optimizers.step, [0]
 
         def _faulty_step(self):
             steps[0] += 1
@@ -39,8 +39,8 @@ if fault:
                 time.sleep(600)  # a rank that stops answering: the others must time out, not hang
             _step(self)
 
-        clip_training.Optimizers.step = _faulty_step
+        trainer.Optimizers.step = _faulty_step
 
-distributed_training.main(sys.argv[1:])
+distributed.main(sys.argv[1:])
 if os.environ.get("JUICER_TEST_OUT"):
     (Path(os.environ["JUICER_TEST_OUT"]) / f"fed-rank{rank}.json").write_text(json.dumps(fed))

@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from ..export import ExportRequest, ExportResult, GovernorInfo, export_training_set, governor_geometry
 from ..export.webdataset_export import open_clip_train_command
-from ..governance.clip_training import student_config
+from ..training import student_config
 from ..governance.recipes import RECIPES
 from ..models.loader import cached_foundation_model, model_fingerprint, weights_path
 from ..settings import JuicerSettings, code_version

@@ -1,17 +1,11 @@
 """Decoding and verifying images: one place, so ingestion and every later stage agree."""
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
-
-if TYPE_CHECKING:  # imported lazily at run time: ingestion workers never load torch
-    import torch
-
 
 # What a drop may hold. Multi-frame files (animated GIF, multi-page TIFF) count by their first
 # frame. Anything else PIL happens to open is quarantined: later stages and the README promise these.
@@ -139,45 +133,3 @@ def normalise_batch(images_u8):
     mean = torch.tensor(OPENAI_MEAN, device=images_u8.device).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD, device=images_u8.device).view(1, 3, 1, 1)
     return (images_u8.float() / 255.0 - mean) / std
-
-
-def autocast(device: "torch.device", precision: str):
-    """Mixed precision for a forward pass: "fp32" runs as is; "bf16"/"fp16" under torch.autocast."""
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def attention_kernels(device: "torch.device", precision: str):
-    """Scaled-dot-product attention on the math kernel for bf16 on CPU; otherwise PyTorch's choice.
-
-    PyTorch's CPU flash-attention kernel is built for long sequences. At a student's 25–65 tokens
-    and 32-wide heads its backward pass is slow under bf16 autocast: there it took 38 % of a
-    training step, and the math kernel made the whole bf16 step about 35 % faster (an AMD EPYC).
-    In fp32 the flash kernel is no slower (EPYC) or about 6 % faster (an Intel Xeon), so fp32
-    keeps it. `benchmarks/train_step.py` measures both steps under this setting."""
-    import torch
-
-    if torch.device(device).type != "cpu" or precision != "bf16":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run with `n` intra-op threads, then restore the count. torch's setting is process-wide, so a
-    training run left at 1 thread would otherwise slow (and change the float sums of) whatever runs
-    next in the same process: an in-process executor's later steps, or the caller's own code."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

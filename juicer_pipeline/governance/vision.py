@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from .images import autocast, load_rgb
+from ..training.runtime import autocast
+from .images import load_rgb
 from .parquet_batches import iter_parquet_batches
 from .saliency import METHODS, VisionPass
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import duckdb
 
-from .catalog import Catalog, LineageRow, lock_backoffs, mark_drop, replace_drop, write_lineage
+from .catalog import Catalog, lock_backoffs
+from .records import LineageRow, mark_drop, replace_drop, write_lineage
 from .warehouse import atomic_path
 
 log = logging.getLogger(__name__)

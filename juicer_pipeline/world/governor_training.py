@@ -24,7 +24,6 @@ held-out sets, which score the students, are only reported.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,7 +33,10 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
 from ..governance.classes import square_crop
-from ..governance.images import normalise_batch, to_uint8_chw, torch_threads
+from ..governance.images import normalise_batch, to_uint8_chw
+from ..training.loss import clip_loss
+from ..training.runtime import torch_threads
+from ..training.schedule import warmup_cosine
 from ..governance.metrics import retrieval_recall, zero_shot_accuracy
 from ..governance.prompts import BACKGROUND_CLASS, TEMPLATES, class_embeddings, with_article
 from ..models.world_clip import ClipArch, build_clip
@@ -301,23 +303,6 @@ def _crop_scores(model, held: HeldOut, classes: torch.Tensor, background: torch.
     return out
 
 
-def clip_loss(model, images: torch.Tensor, texts: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """Symmetric ITC loss; the hard-negative captions join the image→text softmax only.
-
-    Negatives are encoded without gradient: they push images away from wrong shapes and colours
-    (the point of them) at a third of the cost of back-propagating through them as well.
-    """
-    img = F.normalize(model.encode_image(images), dim=-1)
-    with torch.no_grad():
-        neg = F.normalize(model.encode_text(negatives), dim=-1)
-    txt = torch.cat([F.normalize(model.encode_text(texts), dim=-1), neg])
-    scale = model.logit_scale.exp().clamp(max=100)
-    logits = scale * img @ txt.T  # [B, B + negatives]
-    labels = torch.arange(len(images))
-    b = len(images)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :b].T, labels))
-
-
 def train_governor(cfg: GovernorTrainConfig, progress=None, checkpoint=None) -> tuple[torch.nn.Module, dict]:
     """Train and evaluate; return the model and a record (config, curve, scores, wall time)."""
     with torch_threads(cfg.threads):
@@ -340,8 +325,7 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    sched = warmup_cosine(opt, cfg.warmup, lambda s: s / cfg.steps, ramp_includes_step=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(corpus.images)
     curve, evals = [], []
@@ -355,7 +339,7 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
         variant = torch.randint(0, corpus.positives.shape[1], (len(idx),), generator=gen)
         texts = corpus.positives[idx, variant].long()
         negatives = torch.cat([corpus.shape_negatives[idx], corpus.colour_negatives[idx]]).long()
-        loss = clip_loss(model, normalise_batch(images), texts, negatives)
+        loss = clip_loss(model, normalise_batch(images), texts, negatives, grad_through_negatives=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -86,8 +86,8 @@ def test_equal_token_budget_and_catalog_records(trained):
 
 
 def test_training_data_carries_a_swap_negative_for_every_caption_that_names_a_class(trained):
-    from juicer_pipeline.assets.training import _train_data
-    from juicer_pipeline.governance.clip_training import student_config
+    from juicer_pipeline.assets.training import train_data
+    from juicer_pipeline.training import student_config
     from juicer_pipeline.storage import Warehouse
     from juicer_pipeline.world.vocabulary import load_vocabulary
 
@@ -96,7 +96,7 @@ def test_training_data_carries_a_swap_negative_for_every_caption_that_names_a_cl
     members = wh.read_table("training_set", "raw").to_pandas()
     settings = JuicerSettings(training=TrainingSettings(student=str(root / "student.json"), hard_negatives=True))
     names = list(load_vocabulary().shapes)
-    data = _train_data(wh, members, "all", student_config(settings), settings.saliency, negatives_from=names)
+    data = train_data(wh, members, "all", student_config(settings), settings.saliency, negatives_from=names)
     names_a_class = torch.tensor([any(n in c.lower() for n in names) for c in members.train_caption])  # plurals too
     differ = (data.negatives != data.tokens).any(dim=1)
     # a row has a negative exactly when its caption names a class within the tokenizer's context

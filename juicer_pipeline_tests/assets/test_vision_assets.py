@@ -110,7 +110,7 @@ def test_corrupt_stored_embedding_fails_the_stage_loudly(data_dir, instance, jui
 
 
 def test_enriched_captions_and_truth_report(data_dir, juiced, tiny_settings):
-    from juicer_pipeline.cli import truth_report
+    from juicer_pipeline.truth_report import truth_report
     from juicer_pipeline.storage import Warehouse
 
     result, _ = juiced

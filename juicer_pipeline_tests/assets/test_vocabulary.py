@@ -71,7 +71,7 @@ def test_held_out_sets_from_folders_of_ones_own(data_dir, instance, tmp_path):
     from open_clip.tokenizer import SimpleTokenizer
 
     from juicer_pipeline.definitions import GOVERNOR_JOB_NAME, build_definitions
-    from juicer_pipeline.governance.eval_data import load_eval_set
+    from juicer_pipeline.training.evaluation import load_eval_set
     from juicer_pipeline.settings import TrainingSettings
 
     shapes = [("star", "red"), ("heart", "blue"), ("circle", "yellow"), ("star", "green")]

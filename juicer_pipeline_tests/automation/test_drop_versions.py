@@ -139,7 +139,7 @@ def test_new_training_sets_leave_out_a_deleted_drop(data_dir):
     from juicer_pipeline.assets.training import PER_DROP_INPUTS, juiced_drops
     from juicer_pipeline.governance.ingest import RAW_SAMPLES_SCHEMA
     from juicer_pipeline.storage import apply_ops, drop_status_op
-    from juicer_pipeline.storage.catalog import replace_drop
+    from juicer_pipeline.storage.records import replace_drop
 
     storage = StorageResource(data_dir=str(data_dir))
     wh = storage.warehouse

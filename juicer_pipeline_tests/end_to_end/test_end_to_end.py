@@ -36,7 +36,7 @@ def test_demo_generates_world_juices_drops_and_prints_summary(data_dir, tmp_path
 
 
 def test_the_demo_names_the_recipes_its_table_leaves_out():
-    from juicer_pipeline.cli import DEMO_RECIPES, demo_scope
+    from juicer_pipeline.demo import DEMO_RECIPES, demo_scope
     from juicer_pipeline.governance.recipes import RECIPE_NAMES
 
     assert set(DEMO_RECIPES) < set(RECIPE_NAMES)

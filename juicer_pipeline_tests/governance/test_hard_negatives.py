@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from juicer_pipeline.governance import clip_training
-from juicer_pipeline.governance.clip_training import StudentConfig, TrainData, train_student
+from juicer_pipeline.training import trainer
+from juicer_pipeline.training import loss as itc
+from juicer_pipeline.training.config import StudentConfig
+from juicer_pipeline.training.trainer import TrainData, train_student
 from juicer_pipeline.governance.hard_negatives import swap_negatives
 from juicer_pipeline.models.world_clip import build_clip, tiny_arch
 
@@ -66,10 +68,10 @@ def test_loss_with_negatives_is_the_image_to_text_softmax_over_positives_and_neg
     labels = torch.arange(5)
     by_hand = 0.5 * (f.cross_entropy(scale * img @ torch.cat([txt, neg]).T, labels)
                      + f.cross_entropy(scale * txt @ img.T, labels))
-    assert clip_training.clip_loss(model, images, tokens, negatives).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert itc.clip_loss(model, images, tokens, negatives).item() == pytest.approx(by_hand.item(), abs=1e-6)
     # no negatives (or none in this batch) is exactly the plain loss
-    plain = clip_training.clip_loss(model, images, tokens).item()
-    assert clip_training.clip_loss(model, images, tokens, negatives[:0]).item() == pytest.approx(plain, abs=1e-7)
+    plain = itc.clip_loss(model, images, tokens).item()
+    assert itc.clip_loss(model, images, tokens, negatives[:0]).item() == pytest.approx(plain, abs=1e-7)
     assert by_hand.item() > plain  # the negatives compete with the positives
 
 
@@ -81,8 +83,8 @@ def test_training_feeds_only_the_rows_that_have_a_negative(monkeypatch):
                      negatives=torch.randint(1, 100, (n, 16), generator=g),
                      has_negative=torch.arange(n) % 2 == 0)
     seen = []
-    real = clip_training.clip_loss
-    monkeypatch.setattr(clip_training, "clip_loss",
+    real = trainer.clip_loss
+    monkeypatch.setattr(trainer, "clip_loss",
                         lambda model, images, tokens, negatives=None: seen.append(len(negatives)) or real(
                             model, images, tokens, negatives))
     cfg = StudentConfig(arch=tiny_arch(), batch_size=8, budget_tokens=8 * 17 * 4, eval_points=1, warmup_steps=1)

@@ -7,7 +7,7 @@ import pytest
 
 from juicer_pipeline.storage import (Catalog, LineageRow, replace_checkpoints, replace_drop, replace_training_set,
                                      write_lineage)
-from juicer_pipeline.storage.catalog import MIGRATIONS
+from juicer_pipeline.storage.schema import MIGRATIONS
 from juicer_pipeline.storage.lineage import trace_back
 
 PER_DROP = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "sieve_scores", "enriched_captions")
@@ -129,7 +129,7 @@ def test_a_rebuilt_training_set_drops_the_old_one_once_no_checkpoint_uses_it(his
 
 def test_comparison_table_skips_stale_scores(tmp_path):
     from juicer_pipeline.assets.resources import StorageResource
-    from juicer_pipeline.assets.training import comparison_table
+    from juicer_pipeline.storage.results import comparison_table
 
     storage = StorageResource(data_dir=str(tmp_path))
     cat = storage.catalog
@@ -147,8 +147,8 @@ def test_comparison_table_skips_stale_scores(tmp_path):
     cat.write(scored)
     # flip is retrained; its scores still belong to the checkpoint it replaced
     cat.write(lambda con: _train(con, "flip", "ts-flip2", "ck-flip2", "run-2", "c"))
-    table = comparison_table(storage)
+    table = comparison_table(cat)
     assert list(table.recipe) == ["raw"] and table.top1_mean[0] == 0.5
     cat.write(lambda con: score(con, "flip", "ck-flip2", 0.9))
-    table = comparison_table(storage).set_index("recipe")
+    table = comparison_table(cat).set_index("recipe")
     assert table.loc["flip", "top1_mean"] == 0.9 and table.loc["flip", "seeds"] == 1

@@ -16,8 +16,8 @@ import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from juicer_pipeline.governance.clip_training import EvalSet, StudentConfig, TrainData, evaluate_student, train_student
-from juicer_pipeline.governance.distributed_training import DistributedTrainingError, train_student_processes
+from juicer_pipeline.training import EvalSet, StudentConfig, TrainData, evaluate_student, train_student
+from juicer_pipeline.training.distributed import DistributedTrainingError, train_student_processes
 from juicer_pipeline.models.world_clip import tiny_arch
 
 ENTRY = "juicer_pipeline_tests.ddp_entry"  # the real entry point, with a spy on the tokens fed

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from juicer_pipeline.governance.clip_training import StudentConfig, TrainData, student_config, train_student
+from juicer_pipeline.training import StudentConfig, TrainData, student_config, train_student
 from juicer_pipeline.governance.pruning import kept_count
 from juicer_pipeline.settings import load_settings
 

@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from juicer_pipeline.governance import clip_training
-from juicer_pipeline.governance.clip_training import StudentConfig, TrainData, plan, train_student
+from juicer_pipeline.training import config, schedule, trainer
+from juicer_pipeline.training import loss as itc
+from juicer_pipeline.training.config import StudentConfig, plan
+from juicer_pipeline.training.trainer import TrainData, train_student
 from juicer_pipeline.governance.metrics import (linear_probe_accuracy, per_class_accuracy, retrieval_recall,
                                                  zero_shot_accuracy)
 from juicer_pipeline.governance.recipes import RECIPES
@@ -54,17 +56,16 @@ def test_equal_budget_within_one_batch(rho):
 
 def _spy_on_vision_input(monkeypatch):
     """Tokens (CLS included) that really entered the vision transformer, per training forward."""
-    from juicer_pipeline.governance import clip_training
 
     fed = []
-    install = clip_training.install_kept_tokens
+    install = trainer.install_kept_tokens
 
     def spying(model):
         model.visual.transformer.register_forward_pre_hook(
             lambda m, args: fed.append(args[0].shape[0] * args[0].shape[1]) if m.training else None)
         return install(model)
 
-    monkeypatch.setattr(clip_training, "install_kept_tokens", spying)
+    monkeypatch.setattr(trainer, "install_kept_tokens", spying)
     return fed
 
 
@@ -132,7 +133,7 @@ def test_cpu_training_picks_the_attention_kernel_by_precision_and_restores_the_c
 
 @pytest.mark.parametrize("timed, chosen", [({"fp32": 0.2, "bf16": 0.1}, "bf16"), ({"fp32": 0.1, "bf16": 0.3}, "fp32")])
 def test_native_precision_trains_in_the_faster_one_and_records_it(monkeypatch, timed, chosen):
-    monkeypatch.setattr(clip_training, "_cpu_step_seconds", lambda arch, batch, threads: tuple(timed.items()))
+    monkeypatch.setattr(config, "_cpu_step_seconds", lambda arch, batch, threads: tuple(timed.items()))
     said = []
     cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 2, rho=0.5, warmup_steps=1,
                         precision="native")
@@ -141,17 +142,17 @@ def test_native_precision_trains_in_the_faster_one_and_records_it(monkeypatch, t
     assert any(f"fp32 {timed['fp32']:.3f} s, bf16 {timed['bf16']:.3f} s" in s and f"runs in {chosen}" in s
                for s in said)
     for fixed in ("fp32", "bf16"):  # a precision that is set is kept as it is, untimed
-        assert clip_training.with_native_precision(replace(cfg, precision=fixed)).precision == fixed
+        assert config.with_native_precision(replace(cfg, precision=fixed)).precision == fixed
 
 
 def test_native_precision_times_both_precisions_once_per_student():
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    first = clip_training._cpu_step_seconds(tiny_arch(), 8, 1, steps=1)
+    first = config._cpu_step_seconds(tiny_arch(), 8, 1, steps=1)
     assert torch.equal(torch.rand(3), expected)  # the caller's random state is untouched
     assert [p for p, _ in first] == ["fp32", "bf16"] and all(s > 0 for _, s in first)
-    assert clip_training._cpu_step_seconds(tiny_arch(), 8, 1, steps=1) is first  # cached: one choice per process
+    assert config._cpu_step_seconds(tiny_arch(), 8, 1, steps=1) is first  # cached: one choice per process
 
 
 def test_training_settings_accept_native_precision_and_reject_others():
@@ -165,7 +166,7 @@ def test_training_settings_accept_native_precision_and_reject_others():
 
 
 def test_math_attention_kernel_gives_the_default_kernels_loss_and_gradients():
-    from juicer_pipeline.governance.images import attention_kernels
+    from juicer_pipeline.training.runtime import attention_kernels
 
     torch.manual_seed(0)
     model = build_clip(tiny_arch())
@@ -173,7 +174,7 @@ def test_math_attention_kernel_gives_the_default_kernels_loss_and_gradients():
 
     def loss_and_grads():
         model.zero_grad()
-        loss = clip_training.clip_loss(model, images, tokens)
+        loss = itc.clip_loss(model, images, tokens)
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -203,7 +204,7 @@ def test_wallclock_budget_trains_for_the_measured_seconds(monkeypatch):
 def test_schedule_is_linear_warmup_then_cosine_to_zero():
     cfg = StudentConfig(arch=tiny_arch(), lr=1.0, warmup_steps=10)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = clip_training._scheduler(opt, cfg, total_steps=110, clock=clip_training.TrainClock())
+    sched = schedule.student_schedule(opt, cfg, total_steps=110, clock=trainer.TrainClock())
     lrs = []
     for _ in range(110):
         lrs.append(opt.param_groups[0]["lr"])
@@ -218,8 +219,8 @@ def test_full_patch_tuning_restarts_its_own_schedule():
     cfg = StudentConfig(arch=tiny_arch(), lr=1.0, tune_lr_scale=0.5)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     opt.param_groups[0]["lr"] = 0.001  # where the run's own cosine left it
-    phase = clip_training.Phase("full_tune", steps=40, tokens_per_image=17)
-    sched = clip_training._tune_scheduler(opt, cfg, phase, clip_training.TrainClock(), 0.0)
+    phase = config.Phase("full_tune", steps=40, tokens_per_image=17)
+    sched = schedule.tune_schedule(opt, cfg, phase, trainer.TrainClock(), 0.0)
     lrs = []
     for _ in range(40):
         lrs.append(opt.param_groups[0]["lr"])
@@ -233,8 +234,8 @@ def test_full_patch_tuning_restarts_its_own_schedule():
 @pytest.mark.parametrize("scale, restarts", [(0.0, 0), (0.5, 1)])
 def test_training_restarts_the_schedule_for_the_tuning_phase_only_when_asked(monkeypatch, scale, restarts):
     made = []
-    original = clip_training._tune_scheduler
-    monkeypatch.setattr(clip_training, "_tune_scheduler",
+    original = trainer.tune_schedule
+    monkeypatch.setattr(trainer, "tune_schedule",
                         lambda opt, cfg, phase, *a: made.append(phase.name) or original(opt, cfg, phase, *a))
     cfg = StudentConfig(arch=tiny_arch(), batch_size=16, budget_tokens=16 * 17 * 6, rho=0.5, warmup_steps=2,
                         tune_lr_scale=scale)
@@ -251,7 +252,7 @@ def test_library_clip_loss_equals_the_hand_written_symmetric_infonce():
     logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
     labels = torch.arange(6)
     by_hand = 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
-    assert clip_training.clip_loss(model, images, tokens).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert itc.clip_loss(model, images, tokens).item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
 def test_library_zero_shot_classifier_equals_prompt_ensembling_by_hand():
@@ -414,7 +415,7 @@ def test_a_valid_copy_of_a_quarantined_sample_is_not_a_duplicate():
 def test_salient_only_evaluation_feeds_only_the_kept_patches():
     from open_clip.tokenizer import SimpleTokenizer
 
-    from juicer_pipeline.governance.clip_training import EvalSet, evaluate_student
+    from juicer_pipeline.training.evaluation import EvalSet, evaluate_student
 
     torch.manual_seed(0)
     model = build_clip(tiny_arch()).eval()
@@ -496,7 +497,7 @@ def test_patch_local_stem_trains_a_pruned_step_in_bf16():
     kept = install_kept_tokens(model)
     kept.indices = torch.tensor([[0, 5, 10, 15], [1, 2, 3, 4]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = clip_training.clip_loss(model, torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16)))
+        loss = itc.clip_loss(model, torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16)))
     loss.backward()
     assert torch.isfinite(loss) and model.visual.conv1.conv.net[0].weight.grad.abs().sum() > 0
 

@@ -4,8 +4,8 @@ Every process builds the same student from the same seed and draws the same *glo
 patch sets (one generator, as in one process); each trains on its contiguous share of every global
 batch. open_clip's `ClipLoss(gather_with_grad=True)` gathers the image and text features of all
 processes with their gradients, so the contrastive loss is the one over the global batch, the same
-number on every process. DDP averages the dense gradients. The text token table's gradient is
-sparse (`SparseAdam` updates only the rows a batch uses), which DDP cannot all-reduce on NCCL, so
+number on every process (`loss.clip_loss`, gathered). DDP averages the dense gradients. The text
+token table's gradient is sparse (`SparseAdam` updates only the rows a batch uses), which DDP cannot all-reduce on NCCL, so
 DDP ignores that one parameter and `Replicas.average_sparse_grad` averages its rows with two plain
 collectives. The loss curve then equals the one-process run's of the same global batch and seed
 up to float summation order.
@@ -37,8 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..models.kept_tokens import install_kept_tokens
 from ..models.world_clip import ClipArch, build_clip
-from .clip_training import (EvalSet, StudentConfig, TrainClock, TrainData, _train, evaluate_student,
-                            with_native_precision)
+from .config import StudentConfig, with_native_precision
+from .evaluation import EvalSet, evaluate_student
+from .trainer import TrainClock, TrainData, train
 
 PROGRESS = "[juicer-ddp] "  # rank 0's progress lines on stdout, passed on by the launcher
 SPARSE_PARAMETER = "token_embedding.weight"
@@ -138,7 +139,7 @@ def train_student_distributed(data: TrainData, cfg: StudentConfig, seed: int, ev
     by torchrun). Every process gets the model and the same record: losses and the budget are
     the global batch's; `tokens_seen` sums what each process fed (`tokens_fed_per_process`).
     `evaluate` runs on rank 0 only (the others wait); pass it on every rank all the same."""
-    return _train(data, cfg, seed, evaluate, progress, on_step, replicas=Replicas(cfg.device))
+    return train(data, cfg, seed, evaluate, progress, on_step, replicas=Replicas(cfg.device))
 
 
 # --- the torchrun entry point and its launcher --------------------------------------------------
@@ -204,7 +205,7 @@ def _run(job: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """torchrun's entry: `python -m juicer_pipeline.governance.distributed_training <job dir>`.
+    """torchrun's entry: `python -m juicer_pipeline.training.distributed <job dir>`.
     The job dir holds job.json, data.pt and eval.pt as `train_student_processes` writes them."""
     from torch.distributed.elastic.multiprocessing.errors import record
 

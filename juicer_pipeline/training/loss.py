@@ -1,0 +1,30 @@
+"""The contrastive (ITC) loss, for students and the governor alike."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+_CLIP_LOSS = ClipLoss()
+MAX_LOGIT_SCALE = 100.0  # CLIP caps the learned temperature's inverse at 100
+
+
+def clip_loss(model, images: torch.Tensor, tokens: torch.Tensor, negatives: torch.Tensor | None = None,
+              grad_through_negatives: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE (open_clip's ClipLoss) with the logit scale capped at 100.
+
+    `negatives` (hard-negative captions, any number) join the image→text softmax as extra texts no
+    image matches, as NegCLIP adds them; text→image is unchanged. `grad_through_negatives=False`
+    encodes them without gradient: they still push images away from wrong shapes and colours (the
+    governor's corpus trains so) at a third of the cost of back-propagating through them."""
+    img = F.normalize(model.encode_image(images), dim=-1)
+    txt = F.normalize(model.encode_text(tokens), dim=-1)
+    scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    if negatives is None or len(negatives) == 0:
+        return _CLIP_LOSS(img, txt, scale)
+    with torch.set_grad_enabled(grad_through_negatives and torch.is_grad_enabled()):
+        neg = F.normalize(model.encode_text(negatives), dim=-1)
+    labels = torch.arange(len(img), device=img.device)
+    image_to_text = scale * img @ torch.cat([txt, neg]).T
+    text_to_image = scale * txt @ img.T
+    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2

@@ -1,0 +1,56 @@
+"""`juicer truth`: how a juiced world drop compares with the world's ground truth.
+
+Only this report and the tests read `_truth.parquet`; the pipeline never does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .storage import Warehouse
+
+
+def truth_report(wh: Warehouse, drop: str, rho: float, settings=None) -> str:
+    from .world.truth_metrics import class_table, saliency_table
+
+    drop_dir = wh.drops_dir / drop
+    if not (drop_dir / "_truth.parquet").exists():
+        raise FileNotFoundError(f"{drop_dir} has no _truth.parquet: truth metrics exist for world drops only")
+    table = saliency_table(drop_dir, wh.partition_path("patch_saliency", drop), drop, rho)
+    lines = [f"saliency vs truth on {drop} (ρ={rho}, {int(table.images[0])} images):",
+             table.drop(columns=["images"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    classes_path = wh.partition_path("extracted_classes", drop)
+    if wh.exists(classes_path):
+        c = class_table(drop_dir, classes_path, drop)
+        lines.append(f"classes vs truth: precision {c['precision']:.3f}, recall {c['recall']:.3f} "
+                     f"({c['true_positives']} correct, {c['false_positives']} wrong, {c['missed']} missed)")
+        lines.append(_pooled_baseline_line(wh, drop_dir, drop, settings))
+    captions_path = wh.partition_path("enriched_captions", drop)
+    if wh.exists(captions_path):
+        from .world.truth_metrics import caption_table
+
+        t = caption_table(drop_dir, captions_path, drop)
+        lines.append(f"captions mentioning every true object: {t['all_objects_mentioned_before']:.3f} before, "
+                     f"{t['all_objects_mentioned_after']:.3f} after enrichment; mentioning an object not in the "
+                     f"image: {t['foreign_object_before']:.3f} before, {t['foreign_object_after']:.3f} after")
+    return "\n".join(lines)
+
+
+def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=None) -> str:
+    """Region crops (the pipeline's choice) vs the pooled-embedding alternative, same τ and k."""
+    from .assets.vision import _class_embeddings
+    from .assets.vocabulary import class_vocabulary
+    from .models.loader import cached_foundation_model
+    from .settings import load_settings
+    from .world.truth_metrics import pooled_class_baseline
+
+    settings = settings or load_settings(data_dir=wh.root)
+    record = json.loads(wh.read_text(wh.object_path("governor", "governor.json")))
+    fm = cached_foundation_model(settings.governor.source, settings.governor.device)
+    vocab = class_vocabulary(settings.classes)
+    from .governance.classes import model_temperature
+
+    b = pooled_class_baseline(drop_dir, wh.partition_path("patch_saliency", drop), drop, _class_embeddings(fm, vocab),
+                              list(vocab.names), record["tau"], settings.classes.k, model_temperature(fm))
+    return (f"  pooled-embedding alternative at the same τ={record['tau']:.2f}: precision {b['precision']:.3f}, "
+            f"recall {b['recall']:.3f}")
