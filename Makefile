@@ -43,5 +43,10 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	@echo "Dagster UI: http://127.0.0.1:$(PORT)   (DAGSTER_HOME=$(DAGSTER_HOME))"
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
+# docs/settings.md, generated from the field descriptions in juicer_pipeline/settings.py (a test fails when stale).
+.PHONY: docs
+docs: $(STAMP)
+	$(VENV)/bin/python -m juicer_pipeline.settings_reference --write docs/settings.md
+
 clean-data:
 	rm -rf data/drops data/world data/warehouse data/catalog.duckdb data/dagster_home

@@ -72,12 +72,15 @@ class GovernorSettings(_Section):
     """Which foundation model every stage uses, and how it runs."""
 
     source: str = Field("world", description="world | file:<path> | open_clip:<arch>:<file> | hf:<dir>")
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the governor's passes: "
+                                                                       "cpu, cuda or cuda:<n>")
     # 64 on CPU: at 256 the governor's per-batch tensors (a 34 MB MLP activation among them) are
     # mapped anew or fragment glibc's heap, so patch_saliency ran 20 % slower and its memory crept
     # (peak 1453 vs 1200 MB over 100k images); a GPU wants larger batches (deploy/gpu.toml: 512).
-    batch_size: int = Field(64, ge=1)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    batch_size: int = Field(64, ge=1, description="images (or captions) per governor forward pass; deploy/gpu.toml "
+                                                  "sets 512 for a GPU")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="numeric precision of the governor's "
+                                                                           "passes; fp16 and bf16 are for a GPU")
     shards: int = Field(1, ge=1, description="row-range shards one drop's patch_saliency is split into: each is "
                                              "its own step (own worker, own retries); the table is the same "
                                              "for any value (not hashed)")
@@ -89,12 +92,18 @@ SaliencyMethod = Literal["cls_attention", "attention_rollout", "smoothed_rollout
 
 
 class SaliencySettings(_Section):
+    """Which patches of each image are kept."""
+
     # smoothed_rollout: best object-patch recall and ROC-AUC of the four on world drops (README table)
-    method: SaliencyMethod = "smoothed_rollout"
+    method: SaliencyMethod = Field("smoothed_rollout", description="the saliency method whose map decides the kept "
+                                                                   "patches; patch_saliency stores every method's "
+                                                                   "map, so a change re-runs pruned_images only")
     rho: float = Field(0.5, gt=0.0, le=1.0, description="share of patches kept per image")
 
 
 class ClassSettings(_Section):
+    """Which classes are extracted from each image, and how they are decided."""
+
     vocabulary: str | None = Field(None, description="class vocabulary file: one class per line, optionally "
                                                      "'name: synonym, synonym'; unset: the world's shapes")
     prompt_templates: list[str] | None = Field(None, min_length=1, description="zero-shot prompt templates, each "
@@ -131,10 +140,15 @@ class ClassSettings(_Section):
 
 
 class CaptionSettings(_Section):
-    backend: Literal["rules", "transformers"] = "rules"
+    """How captions are rectified and enriched with the extracted classes."""
+
+    backend: Literal["rules", "transformers"] = Field(
+        "rules", description="rules: deterministic cleaning and enrichment; transformers: a local seq2seq or "
+                             "causal LM (model_path), each output validated and replaced by the rules result "
+                             "where it fails")
     model_path: str | None = Field(None, description="local folder of a seq2seq/instruct LM (transformers backend)")
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1, description="captions per batch of the transformers backend")
+    max_new_tokens: int = Field(48, ge=1, description="most tokens the transformers backend generates per caption")
 
     @model_validator(mode="after")
     def _model_for_transformers(self):
@@ -148,7 +162,9 @@ class TrainingSettings(_Section):
     (unknown keys are rejected): the GPU preset is a settings file, `deploy/gpu.toml` (`device =
     "cuda"`, `precision = "bf16"`, `student = "vit-b-16"`, ...)."""
 
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="one student per seed and budget for "
+                                                                           "every recipe; the comparison shows mean "
+                                                                           "± std over seeds")
     sieve_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of samples the sieve keeps")
     student: str = Field("world-s", description="student architecture: a packaged config "
                                                 "(juicer_pipeline/models/student_configs) or a JSON file")
@@ -158,25 +174,29 @@ class TrainingSettings(_Section):
     budget_full_steps: int = Field(600, ge=1, description="vision-token budget, in full-patch steps")
     wallclock_s: float | None = Field(None, gt=0, description="also train every recipe for this many measured "
                                                               "seconds (the equal wall-clock comparison)")
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(50, ge=0)
+    batch_size: int = Field(64, ge=2, description="images per training step (the global batch when processes > 1); "
+                                                  "the budget counts budget_full_steps × batch_size images")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate, reached at the end of the warm-up")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up steps before the schedule")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate after warm-up")
     hard_negatives: bool = Field(False, description="add to each caption a hard negative: the caption with one "
                                                     "vocabulary class name swapped for another (NegCLIP), in "
                                                     "the image→text loss; every recipe alike. Needs processes = 1")
-    full_tune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    full_tune_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of the budget that pruned recipes "
+                                                                       "spend on full-patch tuning at the end")
     tune_lr_scale: float = Field(0.5, ge=0.0, le=1.0, description=(
         "peak learning rate of the pruned recipes' full-patch tuning phase, as a share of lr: the phase "
         "restarts a short warm-up and its own cosine. 0: it continues the run's cosine, near zero by then"))
     eval_points: int = Field(3, ge=1, description="learning-curve evaluations over the budget")
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of student training: cpu, "
+                                                                       "cuda or cuda:<n> (the GPU preset is "
+                                                                       "deploy/gpu.toml)")
     # fp32 by default, so that a run repeats bit for bit on any machine; the demo trains "native".
     precision: Literal["fp32", "bf16", "native"] = Field(
         "fp32", description="bf16: the training step runs under autocast; native: whichever of the two runs the "
                             "student's step faster on this machine (timed when training starts; the checkpoint "
                             "records the one used); evaluation stays fp32")
-    threads: int = Field(2, ge=1)
+    threads: int = Field(2, ge=1, description="CPU threads for student training, per process")
     processes: int = Field(1, ge=1, description="data-parallel training processes on this machine: 1 trains in the "
                                                 "asset's process; N > 1 runs torch DDP under torchrun with N processes "
                                                 "(gloo on CPU; NCCL on CUDA, one GPU each). batch_size stays the global "
