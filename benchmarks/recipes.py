@@ -35,7 +35,7 @@ PRESETS = {
     # baseline. bf16 ("native") pays for the extra steps where the CPU runs bf16 faster than fp32.
     "cpu": dict(drops=4, samples=2500, budget_full_steps=1200, wallclock_s=45.0, batch_size=64, student="world-s",
                 precision="native"),
-    "gpu": dict(drops=8, samples=10000, budget_full_steps=3000, wallclock_s=300.0, batch_size=512, student="world-m",
+    "gpu": dict(drops=8, samples=10000, budget_full_steps=3000, wallclock_s=300.0, batch_size=512, student=str(Path(__file__).resolve().parent / "student_configs" / "world-m.json"),
                 precision="fp32"),
 }
 WORLDS = {

@@ -1,7 +1,7 @@
 """Which student learns enough within the CPU budget: `raw` trained straight on world data.
 
     .venv/bin/python benchmarks/student_arch.py                               # the default student
-    .venv/bin/python benchmarks/student_arch.py --student world-s-patchify --schedule constant
+    .venv/bin/python benchmarks/student_arch.py --student benchmarks/student_configs/world-s-patchify.json --schedule constant
     .venv/bin/python benchmarks/student_arch.py --shared-colour 0 --budget 300 --samples 8000
     .venv/bin/python benchmarks/student_arch.py --patches saliency --tune-lr-scale 0   # salient patches, old tuning
 

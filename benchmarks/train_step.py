@@ -3,7 +3,7 @@ and where a step's time goes.
 
     .venv/bin/python benchmarks/train_step.py [--rho 0.5] [--steps 20] [--student world-s] [--device cpu]
     # several students compared in one run
-    .venv/bin/python benchmarks/train_step.py --student world-s world-s-v6-text1-stem4 --precision bf16
+    .venv/bin/python benchmarks/train_step.py --student world-s benchmarks/student_configs/world-s-v6-text1-stem4.json --precision bf16
     # the GPU preset at ViT-B/16 scale
     python benchmarks/train_step.py --student vit-b-16 --device cuda --precision bf16 --batch-size 256
 

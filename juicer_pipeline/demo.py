@@ -124,7 +124,7 @@ def preflight(settings) -> None:
     path = weights_path(source)
     if (folder is not None and not folder.is_dir()) or (folder is None and path is not None and not path.exists()):
         raise ModelNotFound(f"[governor] source = {source!r}: no weights at {folder or path}; put them there "
-                            f"or change the source (README: Bring your own models and data)")
+                            f"or change the source (docs/bring-your-own.md)")
     caption_model = settings.captions.model_path
     if settings.captions.backend == "transformers" and not Path(caption_model).is_dir():
         raise ModelNotFound(f"[captions] model_path = {caption_model!r} is not a folder; point it at a local "

@@ -94,7 +94,7 @@ SaliencyMethod = Literal["cls_attention", "attention_rollout", "smoothed_rollout
 class SaliencySettings(_Section):
     """Which patches of each image are kept."""
 
-    # smoothed_rollout: best object-patch recall and ROC-AUC of the four on world drops (README table)
+    # smoothed_rollout: best object-patch recall and ROC-AUC of the four on world drops (docs/benchmarks.md)
     method: SaliencyMethod = Field("smoothed_rollout", description="the saliency method whose map decides the kept "
                                                                    "patches; patch_saliency stores every method's "
                                                                    "map, so a change re-runs pruned_images only")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 # What a drop may hold. Multi-frame files (animated GIF, multi-page TIFF) count by their first
-# frame. Anything else PIL happens to open is quarantined: later stages and the README promise these.
+# frame. Anything else PIL happens to open is quarantined: later stages and docs/drops.md promise these.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 

@@ -1,4 +1,4 @@
-"""Data recipes compared at an equal budget of vision tokens (see the README's table)."""
+"""Data recipes compared at an equal budget of vision tokens (docs/benchmarks.md has the comparison)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

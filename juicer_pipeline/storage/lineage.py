@@ -1,6 +1,6 @@
 """Tracing a score or checkpoint back to its samples, and a sample forward to every artifact.
 
-Both directions are plain SQL over the catalog (shown in the README); these functions run them.
+Both directions are plain SQL over the catalog (shown in docs/catalog.md); these functions run them.
 """
 from __future__ import annotations
 

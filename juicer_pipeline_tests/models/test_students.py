@@ -6,12 +6,15 @@ import pytest
 from juicer_pipeline.models.students import STUDENTS, load_student_arch
 from juicer_pipeline.settings import TrainingSettings
 
-from ..helpers import code_versions
+from ..helpers import REPO, code_versions
+
+EXPERIMENTS = REPO / "benchmarks" / "student_configs"  # experiment-only students, loaded by path
 
 
 def test_packaged_students_load_and_differ_only_in_configuration():
     archs = {name: load_student_arch(name) for name in STUDENTS}
-    assert {"world-s", "world-s-patchify"} <= set(archs)
+    archs |= {p.stem: load_student_arch(str(p)) for p in EXPERIMENTS.glob("*.json")}
+    assert {"world-s", "world-xs", "vit-b-16"} == set(STUDENTS) and "world-s-patchify" in archs
     assert archs["world-s"].conv_stem and not archs["world-s-patchify"].conv_stem
     assert archs["world-s"].vision_width == archs["world-s-patchify"].vision_width
     # the world students share open_clip's custom block, so variants differ only in what they name
@@ -98,7 +101,7 @@ def test_stem_depth_and_pooling_are_configuration():
     kept = install_kept_tokens(avg)
     kept.indices = torch.tensor([[0, 5, 9]] * 2)
     assert avg.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 32)  # pools the kept patches only
-    assert load_student_arch("world-s-stem2").stem_depth == 2
+    assert load_student_arch(str(EXPERIMENTS / "world-s-stem2.json")).stem_depth == 2
     with pytest.raises(ValueError, match="pool_type must be 'tok' or 'avg'"):
         tiny_arch(pool_type="max")
     with pytest.raises(ValueError, match="stem_depth must be at least 1"):
@@ -126,7 +129,7 @@ def test_the_stem_first_stride_is_configuration():
     assert changed.nonzero().tolist() == [[1, 2], [1, 3], [2, 2], [2, 3]]
     model = build_clip(tiny_arch(conv_stem=True, stem_first_stride=4))
     assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 32)
-    assert load_student_arch("world-s-stem4").stem_first_stride == 4
+    assert load_student_arch(str(EXPERIMENTS / "world-s-stem4.json")).stem_first_stride == 4
     for bad in (3, 1, 16):
         with pytest.raises(ValueError, match="stem_first_stride must be a power of two from 2 to the patch size"):
             tiny_arch(stem_first_stride=bad)
