@@ -10,7 +10,7 @@ import torch
 from dagster import RetryPolicy
 from pydantic import ValidationError
 
-import juicer_pipeline.assets.vision as vision_assets
+import juicer_pipeline.assets.patch_saliency as vision_assets
 from juicer_pipeline.governance.saliency import VisionPass
 from juicer_pipeline.governance.vision import (SALIENCY_SCHEMA, count_valid_images, iter_valid_images, range_digests,
                                                saliency_record_batch, score_batch, shard_ranges)
