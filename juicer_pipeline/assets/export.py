@@ -5,7 +5,6 @@ import dataclasses
 import hashlib
 import json
 
-import pandas as pd
 import pyarrow as pa
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
@@ -16,6 +15,7 @@ from ..governance.recipes import RECIPES
 from ..models.loader import cached_foundation_model, model_fingerprint, weights_path
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, write_lineage
+from ..storage.lineage import latest_seq
 from .resources import StorageResource
 from .training import recipe_partitions
 from .ui import kept_preview, markdown_table, png_markdown
@@ -78,9 +78,7 @@ def _training_set_seq(storage: StorageResource, recipe: str) -> int | None:
     """The lineage seq of the training set the export reads: its trace reads lineage as of then."""
     if storage.uses_commit_records and not storage.catalog.path.exists():
         return None
-    seq = storage.catalog.query("SELECT max(seq) AS seq FROM lineage WHERE artifact = ?",
-                                [f"training_set/{recipe}"]).seq.iloc[0]
-    return None if pd.isna(seq) else int(seq)
+    return latest_seq(storage.catalog, f"training_set/{recipe}")
 
 
 def record_export(storage: StorageResource, result: ExportResult, run_id: str | None) -> int:

@@ -65,6 +65,12 @@ def checkpoint_artifact(recipe: str, seed: int, budget: str) -> str:
     return f"clip_checkpoint/{recipe}/{checkpoint_run_name(seed, budget)}"
 
 
+def latest_seq(catalog: Catalog, artifact: str) -> int | None:
+    """The seq of the artifact's newest lineage row (None when it has none)."""
+    seq = catalog.query("SELECT max(seq) AS seq FROM lineage WHERE artifact = ?", [artifact]).seq.iloc[0]
+    return None if pd.isna(seq) else int(seq)
+
+
 def trace_back(catalog: Catalog, ident: str) -> dict:
     with catalog.connect(read_only=True) as con:
         target = _target(con, ident)
