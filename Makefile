@@ -6,7 +6,7 @@ PORT ?= 3000
 export JUICER_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(JUICER_DATA_DIR)/dagster_home
 
-.PHONY: install browser system-packages demo test test-fast ui clean-data
+.PHONY: install browser system-packages demo test test-slow ui clean-data
 
 install: $(STAMP)
 
@@ -33,11 +33,13 @@ system-packages:
 
 browser: system-packages
 
+# `make test` is the default suite; the slow end-to-end tests (real servers, daemons, several juiced
+# drops, benchmark smoke runs) run with `make test-slow`. CI (.ci/run) runs both.
 test: $(STAMP) system-packages
-	$(VENV)/bin/python -m pytest -q
-
-test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) system-packages
+	$(VENV)/bin/python -m pytest -q -m slow
 
 ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	@echo "Dagster UI: http://127.0.0.1:$(PORT)   (DAGSTER_HOME=$(DAGSTER_HOME))"
