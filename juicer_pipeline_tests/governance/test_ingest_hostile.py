@@ -59,11 +59,11 @@ def _cap_between(small: bytes, big: bytes) -> int:
 
 
 def test_files_over_max_file_bytes_are_quarantined_unread(tmp_path, monkeypatch):
-    import juicer_pipeline.governance.drop_sources as drop_sources
+    import juicer_pipeline.governance.folder_drops as folder_drops
 
     small, big = png_bytes(colour=(1, 1, 1)), png_bytes((64, 64), colour=(2, 2, 2)) + b"\0" * 4096
     opened: list[str] = []
-    monkeypatch.setattr(drop_sources, "open", lambda p, *a, **k: opened.append(str(p)) or io.open(p, *a, **k),
+    monkeypatch.setattr(folder_drops, "open", lambda p, *a, **k: opened.append(str(p)) or io.open(p, *a, **k),
                         raising=False)
     drop = write_folder_drop(tmp_path / "d", {"small.png": small, "big.png": big},
                              [{"image": "small.png", "caption": "x"}, {"image": "big.png", "caption": "x"}])
@@ -80,7 +80,7 @@ def test_a_file_that_grows_after_stat_is_read_whole_up_to_the_cap(tmp_path, monk
     to its end, and one that grew past the cap is quarantined."""
     import os
 
-    import juicer_pipeline.governance.drop_sources as drop_sources
+    import juicer_pipeline.governance.folder_drops as folder_drops
 
     image = png_bytes((32, 32), colour=(3, 3, 3))
     real_lstat = os.lstat
@@ -89,7 +89,7 @@ def test_a_file_that_grows_after_stat_is_read_whole_up_to_the_cap(tmp_path, monk
         st = real_lstat(path, *args, **kwargs)
         return os.stat_result((*st[:6], 10, *st[7:])) if str(path).endswith("a.png") else st
 
-    monkeypatch.setattr(drop_sources.os, "lstat", lstat_before_growth)
+    monkeypatch.setattr(folder_drops.os, "lstat", lstat_before_growth)
     drop = write_folder_drop(tmp_path / "d", {"a.png": image}, [{"image": "a.png", "caption": "x"}])
     got, _ = ingest_rows(drop)
     assert got[0]["status"] == "valid" and got[0]["image"] == image
