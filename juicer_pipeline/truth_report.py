@@ -38,8 +38,9 @@ def truth_report(wh: Warehouse, drop: str, rho: float, settings=None) -> str:
 
 def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=None) -> str:
     """Region crops (the pipeline's choice) vs the pooled-embedding alternative, same τ and k."""
-    from .assets.vision import _class_embeddings
     from .assets.vocabulary import class_vocabulary
+    from .governance.classes import model_temperature
+    from .governance.prompts import class_embeddings
     from .models.loader import cached_foundation_model
     from .settings import load_settings
     from .world.truth_metrics import pooled_class_baseline
@@ -48,9 +49,8 @@ def _pooled_baseline_line(wh: Warehouse, drop_dir: Path, drop: str, settings=Non
     record = json.loads(wh.read_text(wh.object_path("governor", "governor.json")))
     fm = cached_foundation_model(settings.governor.source, settings.governor.device)
     vocab = class_vocabulary(settings.classes)
-    from .governance.classes import model_temperature
-
-    b = pooled_class_baseline(drop_dir, wh.partition_path("patch_saliency", drop), drop, _class_embeddings(fm, vocab),
+    classes = class_embeddings(fm.encode_text, list(vocab.names), vocab.attributes, vocab.templates)
+    b = pooled_class_baseline(drop_dir, wh.partition_path("patch_saliency", drop), drop, classes,
                               list(vocab.names), record["tau"], settings.classes.k, model_temperature(fm))
     return (f"  pooled-embedding alternative at the same τ={record['tau']:.2f}: precision {b['precision']:.3f}, "
             f"recall {b['recall']:.3f}")

@@ -18,7 +18,8 @@ from ..storage.results import (BUDGETS, HEADLINE, comparison_rows, comparison_ta
                                recipe_checkpoints, replace_scores)
 from ..training import evaluate_student, held_out_eval_set, student_config
 from .resources import StorageResource
-from .training import asset_version, recipe_partitions
+from .asset_lineage import asset_version
+from .training import recipe_partitions
 from .ui import curves_chart, metadata_table, png_markdown
 from .vocabulary import class_vocabulary
 

@@ -23,6 +23,7 @@ from ..storage.lineage import checkpoint_run_name
 from ..storage.training_inputs import PER_DROP_INPUTS, deleted_drops, held_out_images, juiced_samples
 from ..training import StudentConfig, TrainData, evaluate_student, held_out_eval_set, student_config, train_student
 from ..training.distributed import train_student_processes
+from .asset_lineage import asset_version
 from .resources import StorageResource
 from .ui import line_chart, markdown_table, metadata_table, png_markdown
 from .vocabulary import class_vocabulary, vocabulary_fingerprint
@@ -36,11 +37,6 @@ def build_training_assets(settings: JuicerSettings, eval_sets) -> list:
     """training_set and clip_checkpoint per recipe, downstream of the per-drop assets and `eval_sets`."""
     training_set = _training_set_asset(settings, eval_sets)
     return [training_set, _clip_checkpoint_asset(settings, training_set, eval_sets)]
-
-
-def asset_version(context: AssetExecutionContext) -> str:
-    """The running asset's code version, as its definition declared it (typed once, there)."""
-    return context.assets_def.code_versions_by_key[context.asset_key]
 
 
 def juiced_drops(storage: StorageResource) -> tuple[list[str], list[str]]:
