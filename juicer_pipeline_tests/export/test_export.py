@@ -19,7 +19,7 @@ from juicer_pipeline.assets.resources import StorageResource
 from juicer_pipeline.cli import main as juicer_main
 from juicer_pipeline.definitions import EXPORT_JOB_NAME, GOVERNOR_JOB_NAME, RECIPES_JOB_NAME, build_definitions
 from juicer_pipeline.export import ExportError, export_training_set, uid_for
-from juicer_pipeline.export import webdataset_export
+from juicer_pipeline.export import samples as export_samples
 from juicer_pipeline.governance.images import load_rgb
 from juicer_pipeline.governance.pruning import kept_on_grid
 from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSettings, TrainingSettings
@@ -175,7 +175,7 @@ def test_rerun_replaces_whole_and_a_failed_export_leaves_the_old_one(juiced, tmp
     assert again.export_id == first.export_id  # same inputs, same bytes: re-runnable
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     calls = []
-    real = webdataset_export._encode_image
+    real = export_samples._encode_image
 
     def failing(*args):
         calls.append(1)
@@ -183,7 +183,7 @@ def test_rerun_replaces_whole_and_a_failed_export_leaves_the_old_one(juiced, tmp
             raise OSError("disk full")
         return real(*args)
 
-    monkeypatch.setattr(webdataset_export, "_encode_image", failing)
+    monkeypatch.setattr(export_samples, "_encode_image", failing)
     with pytest.raises(OSError, match="disk full"):
         _export(root, settings, "datajuicer", out, samples_per_shard=10)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -438,7 +438,7 @@ def test_export_to_object_storage_is_committed_by_its_manifest(juiced, tmp_path,
                                     options)
         assert fewer.n_shards == 2 < first.n_shards and not fs.exists("exports/dj/shards/00002.tar")
         assert json.loads(fs.cat_file("exports/dj/manifest.json")) == fewer.manifest
-        monkeypatch.setattr(webdataset_export, "_encode_image", _raises(OSError("connection reset")))
+        monkeypatch.setattr(export_samples, "_encode_image", _raises(OSError("connection reset")))
         with pytest.raises(OSError, match="connection reset"):
             export_training_set(storage.warehouse, "s3://exports/dj", request, governor, options)
         assert not fs.exists("exports/dj/manifest.json")
