@@ -14,6 +14,8 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 from ..governance.parquet_batches import iter_parquet_batches
 from ..governance.saliency import METHODS
 from ..settings import ClassSettings, JuicerSettings
+from ..storage.contract_queries import (counted_rows, leaked_members, partition_frame, raw_row_problems,
+                                        scored_row_problems, status_counts)
 from .partitions import drops_partitions
 from .resources import StorageResource
 from .vision import read_governor_record
@@ -65,17 +67,6 @@ def _ids(values) -> str:
     return ", ".join(values[:_SHOW]) + (f" … (+{len(values) - _SHOW})" if len(values) > _SHOW else "")
 
 
-def _sql(wh, sql: str, params: list):
-    """A query over warehouse tables (local or object storage), as a DataFrame."""
-    with wh.duckdb() as con:
-        return con.execute(sql, params).df()
-
-
-def _query_partition(wh, asset: str, drop: str, sql: str):
-    """`sql` over one partition's Parquet file (its one `?`), as a DataFrame."""
-    return _sql(wh, sql, [wh.partition_path(asset, drop)])
-
-
 # --- raw_samples ------------------------------------------------------------------------------------
 
 def rows_in_rows_out(storage: StorageResource, drop: str) -> AssetCheckResult:
@@ -88,19 +79,17 @@ def rows_in_rows_out(storage: StorageResource, drop: str) -> AssetCheckResult:
         with storage.warehouse.duckdb() as con:
             return _rows_against_counts(con, drop, path, counted, against_catalog=False)
     with storage.catalog.connect(read_only=True) as con:
-        counted = con.execute("SELECT n_samples, n_valid, n_quarantined FROM drops WHERE drop_id = ?",
-                              [drop]).fetchone()
+        counted = counted_rows(con, drop)
         return _rows_against_counts(con, drop, path, counted, against_catalog=True)
 
 
 def _rows_against_counts(con, drop: str, path: str, counted, against_catalog: bool) -> AssetCheckResult:
-    out = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'valid'), "
-                      "count(*) FILTER (WHERE status = 'quarantined') FROM read_parquet(?)", [path]).fetchone()
+    out = status_counts(con, path)
     if counted is None:
         return AssetCheckResult(passed=False, metadata={
             "rows_out": out[0], "note": f"no `drops` row for {drop} (catalog or commit record): "
                                         "ingestion did not record it"})
-    problems = _row_problems(con, drop, path, against_catalog)
+    problems = raw_row_problems(con, drop, path, against_catalog)
     rows_in, valid_in, quarantined_in = counted
     offending = sorted({s for ids in problems.values() for s in ids})
     passed = not offending and tuple(out) == (rows_in, valid_in, quarantined_in)
@@ -111,29 +100,8 @@ def _rows_against_counts(con, drop: str, path: str, counted, against_catalog: bo
         **{k: _ids(v) for k, v in problems.items() if v}, "offending_samples": _ids(offending)})
 
 
-def _row_problems(con, drop: str, path: str, against_catalog: bool) -> dict[str, list[str]]:
-    """Sample ids by what is wrong with them: missing on either side, twice, or without status or reason."""
-    problems = {}
-    if against_catalog:
-        problems["missing_from_parquet"] = con.execute(
-            "SELECT sample_id FROM samples WHERE drop_id = ? "
-            "EXCEPT SELECT sample_id FROM read_parquet(?) ORDER BY 1", [drop, path]).fetchall()
-        problems["missing_from_catalog"] = con.execute(
-            "SELECT sample_id FROM read_parquet(?) "
-            "EXCEPT SELECT sample_id FROM samples WHERE drop_id = ? ORDER BY 1", [path, drop]).fetchall()
-    problems["duplicated"] = con.execute("SELECT sample_id FROM read_parquet(?) GROUP BY sample_id "
-                                         "HAVING count(*) > 1 ORDER BY 1", [path]).fetchall()
-    problems["no_status_or_reason"] = con.execute(
-        "SELECT sample_id FROM read_parquet(?) WHERE status IS NULL "
-        "OR status NOT IN ('valid', 'quarantined') "
-        "OR (status = 'quarantined' AND coalesce(quarantine_reason, '') = '') ORDER BY 1", [path]).fetchall()
-    return {k: [r[0] for r in v] for k, v in problems.items()}
-
-
 def quarantine_share(storage: StorageResource, drop: str, alarm: float) -> AssetCheckResult:
-    df = _query_partition(storage.warehouse, "raw_samples", drop,
-                          "SELECT sample_id, quarantine_reason FROM read_parquet(?) "
-                          "WHERE status <> 'valid' ORDER BY sample_id")
+    df = partition_frame(storage.warehouse, "raw_samples", drop, "sample_id, quarantine_reason", "status <> 'valid'")
     total = storage.warehouse.parquet_file("raw_samples", drop).metadata.num_rows
     share = len(df) / total if total else 0.0
     reasons = df.quarantine_reason.fillna("(none)").value_counts()
@@ -150,17 +118,8 @@ def one_row_per_valid_image(storage: StorageResource, drop: str) -> AssetCheckRe
     n_valid = _same_ids_in_order(wh.parquet_file("raw_samples", drop), wh.parquet_file("patch_saliency", drop))
     if n_valid is not None:  # the usual case, decided in one streamed pass
         return AssetCheckResult(passed=True, metadata={"valid_images": n_valid, "rows": n_valid})
-    raw, sal = wh.partition_path("raw_samples", drop), wh.partition_path("patch_saliency", drop)
-    with wh.duckdb() as con:
-        q = lambda sql, params: [r[0] for r in con.execute(sql, params).fetchall()]  # noqa: E731
-        missing = q("SELECT sample_id FROM read_parquet(?) WHERE status = 'valid' "
-                    "EXCEPT SELECT sample_id FROM read_parquet(?) ORDER BY 1", [raw, sal])
-        extra = q("SELECT sample_id FROM read_parquet(?) EXCEPT "
-                  "SELECT sample_id FROM read_parquet(?) WHERE status = 'valid' ORDER BY 1", [sal, raw])
-        twice = q("SELECT sample_id FROM read_parquet(?) GROUP BY sample_id HAVING count(*) > 1 ORDER BY 1", [sal])
-        n_valid, n_rows = con.execute(
-            "SELECT (SELECT count(*) FROM read_parquet(?) WHERE status = 'valid'), "
-            "(SELECT count(*) FROM read_parquet(?))", [raw, sal]).fetchone()
+    p = scored_row_problems(wh, drop)
+    missing, extra, twice, n_valid, n_rows = p["missing"], p["extra"], p["twice"], p["n_valid"], p["n_rows"]
     offending = sorted({*missing, *extra, *twice})
     return AssetCheckResult(passed=not offending and n_valid == n_rows, metadata={
         "valid_images": n_valid, "rows": n_rows, "missing": _ids(missing), "not_valid_or_unknown": _ids(extra),
@@ -216,8 +175,7 @@ def _non_finite_ids(pf: pq.ParquetFile, column: str, batch_rows: int = 4096) -> 
 
 def classes_in_vocabulary(storage: StorageResource, drop: str, cls: ClassSettings) -> AssetCheckResult:
     shapes = set(class_vocabulary(cls).names)
-    df = _query_partition(storage.warehouse, "extracted_classes", drop,
-                          "SELECT sample_id, classes FROM read_parquet(?)")
+    df = partition_frame(storage.warehouse, "extracted_classes", drop, "sample_id, classes")
     unknown = {sid: [c for c in classes if c not in shapes]
                for sid, classes in zip(df.sample_id, df.classes) if classes is not None}
     unknown = {s: u for s, u in unknown.items() if u}
@@ -233,8 +191,7 @@ def probs_at_least_tau(storage: StorageResource, drop: str) -> AssetCheckResult:
     except FileNotFoundError as exc:
         return AssetCheckResult(passed=False, metadata={"note": str(exc)})
     tau = float(record["tau"])
-    df = _query_partition(storage.warehouse, "extracted_classes", drop,
-                          "SELECT sample_id, classes, probs FROM read_parquet(?)")
+    df = partition_frame(storage.warehouse, "extracted_classes", drop, "sample_id, classes, probs")
     bad = []
     for sid, classes, probs in zip(df.sample_id, df.classes, df.probs):
         classes = [] if classes is None else list(classes)
@@ -250,8 +207,7 @@ def probs_at_least_tau(storage: StorageResource, drop: str) -> AssetCheckResult:
 # --- pruned_images and enriched_captions ------------------------------------------------------------
 
 def retention(storage: StorageResource, drop: str, rho: float) -> AssetCheckResult:
-    df = _query_partition(storage.warehouse, "pruned_images", drop,
-                          "SELECT sample_id, n_kept, n_patches FROM read_parquet(?)")
+    df = partition_frame(storage.warehouse, "pruned_images", drop, "sample_id, n_kept, n_patches")
     expected = df.n_patches.map(lambda n: math.ceil(rho * n - 1e-9))
     bad = df[df.n_kept != expected]
     share = float(df.n_kept.sum() / max(df.n_patches.sum(), 1))
@@ -261,11 +217,10 @@ def retention(storage: StorageResource, drop: str, rho: float) -> AssetCheckResu
 
 def coverage(storage: StorageResource, drop: str) -> AssetCheckResult:
     wh = storage.warehouse
-    valid = set(_query_partition(wh, "raw_samples", drop,
-                                 "SELECT sample_id FROM read_parquet(?) WHERE status = 'valid'").sample_id)
+    valid = set(partition_frame(wh, "raw_samples", drop, "sample_id", "status = 'valid'").sample_id)
     missing = {}
     for asset in ("patch_saliency", "pruned_images", "extracted_classes", "enriched_captions"):
-        have = set(_query_partition(wh, asset, drop, "SELECT sample_id FROM read_parquet(?)").sample_id) \
+        have = set(partition_frame(wh, asset, drop, "sample_id").sample_id) \
             if wh.exists(wh.partition_path(asset, drop)) else set()
         if valid - have:
             missing[asset] = sorted(valid - have)
@@ -274,8 +229,8 @@ def coverage(storage: StorageResource, drop: str) -> AssetCheckResult:
 
 
 def no_empty_caption(storage: StorageResource, drop: str) -> AssetCheckResult:
-    df = _query_partition(storage.warehouse, "enriched_captions", drop,
-                          "SELECT sample_id FROM read_parquet(?) WHERE trim(coalesce(enriched_caption, '')) = ''")
+    df = partition_frame(storage.warehouse, "enriched_captions", drop, "sample_id",
+                         "trim(coalesce(enriched_caption, '')) = ''")
     return AssetCheckResult(passed=df.empty, metadata={"empty": len(df), "offending_samples": _ids(df.sample_id)})
 
 
@@ -285,13 +240,9 @@ def no_empty_caption(storage: StorageResource, drop: str) -> AssetCheckResult:
              description="No training set member has the content hash of an evaluation image.")
 def eval_disjoint(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
     wh = storage.warehouse
-    members, evals = wh.asset_dir("training_set"), wh.asset_dir("eval_sets")
     if not wh.partitions("training_set") or not wh.partitions("eval_sets"):
         return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN,
                                 metadata={"note": "no training set or eval set materialised yet"})
-    leaked = _sql(
-        wh, "SELECT m.recipe_file, m.sample_id FROM (SELECT filename AS recipe_file, sample_id, content_hash "
-            "FROM read_parquet(?, filename = true)) m JOIN read_parquet(?) e USING (content_hash)",
-        [f"{members}/*.parquet", f"{evals}/*.parquet"])
+    leaked = leaked_members(wh)
     return AssetCheckResult(passed=leaked.empty, metadata={"leaked": len(leaked),
                                                            "offending_samples": _ids(leaked.sample_id)})

@@ -6,6 +6,8 @@
 - `records.py`: writes of drops, models, training sets, checkpoints and lineage rows
 - `commits.py`: the commit log executors append to, folded into the catalog
 - `lineage.py`: tracing a score or an export back to its inputs
+- `contract_queries.py`: the queries behind the asset checks
+- `training_inputs.py`: the juiced samples a training set is assembled from
 - `results.py`: benchmark scores and the recipe comparison (the SQL the UI, CLI and report read)
 """
 from .catalog import Catalog, CatalogLocked
