@@ -71,16 +71,22 @@ def add_boilerplate(text: str, rng: np.random.Generator) -> str:
     return text
 
 
-def add_noise(text: str, rng: np.random.Generator) -> str:
+# What `add_noise` did, in the order of its draw: recorded in the truth so that rectification
+# can be scored per kind (casing and typos are repaired by different rules).
+NOISE_KINDS = ("casing_upper", "casing_lower", "punctuation", "typos")
+
+
+def add_noise(text: str, rng: np.random.Generator) -> tuple[str, str]:
+    """(noisy text, which of NOISE_KINDS)."""
     kind = int(rng.integers(4))
     if kind == 0:
-        return text.upper()
+        return text.upper(), NOISE_KINDS[0]
     if kind == 1:
-        return text.lower().rstrip(".")
+        return text.lower().rstrip("."), NOISE_KINDS[1]
     if kind == 2:
-        return text.rstrip(".") + str(rng.choice(["!!!", "...", "??", " !!"]))
+        return text.rstrip(".") + str(rng.choice(["!!!", "...", "??", " !!"])), NOISE_KINDS[2]
     chars = list(text)
     for _ in range(int(rng.integers(1, 3))):  # typos: swap two neighbouring letters
         i = int(rng.integers(0, max(1, len(chars) - 1)))
         chars[i], chars[i + 1 if i + 1 < len(chars) else i] = chars[i + 1 if i + 1 < len(chars) else i], chars[i]
-    return "".join(chars)
+    return "".join(chars), NOISE_KINDS[3]

@@ -151,7 +151,7 @@ def generate_drop(out_dir: Path, cfg: DropConfig, vocab: Vocabulary | None = Non
         image_name = f"{s.sample_id}.{cfg.image_format}"
         writer.add(s.sample_id, image_name, image_bytes, s.caption, url=f"https://example.org/{name}/{i}")
         writer.add_truth(_truth_row(s.sample_id, image_name, s.scene, s.rendered, s.clean, caption=s.caption,
-                                    corruptions=s.corruptions,
+                                    corruptions=s.corruptions, **s.caption_stages,
                                     duplicate_of=f"{name}-{s.source:06d}" if s.source != i else None))
         if (i + 1) % 2000 == 0:
             log.info("drop %s: %d/%d samples", name, i + 1, cfg.n_samples)
@@ -169,6 +169,8 @@ class DropSample:
     corruptions: list[str]
     source: int  # index of the sample this one duplicates (its own index otherwise)
     broken: str | None  # how the file will be broken, if it will
+    # The caption before each surface damage, for truth only: see `_corrupt_caption`.
+    caption_stages: dict = field(default_factory=dict)
 
 
 def drop_samples(cfg: DropConfig, name: str, vocab: Vocabulary):
@@ -186,14 +188,19 @@ def drop_samples(cfg: DropConfig, name: str, vocab: Vocabulary):
             corruptions.append("duplicate")
         rendered = render(scene, vocab)
         clean = true_caption(scene, _rng(cfg.seed, SPLIT_DROP, cfg.drop_index, source, 2))
-        caption = _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions)
+        caption, stages = _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions)
         broken = None
         if rng.random() < cfg.broken_rate:
             broken = BROKEN_KINDS[int(rng.integers(len(BROKEN_KINDS)))]
-        yield DropSample(f"{name}-{i:06d}", scene, rendered, clean, caption, corruptions, source, broken)
+        yield DropSample(f"{name}-{i:06d}", scene, rendered, clean, caption, corruptions, source, broken, stages)
 
 
-def _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions) -> str:
+def _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions) -> tuple[str, dict]:
+    """(web caption, its earlier stages). The stages let the truth report score rectification
+    per damage: `caption_content` is what the caption says (after misalignment or omission, which
+    no text rule can undo), `caption_before_boilerplate` that text after the noise. Tags name the
+    noise kind (`noise:typos`, ...); the rng draws are those of the untagged world, so a seed
+    still gives the same bytes."""
     c = cfg.captions
     caption = clean
     if rng.random() < c.misaligned and cfg.n_samples > 1:
@@ -206,16 +213,18 @@ def _corrupt_caption(scene, clean, rng, cfg, scene_of, i, corruptions) -> str:
         keep.pop(int(rng.integers(len(keep))))
         caption = true_caption(scene, rng, objects=keep)
         corruptions.append("omitted_object")
+    stages = {"caption_content": caption}
     if rng.random() < c.noise:
-        caption = add_noise(caption, rng)
-        corruptions.append("noise")
+        caption, kind = add_noise(caption, rng)
+        corruptions.append(f"noise:{kind}")
+    stages["caption_before_boilerplate"] = caption
     if rng.random() < c.boilerplate:
         caption = add_boilerplate(caption, rng)
         corruptions.append("boilerplate")
     if rng.random() < cfg.empty_caption_rate:
         caption = str(rng.choice(["", "   ", "\n"]))
         corruptions.append("empty_caption")
-    return caption
+    return caption, stages
 
 
 def _break(image_bytes: bytes, kind: str) -> bytes | None:

@@ -83,6 +83,26 @@ def test_corruption_rates_are_honoured(tmp_path):
     assert "noise" not in tags and "misaligned" not in tags
 
 
+def test_truth_records_caption_stages_and_noise_kinds(tmp_path):
+    from juicer_pipeline.world.captions import NOISE_KINDS
+
+    cfg = DropConfig(n_samples=300, captions=CaptionCorruption(boilerplate=0.5, noise=0.5, omit=0.3, misaligned=0.1),
+                     empty_caption_rate=0)
+    truth = pd.read_parquet(generate_drop(tmp_path / "d", cfg).path / "_truth.parquet")
+    tags = set(truth.corruptions.explode().dropna())
+    assert {f"noise:{k}" for k in NOISE_KINDS} <= tags and "noise" not in tags
+    for row in truth.itertuples():
+        kinds = set(row.corruptions)
+        if not kinds & {"misaligned", "omitted_object"}:
+            assert row.caption_content == row.true_caption
+        if not any(k.startswith("noise:") for k in kinds):
+            assert row.caption_before_boilerplate == row.caption_content
+        if "boilerplate" in kinds:
+            assert row.caption_before_boilerplate in row.caption
+        else:
+            assert row.caption == row.caption_before_boilerplate
+
+
 def test_object_coverage_parameter_controls_object_share(tmp_path):
     shares = []
     for cov in (0.1, 0.4):
