@@ -8,7 +8,8 @@ import pyarrow as pa
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, MaterializeResult,
                      MetadataValue, asset)
 
-from ..governance.caption_refiner import ObjectVocabulary, RulesRefiner, TransformersRefiner, caption_version
+from ..governance.caption_refiner import (ObjectVocabulary, RulesRefiner, TransformersRefiner, caption_version,
+                                          enrichment_by_class)
 from ..governance.metrics import matched_caption_percentile
 from ..governance.vision import stored_vectors
 from ..models.loader import cached_foundation_model, model_fingerprint
@@ -18,7 +19,7 @@ from .asset_lineage import commit_lineage
 from .partitions import drops_partitions
 from .resources import StorageResource
 from .vocabulary import class_vocabulary, vocabulary_fingerprint
-from .ui import markdown_table
+from .ui import markdown_table, metadata_table
 
 _PAIRS = 8
 # A governor that knows a drop's domain ranks each image's own caption high among the drop's
@@ -92,6 +93,7 @@ class CaptionEnrichment:
     percentile: float  # how the governor ranks each image's own caption among the drop's (NaN under 2)
     refine_seconds: float
     table: pa.Table
+    by_class: list[dict]  # `enrichment_by_class`: per class, extracted / added / already named
 
     @property
     def mean_before(self) -> float:
@@ -116,7 +118,8 @@ def enrich_captions(fm, refiner, ids: list[str], image_emb: np.ndarray, captions
     """Refine each sample's caption with its classes and score both against its stored image embedding."""
     t0 = time.perf_counter()
     before = [captions[s] for s in ids]
-    refined = refiner.refine(before, [classes.get(s, []) for s in ids])
+    extracted = [classes.get(s, []) for s in ids]
+    refined = refiner.refine(before, extracted)
     refine_seconds = time.perf_counter() - t0
     after = [r.text for r in refined]
     versions = [caption_version(b, r) for b, r in zip(before, refined)]
@@ -130,7 +133,8 @@ def enrich_captions(fm, refiner, ids: list[str], image_emb: np.ndarray, captions
         "classes_used": [r.classes_used for r in refined],
         "fallback_reason": [r.fallback_reason for r in refined],
         "sim_before": sim_before.astype(np.float32), "sim_after": sim_after.astype(np.float32)}, schema=SCHEMA)
-    return CaptionEnrichment(ids, before, refined, versions, sim_before, sim_after, percentile, refine_seconds, table)
+    return CaptionEnrichment(ids, before, refined, versions, sim_before, sim_after, percentile, refine_seconds, table,
+                             enrichment_by_class(extracted, refined, refiner.vocab))
 
 
 def _caption_metadata(r: CaptionEnrichment, backend: str) -> dict:
@@ -144,6 +148,8 @@ def _caption_metadata(r: CaptionEnrichment, backend: str) -> dict:
         "mean_similarity_after": round(r.mean_after, 4), "enriched": r.versions.count("enriched"),
         "cleaned": r.versions.count("cleaned"), "original": r.versions.count("original"),
         "classes_added": sum(len(x.classes_used) for x in r.refined),
+        # counts only: whether an added class is in the image is the truth report's (world drops only)
+        "enrichment_by_class": metadata_table(r.by_class),
         "captions_per_second": round(len(r.ids) / max(r.refine_seconds, 1e-9), 1),
         "fallbacks_by_reason": MetadataValue.md(markdown_table(
             [{"reason": k, "count": v} for k, v in fallbacks.most_common()])),

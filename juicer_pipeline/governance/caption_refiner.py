@@ -139,6 +139,38 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def strip_enrichment(text: str, classes_used: list[str]) -> str:
+    """The rectified caption before `enrich` added `classes_used`: what rectification alone made
+    of the web caption, so that it can be scored apart from enrichment. A text that does not end
+    in the rules' phrase (an LM's own sentence) is returned whole: its rectification and
+    enrichment cannot be told apart."""
+    if not classes_used:
+        return text
+    phrase = _join([with_article(c) for c in classes_used])
+    if text == f"A photo of {phrase}.":
+        return ""
+    suffix = f", with {phrase}."
+    return text[: -len(suffix)] + "." if text.endswith(suffix) else text
+
+
+def enrichment_by_class(extracted: list[list[str]], refined: list[Refined], vocab: ObjectVocabulary) -> list[dict]:
+    """Per class, over a drop's captions, what enrichment did without any ground truth: how many
+    captions the class was extracted for, added to, extracted for but not added to (the caption
+    named it already), and how many captions named it themselves (extracted or not). Classes
+    with no count are left out: a real vocabulary has far more classes than a drop shows."""
+    counts: dict[str, Counter] = {}
+    for classes, r in zip(extracted, refined):
+        added = set(r.classes_used)
+        own = vocab.mentioned(r.text) - added  # what the rectified caption names by itself
+        for key, names in (("extracted", set(classes)), ("added", added),
+                           ("extracted_not_added", set(classes) - added), ("already_named", own)):
+            for c in names:
+                counts.setdefault(c, Counter())[key] += 1
+    keys = ("extracted", "added", "extracted_not_added", "already_named")
+    rows = [{"class": c, **{k: int(counts[c][k]) for k in keys}} for c in counts]
+    return sorted(rows, key=lambda r: (-r["added"], r["class"]))
+
+
 class RulesRefiner:
     name = "rules"
 

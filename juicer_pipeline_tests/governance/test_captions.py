@@ -6,8 +6,9 @@ import pytest
 
 from juicer_pipeline.assets.text import object_vocabulary
 from juicer_pipeline.settings import ClassSettings
-from juicer_pipeline.governance.caption_refiner import (RulesRefiner, TransformersRefiner, caption_version,
-                                                       clean_caption, validate)
+from juicer_pipeline.governance.caption_refiner import (Refined, RulesRefiner, TransformersRefiner, caption_version,
+                                                       clean_caption, enrichment_by_class, strip_enrichment,
+                                                       validate)
 
 VOCAB = object_vocabulary(ClassSettings())
 
@@ -54,6 +55,28 @@ def test_caption_empty_after_cleaning_without_classes_is_counted():
     assert [o.text for o in out] == ["An image.", "An image.", "A star."]
     assert refiner.fallbacks == {"empty_after_cleaning": 2}
     assert clean_caption("   ") == ""
+
+
+@pytest.mark.parametrize("raw,classes", [("<p>A red thing.</p>", ["star"]), ("a red star", ["heart", "ring", "arrow"]),
+                                         ("<p>IMG_1.JPG</p>", ["heart", "star"]), ("A blue ring!!", [])])
+def test_strip_enrichment_gives_back_the_rectified_caption(raw, classes):
+    out = RulesRefiner(VOCAB).refine_one(raw, classes)
+    cleaned = clean_caption(raw, VOCAB)
+    assert strip_enrichment(out.text, out.classes_used) == cleaned
+    # an LM's own sentence is not the rules' phrase: it stays whole
+    assert strip_enrichment("A heart beside a star.", ["heart", "star"]) == "A heart beside a star."
+
+
+def test_enrichment_by_class_counts_what_was_added_and_what_the_caption_named():
+    extracted = [["star", "circle"], ["star"], ["heart"], []]
+    refined = [Refined("A red star, with a circle.", "rules", ["circle"]), Refined("A red star.", "rules", []),
+               Refined("A red star, with a heart.", "rules", ["heart"]), Refined("A blue ring.", "rules", [])]
+    rows = {r["class"]: r for r in enrichment_by_class(extracted, refined, VOCAB)}
+    assert rows["star"] == {"class": "star", "extracted": 2, "added": 0, "extracted_not_added": 2, "already_named": 3}
+    assert rows["circle"] == {"class": "circle", "extracted": 1, "added": 1, "extracted_not_added": 0,
+                              "already_named": 0}
+    assert rows["ring"]["already_named"] == 1 and rows["ring"]["extracted"] == 0  # named, never extracted
+    assert set(rows) == {"star", "circle", "heart", "ring"}  # classes with no count are left out
 
 
 def test_validation_reasons():
