@@ -121,10 +121,35 @@ def test_enriched_captions_and_truth_report(data_dir, juiced, tiny_settings):
     assert not captions.enriched_caption.str.contains("<|http|IMG_", regex=True).any()
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["coverage"].passed and checks["retention"].passed and checks["no_empty_caption"].passed
+    _assert_enrichment_by_class(meta["enrichment_by_class"], captions,
+                                pq.read_table(data_dir / "warehouse" / "extracted_classes" / "v1.parquet").to_pandas())
     report = truth_report(Warehouse(data_dir), "v1", 0.5, tiny_settings)
+    print(report)
     for word in ("cls_attention", "attention_rollout", "smoothed_rollout", "token_distinctiveness", "random", "classes vs truth",
-                 "captions mentioning every true object", "pooled-embedding alternative"):
+                 "captions mentioning every true object", "pooled-embedding alternative", "enrichment vs truth",
+                 "added_false", "rectification vs truth", "noise:casing_upper", "boilerplate",
+                 "clean captions changed by rectification"):
         assert word in report
+
+
+def _assert_enrichment_by_class(table, captions, extracted):
+    """The asset's per-class table (no truth) holds the counts the stored captions and classes give."""
+    from collections import Counter
+
+    from juicer_pipeline.assets.text import object_vocabulary
+
+    rows = {r.data["class"]: r.data for r in table.records}
+    assert [c.name for c in table.schema.columns] == ["class", "extracted", "added", "extracted_not_added",
+                                                      "already_named"]
+    added = Counter(c for used in captions.classes_used for c in used)
+    got = Counter(c for cls in extracted[extracted.sample_id.isin(captions.sample_id)].classes for c in cls)
+    assert {k: v["added"] for k, v in rows.items() if v["added"]} == dict(added)
+    assert {k: v["extracted"] for k, v in rows.items() if v["extracted"]} == dict(got)
+    assert all(v["extracted_not_added"] == v["extracted"] - v["added"] for v in rows.values())
+    vocab = object_vocabulary(ClassSettings())
+    named = Counter(c for text, used in zip(captions.enriched_caption, captions.classes_used)
+                    for c in vocab.mentioned(text) - set(used))
+    assert {k: v["already_named"] for k, v in rows.items() if v["already_named"]} == dict(named) != {}
 
 
 def test_failing_check_names_the_offending_samples(data_dir, instance, juiced, tiny_settings):
