@@ -2,8 +2,9 @@
 
 A *scene* is the cheap, fully seeded description of one image (background, objects);
 rendering turns it into pixels plus a per-pixel instance map (which object, if any, each pixel
-shows: the ground truth that saliency and the dense evaluation are measured against). Sampling and rendering are split so that a caption of
-another image (misaligned pairs) or a duplicate can be produced without re-rendering.
+shows: the ground truth that saliency and the dense evaluation are measured against). Sampling
+and rendering are split so that a caption of another image (misaligned pairs) or a duplicate can
+be produced without re-rendering.
 """
 from __future__ import annotations
 
@@ -194,6 +195,23 @@ def _unit_outline(shape: str) -> list[tuple[float, float]]:
             pts.append((x / 17, -y / 17))
         return pts
     raise ValueError(f"unknown shape {shape!r}")
+
+
+def unit_area(shape: str) -> float:
+    """The area of a shape of circumradius 1 (the ring: its band, drawn 0.4 of the radius wide)."""
+    if shape == "circle":
+        return math.pi
+    if shape == "ring":
+        return math.pi * (1 - 0.6 ** 2)
+    pts = _unit_outline(shape)  # shoelace
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]))) / 2
+
+
+def drawn_area(o: SceneObject, image_size: int) -> int:
+    """The pixels the object covers when drawn alone: its area as rasterised, edges included."""
+    mask = Image.new("L", (image_size, image_size), 0)
+    _draw_shape(ImageDraw.Draw(mask), o, 255)
+    return int(np.count_nonzero(np.asarray(mask)))
 
 
 def _polygon(o: SceneObject) -> list[tuple[float, float]]:
