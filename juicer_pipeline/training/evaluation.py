@@ -71,13 +71,22 @@ class EvalSet:
 
 def zero_shot_classifier(model, tokenizer, ev: EvalSet, device="cpu") -> torch.Tensor:
     """[classes, dim] prompt-ensembled class embeddings of `ev`'s classes (open_clip's builder), on the CPU."""
+    from ..governance.prompts import TEMPLATES
+
+    return class_embedding_matrix(model, tokenizer, ev.class_names, ev.class_attributes,
+                                  ev.class_templates or TEMPLATES, device)
+
+
+def class_embedding_matrix(model, tokenizer, names, attributes: tuple[str, ...], templates: tuple[str, ...],
+                           device="cpu") -> torch.Tensor:
+    """[len(names), dim] normalised, prompt-ensembled embeddings of `names` (open_clip's builder:
+    every template, each with every attribute), on the CPU."""
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-    from ..governance.prompts import TEMPLATES, zero_shot_templates
+    from ..governance.prompts import zero_shot_templates
 
-    templates = zero_shot_templates(ev.class_attributes, ev.class_templates or TEMPLATES)
-    return build_zero_shot_classifier(model, tokenizer, ev.class_names, templates, num_classes_per_batch=None,
-                                      device=torch.device(device)).T.cpu()
+    return build_zero_shot_classifier(model, tokenizer, list(names), zero_shot_templates(attributes, templates),
+                                      num_classes_per_batch=None, device=torch.device(device)).T.cpu()
 
 
 @torch.inference_mode()

@@ -1,9 +1,10 @@
 """Scene sampling and rendering for the synthetic world.
 
 A *scene* is the cheap, fully seeded description of one image (background, objects);
-rendering turns it into pixels plus a per-pixel object mask (the ground truth that
-saliency is measured against). Sampling and rendering are split so that a caption of
-another image (misaligned pairs) or a duplicate can be produced without re-rendering.
+rendering turns it into pixels plus a per-pixel instance map (which object, if any, each pixel
+shows: the ground truth that saliency and the dense evaluation are measured against). Sampling
+and rendering are split so that a caption of another image (misaligned pairs) or a duplicate can
+be produced without re-rendering.
 """
 from __future__ import annotations
 
@@ -69,8 +70,25 @@ class SceneSpec:
 @dataclass
 class Rendered:
     image: Image.Image
-    mask: np.ndarray  # bool HxW, union of all objects
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x0, y0, x1, y1 (exclusive)
+    # uint8 HxW: 0 background, i + 1 where object i is the top-most object (later objects are drawn
+    # over earlier ones, in the image as here)
+    instances: np.ndarray
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x0, y0, x1, y1 (exclusive), unoccluded
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool HxW, the union of all objects."""
+        return self.instances > 0
+
+    def object_mask(self, i: int) -> np.ndarray:
+        """bool HxW, the pixels where object i is visible (what later objects leave of it)."""
+        return self.instances == i + 1
+
+
+def pixel_classes(scene: Scene, rendered: Rendered, shapes: tuple[str, ...]) -> np.ndarray:
+    """uint8 HxW: 0 background, 1 + the index in `shapes` of the top-most object's shape."""
+    lookup = np.array([0] + [shapes.index(o.shape) + 1 for o in scene.objects], np.uint8)
+    return lookup[rendered.instances]
 
 
 def sample_scene(rng: np.random.Generator, spec: SceneSpec, vocab: Vocabulary) -> Scene:
@@ -113,20 +131,23 @@ def render(scene: Scene, vocab: Vocabulary) -> Rendered:
     image = Image.fromarray(bg, "RGB")
     _add_specks(image, np.random.default_rng(scene.bg_seed + 2), scene.n_specks)
     draw = ImageDraw.Draw(image)
-    union = Image.new("L", (s, s), 0)
+    if len(scene.objects) > 255:
+        raise ValueError(f"a scene holds at most 255 objects (uint8 instance ids), got {len(scene.objects)}")
+    instances = Image.new("L", (s, s), 0)
     boxes = []
     rng = np.random.default_rng(scene.bg_seed + 1)
-    for obj in scene.objects:
+    for i, obj in enumerate(scene.objects):
         base = np.array(vocab.colours[obj.colour])
         colour = tuple(int(c) for c in np.clip(base + rng.integers(-20, 21, 3), 0, 255))
         mask = Image.new("L", (s, s), 0)
         _draw_shape(ImageDraw.Draw(mask), obj, 255)
         _draw_shape(draw, obj, colour)
-        union.paste(255, mask=mask)
+        # the object's own mask pasted as its id: the same pixels the image got, in the same pass
+        instances.paste(i + 1, mask=mask)
         box = mask.getbbox()
         if box is not None:
             boxes.append(box)
-    return Rendered(image=image, mask=np.asarray(union) > 0, boxes=boxes)
+    return Rendered(image=image, instances=np.asarray(instances), boxes=boxes)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, o: SceneObject, fill) -> None:
@@ -174,6 +195,23 @@ def _unit_outline(shape: str) -> list[tuple[float, float]]:
             pts.append((x / 17, -y / 17))
         return pts
     raise ValueError(f"unknown shape {shape!r}")
+
+
+def unit_area(shape: str) -> float:
+    """The area of a shape of circumradius 1 (the ring: its band, drawn 0.4 of the radius wide)."""
+    if shape == "circle":
+        return math.pi
+    if shape == "ring":
+        return math.pi * (1 - 0.6 ** 2)
+    pts = _unit_outline(shape)  # shoelace
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]))) / 2
+
+
+def drawn_area(o: SceneObject, image_size: int) -> int:
+    """The pixels the object covers when drawn alone: its area as rasterised, edges included."""
+    mask = Image.new("L", (image_size, image_size), 0)
+    _draw_shape(ImageDraw.Draw(mask), o, 255)
+    return int(np.count_nonzero(np.asarray(mask)))
 
 
 def _polygon(o: SceneObject) -> list[tuple[float, float]]:

@@ -8,7 +8,8 @@ import pytest
 
 from juicer_pipeline.world import (CaptionCorruption, DropConfig, generate_corpus, generate_drop, generate_eval_set,
                                    load_vocabulary)
-from juicer_pipeline.world.scenes import CORPUS_BACKGROUNDS, DROP_BACKGROUNDS, SceneSpec, render, sample_scene
+from juicer_pipeline.world.scenes import (CORPUS_BACKGROUNDS, DROP_BACKGROUNDS, Scene, SceneObject, SceneSpec,
+                                          pixel_classes, render, sample_scene)
 
 
 def _digest(folder: Path) -> str:
@@ -186,3 +187,36 @@ def test_coverage_shared_by_sizes_objects_whatever_their_count():
     assert len({r for rs in fixed.values() for r in rs}) == 1
     assert min(shared[1]) > max(shared[2]) > max(shared[3])
     assert fixed[1] == shared[2]
+
+
+def test_instance_map_splits_the_union_mask_into_the_objects():
+    """The instance map covers exactly the union mask, each object's visible pixels lie inside its
+    unoccluded box, and the class map names each object's shape."""
+    vocab = load_vocabulary()
+    rng = np.random.default_rng(3)
+    spec = SceneSpec(min_objects=2, max_objects=3, object_coverage=0.5)
+    for _ in range(40):
+        scene = sample_scene(rng, spec, vocab)
+        r = render(scene, vocab)
+        assert r.instances.dtype == np.uint8 and r.instances.max() <= len(scene.objects)
+        objects = [r.object_mask(i) for i in range(len(scene.objects))]
+        assert np.array_equal(np.logical_or.reduce(objects), r.mask)
+        assert (np.sum(objects, axis=0) <= 1).all()  # one object per pixel: the top-most
+        for m, (x0, y0, x1, y1) in zip(objects, r.boxes):
+            ys, xs = np.nonzero(m)
+            assert ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).all()
+        classes = pixel_classes(scene, r, vocab.shapes)
+        assert np.array_equal(classes > 0, r.mask)
+        for i, o in enumerate(scene.objects):
+            assert (classes[objects[i]] == vocab.shapes.index(o.shape) + 1).all()
+
+
+def test_the_later_of_two_overlapping_objects_owns_their_overlap():
+    vocab = load_vocabulary()
+    below = SceneObject("square", "red", 28.0, 32.0, 12.0, 0.0)
+    above = SceneObject("circle", "blue", 36.0, 32.0, 12.0, 0.0)
+    r = render(Scene("noise", 5, (below, above), 64, n_specks=0), vocab)
+    overlap = render(Scene("noise", 5, (below,), 64), vocab).mask & r.object_mask(1)
+    assert overlap.sum() > 50 and not r.object_mask(0)[overlap].any()
+    pixels = np.asarray(r.image)[overlap].astype(int)
+    assert np.abs(pixels.mean(0) - np.array(vocab.colours["blue"])).max() < 30
