@@ -197,7 +197,9 @@ def test_wallclock_budget_trains_for_the_measured_seconds(monkeypatch):
     assert rec["budget"] == "wallclock" and [p["phase"] for p in rec["phases"]] == ["saliency_tokens", "full_tune"]
     # each phase trains until its share of the deadline has passed (90 % pruned, 10 % full-patch tuning)
     assert rec["phases"][0]["seconds"] >= 1.35 and rec["phases"][1]["seconds"] >= 0.15
-    assert rec["tokens_seen"] == sum(fed) and rec["steps"] > 2
+    # how many steps fit in the seconds depends on the machine's load: each phase takes at least one
+    assert rec["tokens_seen"] == sum(fed) and all(p["steps"] >= 1 for p in rec["phases"])
+    assert rec["steps"] == sum(p["steps"] for p in rec["phases"])
     assert [p["train_seconds"] for p in rec["learning_curve"]] == sorted(p["train_seconds"] for p in rec["learning_curve"])
 
 
