@@ -15,7 +15,7 @@ from dagster import AssetCheckSeverity, DagsterInstance
 from juicer_pipeline.storage import Catalog
 from juicer_pipeline.world import DropConfig, generate_drop
 
-from juicer_pipeline.settings import JuicerSettings
+from juicer_pipeline.settings import load_settings
 
 from ..helpers import run_drop, run_governor
 
@@ -34,6 +34,11 @@ RUN_DROP = textwrap.dedent("""
         defs.resolve_job_def(DROP_JOB_NAME).execute_in_process(instance=inst, partition_key="d", run_config=quiet)
 """)
 STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "enriched_captions")
+# Both data roots' settings (the killed run's process reads them too): raw_samples streams row groups
+# of 32 rows, so that a 160-sample drop is several row groups into its file when the kill comes, as
+# a big drop would be; τ calibrated on 100 world images (test_class_extraction.py covers calibration).
+SETTINGS_TOML = "[ingest]\nbatch_rows = 32\n[classes]\ncalibration_images = 100\n"
+SAMPLES = 160
 
 
 def _kill_when_writing(data_dir: Path, asset: str, timeout: float = 300) -> None:
@@ -74,7 +79,7 @@ def _outputs(data_dir: Path) -> dict:
 def _juice(root: Path) -> dict:
     """Juice drop d with the world governor; {check name: evaluation}."""
     with DagsterInstance.ephemeral() as inst:
-        assert run_governor(root, inst, JuicerSettings()).success
+        assert run_governor(root, inst, load_settings(data_dir=root)).success
         result = run_drop(root, inst, "d", assets=None)
         assert result.success
         return {c.check_name: c for c in result.get_asset_check_evaluations()}
@@ -83,7 +88,8 @@ def _juice(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("clean")
-    generate_drop(root / "drops" / "d", DropConfig(n_samples=1500, seed=3))
+    (root / "juicer.toml").write_text(SETTINGS_TOML)
+    generate_drop(root / "drops" / "d", DropConfig(n_samples=SAMPLES, seed=3))
     old = os.environ.get("JUICER_DATA_DIR")
     os.environ["JUICER_DATA_DIR"] = str(root)
     try:
@@ -99,6 +105,7 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(tmp_path, killed_in, mo
     clean, want, _ = uninterrupted
     crashed = tmp_path / "crashed"
     shutil.copytree(clean / "drops", crashed / "drops")
+    shutil.copy(clean / "juicer.toml", crashed / "juicer.toml")
     _kill_when_writing(crashed, killed_in)
     assert not (crashed / "warehouse" / killed_in / "d.parquet").exists()  # nothing half-written in place
     monkeypatch.setenv("JUICER_DATA_DIR", str(crashed))

@@ -1,7 +1,12 @@
 """Concurrency: four drops juiced at once by the real Dagster daemon (drop sensor → queued runs, four
 at a time, each in its own process), while another process keeps reading the catalog the way the
 README tells users to (snapshots and the Parquet files). Nothing may fail on a lock, and every
-count must equal a serial run of the same drops."""
+count must equal a serial run of the same drops.
+
+Each run executes its steps in its own process (`executor = "in_process"`): the four writers that
+contend for the catalog are the four run processes. Under the default multiprocess executor every
+step would be one more process importing torch and Dagster (about 8 s of CPU each, some 50 per
+test) without adding a writer that the run processes do not already exercise."""
 import json
 import subprocess
 import sys
@@ -13,13 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance
 
-from juicer_pipeline.settings import JuicerSettings
+from juicer_pipeline.settings import JuicerSettings, load_settings
 from juicer_pipeline.storage import Catalog
 from juicer_pipeline.world import DropConfig, generate_drop
 
 from ..helpers import DagsterDev, run_drop, run_governor
 
 DROPS = [f"par-{i}" for i in range(4)]
+SAMPLES = 30
+# the daemon's runs read the data root's settings: the same for the serial run, with a τ
+# calibration on 100 world images (test_class_extraction.py covers calibration itself)
+SETTINGS_TOML = '[execution]\nexecutor = "in_process"\n[classes]\ncalibration_images = 100\n'
 STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "enriched_captions")
 
 # The outside reader: snapshot + query, and the Parquet files read directly, in a loop until told to stop.
@@ -57,9 +66,11 @@ READER = textwrap.dedent("""
 """)
 
 
-def _make_drops(data_dir: Path) -> None:
+def _make_drops(data_dir: Path) -> JuicerSettings:
+    (data_dir / "juicer.toml").write_text(SETTINGS_TOML)
     for i, name in enumerate(DROPS):
-        generate_drop(data_dir / "drops" / name, DropConfig(n_samples=80, seed=40 + i, drop_index=i))
+        generate_drop(data_dir / "drops" / name, DropConfig(n_samples=SAMPLES, seed=40 + i, drop_index=i))
+    return load_settings(data_dir=data_dir)
 
 
 def _counts(data_dir: Path) -> dict:
@@ -75,7 +86,7 @@ def _counts(data_dir: Path) -> dict:
 
 
 def _runs(server: DagsterDev) -> list[dict]:
-    return server.query("""{ runsOrError { ... on Runs { results { runId status startTime endTime
+    return server.query("""{ runsOrError { ... on Runs { results { runId status creationTime startTime endTime
         tags { key value } } } } }""")["runsOrError"]["results"]
 
 
@@ -91,17 +102,20 @@ def _most_at_once(runs: list[dict]) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_four_drops_juiced_at_once_beside_a_reader_equal_a_serial_run(data_dir, tmp_path):
-    settings = JuicerSettings()
+    settings = _make_drops(data_dir)
     with DagsterInstance.ephemeral() as inst:
         assert run_governor(data_dir, inst, settings).success
-    _make_drops(data_dir)
     stop = tmp_path / "stop-reader"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(data_dir), str(stop)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    # four runs at a time; the asset daemon (which evaluates the automation sensor) is off, so that
-    # only the drop sensor launches runs
+    # four runs at a time, dequeued by four threads: a launch waits until its run process has
+    # imported the code, so one at a time they would start seconds apart; the asset daemon (which
+    # evaluates the automation sensor) is off, so that only the drop sensor launches runs
     server = DagsterDev(data_dir, tmp_path / "dagster_home", max_concurrent_runs=4,
-                        extra_yaml="auto_materialize:\n  enabled: false\n  use_sensors: false\n")
+                        extra_yaml="auto_materialize:\n  enabled: false\n  use_sensors: false\n"
+                                   "run_coordinator:\n  module: dagster.core.run_coordinator\n"
+                                   "  class: QueuedRunCoordinator\n  config:\n    dequeue_use_threads: true\n"
+                                   "    dequeue_num_workers: 4\n")
     try:
         server.wait_ready()
         deadline, runs = time.time() + 900, []
@@ -118,6 +132,7 @@ def test_four_drops_juiced_at_once_beside_a_reader_equal_a_serial_run(data_dir, 
     assert partitions == DROPS, runs
     assert [r["status"] for r in runs] == ["SUCCESS"] * len(DROPS), runs
     overlap = _most_at_once(runs)
+    t00 = min(r['creationTime'] for r in runs); print([(round(r['creationTime']-t00,1), round(r['startTime']-t00,1), round(r['endTime']-t00,1)) for r in runs], flush=True)
     read = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"stderr": err}
     print(f"runs at once: {overlap}; reader: {read}")
     assert overlap == len(DROPS)  # all four really ran at the same time
@@ -126,10 +141,10 @@ def test_four_drops_juiced_at_once_beside_a_reader_equal_a_serial_run(data_dir, 
 
     serial_dir = tmp_path / "serial"
     (serial_dir / "drops").mkdir(parents=True)
-    _make_drops(serial_dir)
+    assert _make_drops(serial_dir) == settings
     with DagsterInstance.ephemeral() as inst:
         assert run_governor(serial_dir, inst, settings).success
         for drop in DROPS:
-            assert run_drop(serial_dir, inst, drop, assets=None).success
+            assert run_drop(serial_dir, inst, drop, settings, assets=None).success
     assert parallel == _counts(serial_dir)
-    assert sum(d["n_samples"] for d in parallel["drops"]) == 4 * 80  # rows in = rows out, nothing lost
+    assert sum(d["n_samples"] for d in parallel["drops"]) == 4 * SAMPLES  # rows in = rows out, nothing lost
