@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="budget in full-patch steps")
     ap.add_argument("--wallclock", type=float, default=None, help="equal wall-clock budget in seconds (0: skip)")
     ap.add_argument("--eval-points", type=int, default=2, help="learning-curve points over each budget (schedule scaling)")
+    ap.add_argument("--eval-samples", type=int, default=2000, help="images of each held-out set")
     ap.add_argument("--no-inference", action="store_true", help="skip the salient-token inference table")
     ap.add_argument("--data-dir", type=Path, default=None, help="keep outputs here instead of a temp dir")
     a = ap.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
                                                         object_coverage=world["coverage"], shared_colour=shared,
                                                         coverage_shared_by=sizing, captions=corruption))
     for kind in ("retrieval", "classification"):
-        generate_eval_set(root / "world" / "evalsets" / kind, kind, 2000, object_coverage=world["coverage"],
+        generate_eval_set(root / "world" / "evalsets" / kind, kind, a.eval_samples, object_coverage=world["coverage"],
                           shared_colour=shared, coverage_shared_by=sizing)
     wallclock = preset["wallclock_s"] or None
     training = TrainingSettings(seeds=a.seeds, eval_points=a.eval_points, device=a.device, precision=precision,

@@ -142,6 +142,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# dagster.yaml additions for the daemon tests: no asset daemon (only the drop sensor starts runs), and
+# queued runs launched by parallel threads: a launch waits until its run process has imported the
+# code, so one at a time runs queued together would start seconds apart
+ONLY_THE_DROP_SENSOR = "auto_materialize:\n  enabled: false\n  use_sensors: false\n"
+THREADED_LAUNCHES = ("run_coordinator:\n  module: dagster.core.run_coordinator\n  class: QueuedRunCoordinator\n"
+                     "  config:\n    dequeue_use_threads: true\n    dequeue_num_workers: 4\n")
+
+
 class DagsterDev:
     """`dagster dev` on a free loopback port, in its own process group so that it can be killed whole
     (it does not exit promptly on SIGINT)."""

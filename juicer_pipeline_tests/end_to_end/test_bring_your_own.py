@@ -17,6 +17,11 @@ from juicer_pipeline.world import DropConfig, generate_drop, generate_eval_set
 from ..helpers import run_drop
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+SAMPLES = 8
+# Every class prompt is a ViT-B/16 text pass, every image a pass at 224 px and one per region crop:
+# one prompt template (the world's 10 shapes x 8 colours x 4 templates would be 320 prompts) and at
+# most two regions per share (crop plans and prompts: test_class_extraction.py).
+LEAN_CLASSES = dict(prompt_templates=["a photo of {}."], max_regions=2)
 WORDS = "a an the red blue green star circle ring heart with and photo of picture".split()
 
 
@@ -76,16 +81,16 @@ def test_real_architectures_run_the_whole_chain(data_dir, instance, vit_b16, tmp
     lm = (tiny_seq2seq if captioner == "seq2seq" else tiny_causal)(tmp_path / captioner)
     for kind in ("retrieval", "classification"):
         generate_eval_set(data_dir / "world" / "evalsets" / kind, kind, 40)
-    generate_drop(data_dir / "drops" / "d", DropConfig(n_samples=48, seed=5, broken_rate=0))
+    generate_drop(data_dir / "drops" / "d", DropConfig(n_samples=SAMPLES, seed=5, broken_rate=0))
     student = tmp_path / "student.json"
     student.write_text(json.dumps({"image_size": 64, "patch_size": 8, "vision_width": 32, "vision_layers": 1,
                                    "vision_heads": 2, "text_width": 32, "text_layers": 1, "text_heads": 2,
                                    "context_length": 24, "embed_dim": 32, "conv_stem": True}))
     settings = JuicerSettings(
         governor=GovernorSettings(source=gov, batch_size=16),
-        classes=ClassSettings(fallback_tau=0.2),
+        classes=ClassSettings(fallback_tau=0.2, **LEAN_CLASSES),
         captions=CaptionSettings(backend="transformers", model_path=str(lm), batch_size=8, max_new_tokens=8),
-        training=TrainingSettings(seeds=[0], budget_full_steps=2, batch_size=16, student=str(student), eval_points=1))
+        training=TrainingSettings(seeds=[0], budget_full_steps=2, batch_size=4, student=str(student), eval_points=1))
     defs = build_definitions(settings, data_dir)  # a model folder is fingerprinted (no IsADirectoryError)
     assert defs.resolve_job_def(GOVERNOR_JOB_NAME).execute_in_process(instance=instance, run_config=QUIET).success
     result = run_drop(data_dir, instance, "d", settings, assets=None)
@@ -97,7 +102,7 @@ def test_real_architectures_run_the_whole_chain(data_dir, instance, vit_b16, tmp
     pruned = pq.read_table(wh / "pruned_images" / "d.parquet")
     assert all(len(k) == 98 for k in pruned.column("kept").to_pylist())  # ⌈0.5 × 196⌉ on the governor's grid
     captions = pq.read_table(wh / "enriched_captions" / "d.parquet").to_pandas()
-    assert len(captions) == 48 and captions.enriched_caption.map(bool).all()
+    assert len(captions) == SAMPLES and captions.enriched_caption.map(bool).all()
     # a randomly initialised governor knows no domain: its similarity check can only warn
     similarity = {c.check_name: c for c in result.get_asset_check_evaluations()}["similarity_not_worse"]
     assert similarity.metadata["governor_knows_domain"].value is False
@@ -139,10 +144,11 @@ def test_real_photos_in_img2dataset_layout_are_juiced_end_to_end(data_dir, insta
     vocabulary.write_text(VOCABULARY)
     byo = JuicerSettings(
         governor=GovernorSettings(source=f"open_clip:ViT-B-16:{vit_b16 / 'vit_b_16.bin'}", batch_size=8),
-        classes=ClassSettings(vocabulary=str(vocabulary), fallback_tau=0.2),
+        classes=ClassSettings(vocabulary=str(vocabulary), fallback_tau=0.2, **LEAN_CLASSES),
         captions=CaptionSettings(backend="transformers", model_path=str(tiny_seq2seq(tmp_path / "lm")), batch_size=8,
                                  max_new_tokens=8))
-    for settings in (byo, JuicerSettings()):
+    world = JuicerSettings(classes=ClassSettings(calibration_images=100))  # τ on 100 world images
+    for settings in (byo, world):
         out = _juice_real_photos(data_dir, instance, settings)
         raw = out["raw"]
         assert len(raw) == len(PHOTOS) and (raw.status == "valid").all()  # grey JPEGs included

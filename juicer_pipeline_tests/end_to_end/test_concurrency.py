@@ -22,7 +22,7 @@ from juicer_pipeline.settings import JuicerSettings, load_settings
 from juicer_pipeline.storage import Catalog
 from juicer_pipeline.world import DropConfig, generate_drop
 
-from ..helpers import DagsterDev, run_drop, run_governor
+from ..helpers import ONLY_THE_DROP_SENSOR, THREADED_LAUNCHES, DagsterDev, run_drop, run_governor
 
 DROPS = [f"par-{i}" for i in range(4)]
 SAMPLES = 30
@@ -86,7 +86,7 @@ def _counts(data_dir: Path) -> dict:
 
 
 def _runs(server: DagsterDev) -> list[dict]:
-    return server.query("""{ runsOrError { ... on Runs { results { runId status creationTime startTime endTime
+    return server.query("""{ runsOrError { ... on Runs { results { runId status startTime endTime
         tags { key value } } } } }""")["runsOrError"]["results"]
 
 
@@ -108,14 +108,10 @@ def test_four_drops_juiced_at_once_beside_a_reader_equal_a_serial_run(data_dir, 
     stop = tmp_path / "stop-reader"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(data_dir), str(stop)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    # four runs at a time, dequeued by four threads: a launch waits until its run process has
-    # imported the code, so one at a time they would start seconds apart; the asset daemon (which
-    # evaluates the automation sensor) is off, so that only the drop sensor launches runs
+    # four runs at a time, launched together; the asset daemon (which evaluates the automation
+    # sensor) is off, so that only the drop sensor launches runs
     server = DagsterDev(data_dir, tmp_path / "dagster_home", max_concurrent_runs=4,
-                        extra_yaml="auto_materialize:\n  enabled: false\n  use_sensors: false\n"
-                                   "run_coordinator:\n  module: dagster.core.run_coordinator\n"
-                                   "  class: QueuedRunCoordinator\n  config:\n    dequeue_use_threads: true\n"
-                                   "    dequeue_num_workers: 4\n")
+                        extra_yaml=ONLY_THE_DROP_SENSOR + THREADED_LAUNCHES)
     try:
         server.wait_ready()
         deadline, runs = time.time() + 900, []
@@ -132,7 +128,6 @@ def test_four_drops_juiced_at_once_beside_a_reader_equal_a_serial_run(data_dir, 
     assert partitions == DROPS, runs
     assert [r["status"] for r in runs] == ["SUCCESS"] * len(DROPS), runs
     overlap = _most_at_once(runs)
-    t00 = min(r['creationTime'] for r in runs); print([(round(r['creationTime']-t00,1), round(r['startTime']-t00,1), round(r['endTime']-t00,1)) for r in runs], flush=True)
     read = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"stderr": err}
     print(f"runs at once: {overlap}; reader: {read}")
     assert overlap == len(DROPS)  # all four really ran at the same time

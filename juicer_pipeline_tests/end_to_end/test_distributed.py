@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import pandas as pd
@@ -57,9 +58,8 @@ def _make_drops(data_dir: Path, samples: int) -> None:
                                                             drop_index=i))
 
 
-def _serial(data_dir: Path) -> float:
+def _serial(data_dir: Path, settings: JuicerSettings) -> float:
     """The baseline: the same drops, one after another, in this process, writing the catalog directly."""
-    settings = JuicerSettings()
     with DagsterInstance.ephemeral() as inst:
         assert run_governor(data_dir, inst, settings).success
         t0 = time.perf_counter()
@@ -114,29 +114,32 @@ class _Processes:
                 pass
 
 
-def run_celery_vs_serial(tmp_path: Path, samples: int = 60, workers: int = 2) -> dict:
+def run_celery_vs_serial(tmp_path: Path, samples: int = 60, workers: int = 2, extra_toml: str = "") -> dict:
     """Juice DROPS serially in-process (direct catalog writes), then again with `workers` celery
     workers, the PostgreSQL instance, commit records, a committer and a reader; return what was
-    measured and both runs' outputs. Every server is started here on 127.0.0.1 and stopped."""
+    measured and both runs' outputs. Every server is started here on 127.0.0.1 and stopped.
+    `extra_toml`: settings both runs add (the celery run to deploy/celery/juicer.toml's)."""
     serial_dir, dist_dir = tmp_path / "serial", tmp_path / "celery"
     for root in (serial_dir, dist_dir):
         _make_drops(root, samples)
+    celery_settings = tmp_path / "celery-juicer.toml"
+    celery_settings.write_text(f"{CELERY_SETTINGS.read_text()}\n{extra_toml}")
     os.environ.pop("JUICER_CONFIG", None)
-    serial_s = _serial(serial_dir)
+    serial_s = _serial(serial_dir, JuicerSettings.model_validate(tomllib.loads(extra_toml)))
 
     pg, redis = PostgresServer(), RedisServer(tmp_path / "redis")
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "deploy" / "postgres" / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, **pg.env(), "DAGSTER_HOME": str(home), "JUICER_DATA_DIR": str(dist_dir),
-           "JUICER_CONFIG": str(CELERY_SETTINGS), "JUICER_CELERY_BROKER": redis.url(0),
+           "JUICER_CONFIG": str(celery_settings), "JUICER_CELERY_BROKER": redis.url(0),
            "JUICER_CELERY_BACKEND": redis.url(1), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     saved = dict(os.environ)
     os.environ.update(env)
     procs = _Processes(env, tmp_path / "logs")
     stop_reader = tmp_path / "stop-reader"
     try:
-        settings = load_settings(CELERY_SETTINGS)
+        settings = load_settings(celery_settings)
         assert settings.catalog.writes == "commit_records" and settings.execution.executor == "celery"
         with DagsterInstance.get() as instance:  # the PostgreSQL instance of deploy/postgres/dagster.yaml
             storage_kind = type(instance.run_storage).__name__
@@ -190,7 +193,8 @@ def run_celery_vs_serial(tmp_path: Path, samples: int = 60, workers: int = 2) ->
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_celery_workers_juice_four_drops_equal_to_a_serial_run(tmp_path):
-    out = run_celery_vs_serial(tmp_path)
+    # 24 samples a drop; τ calibrated on 100 world images (test_class_extraction.py covers calibration)
+    out = run_celery_vs_serial(tmp_path, samples=24, extra_toml="[classes]\ncalibration_images = 100\n")
     assert out["instance_storage"] == "PostgresRunStorage"
     assert out["statuses"] == [(d, DagsterRunStatus.SUCCESS) for d in DROPS]
     assert len(out["hosts"]) == 2, out["hosts"]  # both workers executed steps

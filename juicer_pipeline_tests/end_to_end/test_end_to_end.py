@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_demo_generates_world_juices_drops_and_prints_summary(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    args = ["demo", "--drops", "2", "--samples", "150", "--eval-samples", "50", "--skip-training"]
+    args = ["demo", "--drops", "2", "--samples", "60", "--eval-samples", "50", "--skip-training"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "juicer demo summary" in out and "quarantined by reason" in out
@@ -26,13 +26,13 @@ def test_demo_generates_world_juices_drops_and_prints_summary(data_dir, tmp_path
     assert (data_dir / "juicer.toml").exists()  # the demo's settings, shared with `make ui`
     drops = Catalog(data_dir / "catalog.duckdb").query("SELECT * FROM drops ORDER BY drop_id")
     assert list(drops.drop_id) == ["demo-00", "demo-01"] and list(drops.format) == ["folder", "wds"]
-    assert (drops.n_samples == 150).all() and (drops.n_valid + drops.n_quarantined == 150).all()
-    assert f"total: 300 samples, {drops.n_valid.sum()} valid" in out
+    assert (drops.n_samples == 60).all() and (drops.n_valid + drops.n_quarantined == 60).all()
+    assert f"total: 120 samples, {drops.n_valid.sum()} valid" in out
     for kind in ("retrieval", "classification"):
         assert (data_dir / "world" / "evalsets" / kind / "captions.parquet").exists()
     # a second run reuses the world and replaces rows instead of adding them
     assert main(args) == 0
-    assert Catalog(data_dir / "catalog.duckdb").query("SELECT count(*) AS n FROM samples").n[0] == 300
+    assert Catalog(data_dir / "catalog.duckdb").query("SELECT count(*) AS n FROM samples").n[0] == 120
 
 
 def test_the_demo_names_the_recipes_its_table_leaves_out():
@@ -47,9 +47,15 @@ def test_the_demo_names_the_recipes_its_table_leaves_out():
     assert "left out: none" in demo_scope(RECIPE_NAMES, 3)
 
 
-@pytest.fixture
-def dagster_dev(data_dir, tmp_path):
-    server = DagsterDev(data_dir, tmp_path / "dagster_home")
+@pytest.fixture(scope="module")
+def dagster_dev(tmp_path_factory):
+    """One `dagster dev` for the UI tests of this module (each start loads the code location in
+    three processes), on a data root of its own: `server.data_dir`."""
+    root = tmp_path_factory.mktemp("ui")
+    data_dir = root / "data"
+    (data_dir / "drops").mkdir(parents=True)
+    server = DagsterDev(data_dir, root / "dagster_home")
+    server.data_dir = data_dir
     try:
         yield server
     finally:
@@ -72,43 +78,6 @@ def test_ui_lists_assets_sensors_and_schedule_without_errors(dagster_dev):
                                "locationOrLoadError { __typename } } } } }")
     (entry,) = errors["workspaceOrError"]["locationEntries"]
     assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation"
-
-
-@pytest.mark.slow
-def test_materialise_a_drop_through_graphql_and_read_back_metadata_and_lineage(dagster_dev, data_dir):
-    from juicer_pipeline.world import DropConfig, generate_drop
-
-    repo = dagster_dev.wait_ready()["repositoriesOrError"]["nodes"][0]
-    selector = {"repositoryLocationName": repo["location"]["name"], "repositoryName": repo["name"]}
-    # the drop is written under a hidden name and renamed, as users are told to; the partition is added
-    # through the API (the sensor would do the same within its 30 s interval)
-    generate_drop(data_dir / "drops" / ".gql-drop", DropConfig(n_samples=60, seed=9))
-    dagster_dev.query("""mutation($sel: RepositorySelector!) { addDynamicPartition(repositorySelector: $sel,
-        partitionsDefName: "drops", partitionKey: "gql-drop") { __typename } }""", {"sel": selector})
-    (data_dir / "drops" / ".gql-drop").rename(data_dir / "drops" / "gql-drop")
-    launched = dagster_dev.query("""mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
-        __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""", {"params": {
-        "selector": {**selector, "jobName": "juice_drop", "assetSelection": [{"path": ["raw_samples"]}]},
-        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "gql-drop"}]}}})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline, status = time.time() + 180, None
-    while time.time() < deadline:
-        status = dagster_dev.query("""query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }""",
-                                   {"id": run_id})["runOrError"]["status"]
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
-            break
-        time.sleep(2)
-    assert status == "SUCCESS"
-    mats = dagster_dev.query("""{ assetOrError(assetKey: {path: ["raw_samples"]}) { ... on Asset {
-        assetMaterializations(partitions: ["gql-drop"]) { runId partition metadataEntries { label
-        ... on IntMetadataEntry { intValue } } } } } }""")["assetOrError"]["assetMaterializations"]
-    assert mats and mats[0]["runId"] == run_id
-    entries = {e["label"]: e.get("intValue") for e in mats[0]["metadataEntries"]}
-    assert entries["samples"] == 60 and entries["valid"] + entries["quarantined"] == 60
-    lineage = Catalog(data_dir / "catalog.duckdb").query(
-        "SELECT run_id, code_version FROM lineage WHERE artifact = 'raw_samples/gql-drop'")
-    assert lineage.run_id[0] == run_id
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -145,6 +114,47 @@ def test_browser_renders_the_asset_graph_and_an_asset_page(dagster_dev, tmp_path
     assert (shots / "asset_graph.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_materialise_a_drop_through_graphql_and_read_back_metadata_and_lineage(dagster_dev):
+    """Last of the tests on the module's server: the partition it adds wakes its sensors."""
+    from juicer_pipeline.world import DropConfig, generate_drop
+
+    data_dir = dagster_dev.data_dir
+
+    repo = dagster_dev.wait_ready()["repositoriesOrError"]["nodes"][0]
+    selector = {"repositoryLocationName": repo["location"]["name"], "repositoryName": repo["name"]}
+    # the drop is written under a hidden name and renamed, as users are told to; the partition is added
+    # through the API (the sensor would do the same within its 30 s interval)
+    generate_drop(data_dir / "drops" / ".gql-drop", DropConfig(n_samples=60, seed=9))
+    dagster_dev.query("""mutation($sel: RepositorySelector!) { addDynamicPartition(repositorySelector: $sel,
+        partitionsDefName: "drops", partitionKey: "gql-drop") { __typename } }""", {"sel": selector})
+    (data_dir / "drops" / ".gql-drop").rename(data_dir / "drops" / "gql-drop")
+    launched = dagster_dev.query("""mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+        __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""", {"params": {
+        "selector": {**selector, "jobName": "juice_drop", "assetSelection": [{"path": ["raw_samples"]}]},
+        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "gql-drop"}]}}})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline, status = time.time() + 180, None
+    while time.time() < deadline:
+        status = dagster_dev.query("""query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }""",
+                                   {"id": run_id})["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(2)
+    assert status == "SUCCESS"
+    mats = dagster_dev.query("""{ assetOrError(assetKey: {path: ["raw_samples"]}) { ... on Asset {
+        assetMaterializations(partitions: ["gql-drop"]) { runId partition metadataEntries { label
+        ... on IntMetadataEntry { intValue } } } } } }""")["assetOrError"]["assetMaterializations"]
+    # the server's sensors may juice the new drop too (they tick every 30 s): read back this run's
+    (mine,) = [m for m in mats if m["runId"] == run_id]
+    entries = {e["label"]: e.get("intValue") for e in mine["metadataEntries"]}
+    assert entries["samples"] == 60 and entries["valid"] + entries["quarantined"] == 60
+    lineage = Catalog(data_dir / "catalog.duckdb").query(
+        "SELECT run_id, code_version FROM lineage WHERE artifact = 'raw_samples/gql-drop'")
+    assert run_id in set(lineage.run_id)
+
+
 def _drop_runs(server: DagsterDev) -> list[dict]:
     runs = server.query("""{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }""")
     return [{"run_id": r["runId"], "status": r["status"], **{t["key"]: t["value"] for t in r["tags"]}}
@@ -159,6 +169,25 @@ def _wait_for_runs(server: DagsterDev, n: int, timeout: float = 420) -> list[dic
             return runs
         time.sleep(2)
     raise AssertionError(f"waited {timeout:.0f}s for {n} finished runs: {_drop_runs(server)}")
+
+
+def _run_end_times(server: DagsterDev) -> list[float]:
+    runs = server.query("{ runsOrError { ... on Runs { results { endTime } } } }")["runsOrError"]["results"]
+    return [r["endTime"] for r in runs]
+
+
+def _next_tick(server: DagsterDev, sensor: dict, after: float, timeout: float = 120) -> dict:
+    """The sensor's first finished tick that started after `after` (it ticks every 30 s)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ticks = server.query("""query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor {
+            sensorState { ticks(limit: 3) { timestamp status runIds } } } } }""", {"s": sensor})
+        done = [t for t in ticks["sensorOrError"]["sensorState"]["ticks"]
+                if t["timestamp"] > after and t["status"] in ("SUCCESS", "SKIPPED", "FAILURE")]
+        if done:
+            return min(done, key=lambda t: t["timestamp"])
+        time.sleep(2)
+    raise AssertionError(f"no {sensor['sensorName']} tick within {timeout} s after the last run")
 
 
 def _raw_samples_status(server: DagsterDev, drops: list[str]) -> list[str]:
@@ -176,22 +205,24 @@ def test_the_daemon_rejuices_exactly_the_drop_whose_files_changed(data_dir, tmp_
     for it, tagged with its new version; after that run both are fresh and no further run comes."""
     from dagster import DagsterInstance
 
-    from juicer_pipeline.settings import JuicerSettings
+    from juicer_pipeline.settings import load_settings
     from juicer_pipeline.world import DropConfig, generate_drop
 
-    from ..helpers import png_bytes, run_governor
+    from ..helpers import ONLY_THE_DROP_SENSOR, THREADED_LAUNCHES, png_bytes, run_governor
 
     # each run in one process (no process start per step); juice_drop needs the governor, and the
     # asset daemon is off below, so only the drop sensor starts runs
-    (data_dir / "juicer.toml").write_text('[execution]\nexecutor = "in_process"\n')
+    # (τ calibrated on 100 world images: test_class_extraction.py covers calibration)
+    (data_dir / "juicer.toml").write_text('[execution]\nexecutor = "in_process"\n[classes]\ncalibration_images = 100\n')
     with DagsterInstance.ephemeral() as inst:
-        assert run_governor(data_dir, inst, JuicerSettings()).success
+        assert run_governor(data_dir, inst, load_settings(data_dir=data_dir)).success
     for i, name in enumerate(("keep", "grow")):
         generate_drop(data_dir / "drops" / name, DropConfig(n_samples=12, manifest_format="csv", seed=70 + i))
-    server = DagsterDev(data_dir, tmp_path / "dagster_home",
-                        extra_yaml="auto_materialize:\n  enabled: false\n  use_sensors: false\n")
+    server = DagsterDev(data_dir, tmp_path / "dagster_home", extra_yaml=ONLY_THE_DROP_SENSOR + THREADED_LAUNCHES)
     try:
-        server.wait_ready()
+        repo = server.wait_ready()["repositoriesOrError"]["nodes"][0]
+        sensor = {"repositoryLocationName": repo["location"]["name"], "repositoryName": repo["name"],
+                  "sensorName": "drop_sensor"}
         first = _wait_for_runs(server, 2)
         assert sorted(r["dagster/partition"] for r in first) == ["grow", "keep"], first
         assert {r["status"] for r in first} == {"SUCCESS"}, first
@@ -209,8 +240,9 @@ def test_the_daemon_rejuices_exactly_the_drop_whose_files_changed(data_dir, tmp_
         assert again["dagster/partition"] == "grow" and again["status"] == "SUCCESS", again
         assert len(again["juicer/drop_version"]) == 64
         assert _raw_samples_status(server, ["keep", "grow"]) == ["FRESH", "FRESH"]
-        time.sleep(35)  # one more sensor tick: unchanged drops start nothing
-        assert len(_drop_runs(server)) == 3
+        # one more sensor tick after that run: unchanged drops start nothing
+        tick = _next_tick(server, sensor, after=max(_run_end_times(server)))
+        assert tick["runIds"] == [] and len(_drop_runs(server)) == 3, tick
     finally:
         server.stop()
     assert Catalog(data_dir / "catalog.duckdb").query(
