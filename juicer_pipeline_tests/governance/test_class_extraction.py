@@ -34,8 +34,19 @@ def world_governor():
     return load_foundation_model("world")
 
 
-@pytest.fixture
-def clear_drop(data_dir, instance):
+@pytest.fixture(scope="module")
+def clear_drop(tmp_path_factory):
+    """The clear scenes juiced once for the tests that read them."""
+    from dagster import instance_for_test
+
+    data_dir = tmp_path_factory.mktemp("clear") / "data"
+    with pytest.MonkeyPatch.context() as mp, instance_for_test() as instance:
+        mp.setenv("JUICER_DATA_DIR", str(data_dir))
+        mp.delenv("JUICER_CONFIG", raising=False)
+        return _juice_clear_drop(data_dir, instance)
+
+
+def _juice_clear_drop(data_dir, instance):
     files, rows = {}, []
     for i, (shape, colour) in enumerate(zip(SHAPES, COLOURS)):
         files[f"img/{i}.png"] = _clear_scene(i, shape, colour)

@@ -16,7 +16,10 @@ from juicer_pipeline.world import DropConfig, generate_drop
 
 from ..helpers import REPO, comparable_catalog_rows, run_drop, run_governor
 
-COMMIT_RECORDS = JuicerSettings.model_validate({"catalog": {"writes": "commit_records"}})
+# both runs calibrate τ on 100 world images (test_class_extraction.py covers calibration itself)
+DIRECT = JuicerSettings.model_validate({"classes": {"calibration_images": 100}})
+COMMIT_RECORDS = JuicerSettings.model_validate({"catalog": {"writes": "commit_records"},
+                                                "classes": {"calibration_images": 100}})
 
 
 def _juice(data_dir: Path, settings: JuicerSettings) -> None:
@@ -35,7 +38,7 @@ def test_folded_commit_records_equal_a_direct_run_and_fold_once(tmp_path, monkey
     for root in (direct, queued):
         (root / "drops").mkdir(parents=True)
     monkeypatch.delenv("JUICER_CONFIG", raising=False)
-    _juice(direct, JuicerSettings())
+    _juice(direct, DIRECT)
     _juice(queued, COMMIT_RECORDS)  # the raw_samples check passes against the record, before any fold
 
     storage = StorageResource(data_dir=str(queued), writes="commit_records")
