@@ -33,7 +33,7 @@ from .runtime import torch_threads
 # A patch is "clearly one class" (a probe's training example) when that class covers this share of it.
 PURE_PATCH_SHARE = 0.6
 # A shape is pointed at in an image when it covers at least this many patches' worth of pixels there:
-# a sliver left by an occluding object has no patch to point at.
+# a sliver (an occluded object, in sets where objects may overlap) has no patch to point at.
 POINTING_MIN_PATCHES = 0.25
 # Fitting patches kept at most (a class-stratified subsample: every shape patch, fewer background
 # ones) and L-BFGS iterations: together they keep both probes near a second on two CPU cores. On
