@@ -12,9 +12,11 @@ the three questions, and salient-token inference.
 
 World drops → governor (the committed world governor) → juicing of every drop → every recipe,
 each seed, at an equal vision-token budget and at an equal wall-clock budget → held-out scores →
-one table per comparison (mean ± std over seeds), learning curves (scores at several points of
-each budget), the answers to the three questions, and each token-budget checkpoint evaluated on
-full images and on only the governor-salient ⌈ρN⌉ tokens (accuracy and images/s).
+one table per comparison (mean ± std over seeds) with its dense table beside it (segmentation
+probes, MaskCLIP zero-shot segmentation and pointing, counting, binding: `benchmark_scores`' dense
+evaluation), learning curves (scores at several points of each budget), the answers to the three
+questions on retrieval, classification and the dense scores, and each token-budget checkpoint
+evaluated on full images and on only the governor-salient ⌈ρN⌉ tokens (accuracy and images/s).
 
 A question is answered only when the two means differ by more than the sum of their seed
 standard deviations; otherwise it is printed as a tie.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -43,6 +46,11 @@ WORLDS = {
     "heavy": dict(coverage=0.2, boilerplate=0.6, noise=0.25, omit=0.5, misaligned=0.10),
 }
 QUESTION_RECIPES = ["raw", "datasieve", "flip", "datajuicer", "sieve_then_juice"]
+# The dense scores the questions are answered on: the probe on every block's tokens, MaskCLIP's
+# mIoU and pointing, counting where area does not give it away, and binding's group score.
+DENSE_ANSWERED = [("seg probe mIoU", "dense_seg_blocks_miou"), ("zero-shot mIoU", "dense_zs_seg_miou"),
+                  ("pointing", "dense_pointing"), ("count (area control)", "dense_count_area_control"),
+                  ("binding group", "dense_binding_group")]
 QUESTIONS = [
     ("(a) salient vs random patches", "datajuicer", "flip"),
     ("(b) does juicing add to sieving?", "sieve_then_juice", "datasieve"),
@@ -144,6 +152,8 @@ def main() -> None:
             continue
         print(f"\n{title} (held-out scores in %, mean ± std over seeds)")
         print(format_comparison(table))
+        print(f"\n{title}, DENSE (frozen tower, full images; held-out dense sets; in %, mean ± std over seeds)")
+        print(format_dense(table))
         print_curves(learning_curves(storage.catalog, budget, "t2i_r@1"),
                      learning_curves(storage.catalog, budget, "top1"), budget)
         print_answers(table)
@@ -161,6 +171,14 @@ def format_comparison(table) -> str:
     return markdown_table(comparison_rows(table), max_chars=20)
 
 
+def format_dense(table) -> str:
+    """The dense scores of the comparison as markdown, 'mean ± std' in percent."""
+    from juicer_pipeline.assets.ui import markdown_table
+    from juicer_pipeline.storage.results import dense_rows
+
+    return markdown_table(dense_rows(table), max_chars=20)
+
+
 def print_curves(t2i: dict, top1: dict, budget: str) -> None:
     unit = "M tokens" if budget == "tokens" else "s"
     print(f"learning curves (t2i R@1 / zero-shot top-1 in %, mean over seeds, at {unit}):")
@@ -174,6 +192,8 @@ def verdict(table, better: str, worse: str, metric: str) -> str:
     if better not in rows or worse not in rows:
         return "not run"
     a, b = rows[better], rows[worse]
+    if math.isnan(a[f"{metric}_mean"]) or math.isnan(b[f"{metric}_mean"]):  # checkpoints scored before it existed
+        return "not scored"
     diff = 100 * (a[f"{metric}_mean"] - b[f"{metric}_mean"])
     spread = 100 * (a[f"{metric}_std"] + b[f"{metric}_std"])
     if min(a["seeds"], b["seeds"]) < 2:
@@ -188,6 +208,8 @@ def print_answers(table) -> None:
     for question, a, b in QUESTIONS:
         print(f"  {question:34s} {a} vs {b}: t2i R@1 {verdict(table, a, b, 't2i_r@1')}; "
               f"zero-shot {verdict(table, a, b, 'top1')}")
+        print(f"  {'':34s} dense: " + "; ".join(f"{name} {verdict(table, a, b, metric)}"
+                                                 for name, metric in DENSE_ANSWERED))
 
 
 def print_inference(root: Path, settings, storage) -> None:

@@ -1,6 +1,8 @@
 """Held-out evaluation: the eval sets, every checkpoint's scores, and the recipes side by side."""
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from dagster import (AllPartitionMapping, AssetDep, AssetExecutionContext, MaterializeResult, MetadataValue,
@@ -14,9 +16,11 @@ from ..governance.ingest import RAW_SAMPLES_SCHEMA, RAW_SAMPLES_WRITER_OPTIONS, 
 from ..models.loader import load_world_clip
 from ..settings import JuicerSettings, code_version
 from ..storage import LineageRow, write_lineage
-from ..storage.results import (BUDGETS, HEADLINE, comparison_rows, comparison_table, learning_curves,
-                               recipe_checkpoints, replace_scores)
-from ..training import evaluate_student, held_out_eval_set, student_config
+from ..storage.results import (BUDGETS, DENSE_HEADLINE, HEADLINE, comparison_rows, comparison_table, dense_rows,
+                               learning_curves, recipe_checkpoints, replace_scores)
+from ..training import evaluate_dense, evaluate_student, held_out_eval_set, student_config
+from ..world.dense_sets import dense_sets
+from ..world.vocabulary import load_vocabulary
 from .resources import StorageResource
 from .asset_lineage import asset_version
 from .training import recipe_partitions
@@ -25,6 +29,14 @@ from .vocabulary import class_vocabulary
 
 EVAL_KINDS = ("retrieval", "classification")
 EVAL_SET_NAME = "world-heldout"  # the eval_set column of benchmark_scores
+DENSE_SEED = 0  # the world's dense sets (world/dense_sets.py): their own seed spaces, this seed
+
+
+@lru_cache(maxsize=1)
+def world_dense_sets():
+    """The dense evaluation's held-out sets, drawn like the default world's drops: generated in
+    memory once per process (a few seconds), the same every time."""
+    return dense_sets(seed=DENSE_SEED)
 
 
 def eval_folders(wh, tr) -> dict:
@@ -71,30 +83,42 @@ def _benchmark_scores_asset(settings: JuicerSettings, clip_checkpoint, eval_sets
     cfg = student_config(settings)
 
     @asset(partitions_def=recipe_partitions, deps=[clip_checkpoint, eval_sets], group_name="training",
-           code_version="benchmark_scores-2", kinds={"duckdb"},
+           code_version="benchmark_scores-3", kinds={"duckdb"},
            description="Image↔text retrieval R@1/5/10 and zero-shot top-1/top-5 of each checkpoint on the "
-                       "held-out sets.")
+                       "held-out sets, and its dense scores (frozen tower, full images) on the world's held-out "
+                       "dense sets: segmentation probes, MaskCLIP zero-shot segmentation and pointing, "
+                       "counting, attribute binding.")
     def benchmark_scores(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         recipe, wh = context.partition_key, storage.warehouse
         ckpts = recipe_checkpoints(storage.catalog, recipe)
         if ckpts.empty:
             raise FileNotFoundError(f"no checkpoint of recipe {recipe}: materialise clip_checkpoint[{recipe}] first")
         tokenizer = SimpleTokenizer(context_length=cfg.arch.context_length)
-        ev = held_out_eval_set(wh, tokenizer, cfg.arch.image_size, class_vocabulary(settings.classes))
-        rows, shown = [], []
+        vocab = class_vocabulary(settings.classes)
+        ev = held_out_eval_set(wh, tokenizer, cfg.arch.image_size, vocab)
+        rows, shown, dense_shown, dense_seconds = [], [], [], []
         for c in ckpts.itertuples():
-            scores = evaluate_student(_load_checkpoint(wh, c, recipe, cfg.device), tokenizer, ev, cfg.device)
+            model = _load_checkpoint(wh, c, recipe, cfg.device)
+            scores = evaluate_student(model, tokenizer, ev, cfg.device)
+            # the dense sets are the world's, so their prompts name its colours; the templates are the vocabulary's
+            dense = evaluate_dense(model, tokenizer, world_dense_sets(), cfg.device,
+                                   attributes=load_vocabulary().colour_names, templates=vocab.templates)
+            dense_seconds.append(dense.pop("dense_seconds"))
+            scores.update(dense)
             rows += [{"score_id": f"{c.checkpoint_id}:{m}", "checkpoint_id": c.checkpoint_id, "recipe": recipe,
                       "seed": c.seed, "metric": m, "value": v} for m, v in scores.items()]
-            shown.append({"seed": int(c.seed), "budget": c.budget,
-                          **{m: round(float(scores[m]), 4) for m in HEADLINE if m in scores}})
+            run = {"seed": int(c.seed), "budget": c.budget}
+            shown.append({**run, **{m: round(float(scores[m]), 4) for m in HEADLINE if m in scores}})
+            dense_shown.append({**run, **{m.removeprefix("dense_"): round(scores[m], 4) for m in DENSE_HEADLINE}})
+        context.log.info(f"dense evaluation: {sum(dense_seconds) / len(dense_seconds):.1f} s per checkpoint")
         lineage = LineageRow("benchmark_scores", recipe, [f"checkpoint:{c}" for c in ckpts.checkpoint_id]
-                             + ["eval_sets"], context.run.run_id, asset_version(context),
-                             settings.training.config_hash())
+                             + ["eval_sets", f"world:dense_sets/seed{DENSE_SEED}"], context.run.run_id,
+                             asset_version(context), settings.training.config_hash())
         # small: lives in the catalog table of the same name, not in Parquet
         storage.catalog.write(lambda con: replace_scores(con, recipe, pd.DataFrame(rows), EVAL_SET_NAME, lineage))
         return MaterializeResult(metadata={"recipe": recipe, "checkpoints": len(ckpts),
-                                           "scores": metadata_table(shown)})
+                                           "scores": metadata_table(shown), "dense_scores": metadata_table(dense_shown),
+                                           "dense_seconds_per_checkpoint": round(float(np.mean(dense_seconds)), 2)})
 
     return benchmark_scores
 
@@ -111,10 +135,10 @@ def _load_checkpoint(wh, c, recipe: str, device: str):
 
 def _recipe_comparison_asset(settings: JuicerSettings, benchmark_scores):
     @asset(deps=[AssetDep(benchmark_scores, partition_mapping=AllPartitionMapping())], group_name="training",
-           code_version="recipe_comparison-2", kinds={"duckdb"}, automation_condition=FOLLOW_UPSTREAM,
+           code_version="recipe_comparison-3", kinds={"duckdb"}, automation_condition=FOLLOW_UPSTREAM,
            description="All recipes side by side, one table per fair comparison (equal vision tokens; equal "
-                       "wall-clock time): mean ± spread over seeds, tokens and samples seen, step time, and "
-                       "the learning curves.")
+                       "wall-clock time): mean ± spread over seeds, tokens and samples seen, step time, a "
+                       "table of the dense scores, and the learning curves.")
     def recipe_comparison(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         metadata, shown = {}, []
         for budget in BUDGETS:
@@ -142,5 +166,7 @@ def _write_comparison(storage: StorageResource, budget: str, table: pd.DataFrame
                          "mean over seeds)", x_label="M tokens" if budget == "tokens" else "s")
     with wh.writing(wh.object_path("recipe_comparison", f"learning_curves_{budget}.png")) as tmp:
         chart.save(tmp, "PNG")
+    dense = dense_rows(table)
     return {f"equal_{budget}": metadata_table(comparison_rows(table)),
+            **({f"dense_{budget}": metadata_table(dense)} if dense else {}),
             f"learning_curves_{budget}": MetadataValue.md(png_markdown(chart, f"learning curves {budget}"))}

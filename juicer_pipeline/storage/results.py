@@ -13,6 +13,13 @@ from .catalog import Catalog
 from .records import LineageRow, write_lineage
 
 HEADLINE = ["i2t_r@1", "i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@5", "t2i_r@10", "top1", "top5"]
+# The dense evaluation's scores (training/dense_evaluation.py, DENSE_METRICS): rows of the same
+# benchmark_scores table, shown as a table of their own. Named here too, so that storage imports no
+# model code; a test keeps the two lists equal.
+DENSE_HEADLINE = ["dense_seg_last_miou", "dense_seg_last_miou_shapes", "dense_seg_blocks_miou",
+                  "dense_seg_blocks_miou_shapes", "dense_zs_seg_miou", "dense_zs_seg_miou_shapes", "dense_pointing",
+                  "dense_count", "dense_count_area_control", "dense_binding_text", "dense_binding_image",
+                  "dense_binding_group"]
 BUDGETS = ("tokens", "wallclock")
 
 # The current checkpoint of each recipe, seed and budget; scores of any other checkpoint are stale
@@ -66,12 +73,14 @@ def comparison_table(catalog: Catalog, budget: str = "tokens") -> pd.DataFrame:
 
 
 def _comparison_row(recipe: str, budget: str, s: pd.DataFrame, c: pd.DataFrame) -> dict:
+    """Scores a checkpoint lacks (dense scores from before the dense evaluation) are NaN."""
     row = {"recipe": recipe, "budget": budget, "seeds": s.seed.nunique(), "tokens_seen": int(c.tokens_seen.mean()),
            "samples_seen": int(c.samples_seen.mean()), "step_seconds": float(c.step_seconds.mean()),
            "wall_seconds": float(c.wall_seconds.mean()), "precision": "/".join(sorted(set(c.precision)))}
-    for m in HEADLINE:
+    for m in HEADLINE + DENSE_HEADLINE:
         v = s[s.metric == m].value
-        row[f"{m}_mean"], row[f"{m}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        row[f"{m}_mean"] = float(v.mean()) if len(v) else float("nan")
+        row[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     return row
 
 
@@ -85,6 +94,18 @@ def comparison_rows(table: pd.DataFrame) -> list[dict]:
         row.update({m: f"{100 * r[f'{m}_mean']:.1f} ± {100 * r[f'{m}_std']:.1f}" for m in HEADLINE})
         rows.append(row)
     return rows
+
+
+def dense_rows(table: pd.DataFrame) -> list[dict]:
+    """The dense scores as display rows, in percent as 'mean ± std' over seeds ('-' where a
+    recipe's checkpoints have none); empty when no recipe has any."""
+    have = [f"{m}_mean" in table and table[f"{m}_mean"].notna().any() for m in DENSE_HEADLINE]
+    if table.empty or not any(have):
+        return []
+    return [{"recipe": r["recipe"], "seeds": int(r["seeds"]),
+             **{m.removeprefix("dense_"): "-" if np.isnan(r[f"{m}_mean"]) else
+                f"{100 * r[f'{m}_mean']:.1f} ± {100 * r[f'{m}_std']:.1f}" for m in DENSE_HEADLINE}}
+            for r in table.to_dict("records")]
 
 
 def learning_curves(catalog: Catalog, budget: str = "tokens", metric: str = "t2i_r@1") -> dict:

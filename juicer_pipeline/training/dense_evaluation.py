@@ -16,6 +16,7 @@ extracts a student's features and calls them.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -27,17 +28,22 @@ from ..governance.prompts import BACKGROUND_CLASS, TEMPLATES
 from ..world.dense_sets import FIT, SCORE, DenseSets
 from .dense_features import extract_dense_features
 from .evaluation import class_embedding_matrix
+from .runtime import torch_threads
 
 # A patch is "clearly one class" (a probe's training example) when that class covers this share of it.
 PURE_PATCH_SHARE = 0.6
 # A shape is pointed at in an image when it covers at least this many patches' worth of pixels there:
-# a sliver left by an occluding object has no patch to point at.
+# a sliver (an occluded object, in sets where objects may overlap) has no patch to point at.
 POINTING_MIN_PATCHES = 0.25
 # Fitting patches kept at most (a class-stratified subsample: every shape patch, fewer background
 # ones) and L-BFGS iterations: together they keep both probes near a second on two CPU cores. On
-# the world governor 300 iterations gain under a point of mIoU over 100.
+# the world governor 300 iterations gain under a point of mIoU or count accuracy over 100.
 MAX_FIT_PATCHES = 4096
 PROBE_ITERATIONS = 100
+# Probes up to this many feature values (rows × features) are fitted on one thread: L-BFGS runs
+# hundreds of small products, and on two busy cores each parallel region's synchronisation made
+# them 5–10× slower than one thread, with the same result. Wider problems keep torch's threads.
+ONE_THREAD_PROBE_SIZE = 8_000_000
 DENSE_METRICS = ("seg_last_miou", "seg_last_miou_shapes", "seg_blocks_miou", "seg_blocks_miou_shapes",
                  "zs_seg_miou", "zs_seg_miou_shapes", "pointing", "count", "count_area_control",
                  "binding_text", "binding_image", "binding_group")
@@ -87,11 +93,16 @@ def segment_by_probe(fit_tokens: torch.Tensor, fit_shares: np.ndarray, score_tok
     pure = np.flatnonzero(shares.max(1) >= PURE_PATCH_SHARE)
     labels = shares[pure].argmax(1)
     keep = pure[_stratified_subsample(labels, MAX_FIT_PATCHES, seed)]
-    probe = fit_linear_probe(tokens[torch.from_numpy(keep)], shares[keep].argmax(1), n_classes,
-                             max_iter=PROBE_ITERATIONS, balanced=True)
-    logits = torch.cat([probe.logits(score_tokens[i:i + 64]).cpu() for i in range(0, len(score_tokens), 64)])
+    with probe_threads(len(keep), tokens.shape[-1]):
+        probe = fit_linear_probe(tokens[torch.from_numpy(keep)], shares[keep].argmax(1), n_classes,
+                                 max_iter=PROBE_ITERATIONS, balanced=True)
+        logits = torch.cat([probe.logits(score_tokens[i:i + 64]).cpu() for i in range(0, len(score_tokens), 64)])
     predicted = pixel_predictions(logits, grid, score_pixel_classes.shape[1:]).numpy()
     return mean_iou(predicted, score_pixel_classes, n_classes)
+
+
+def probe_threads(rows: int, features: int):
+    return torch_threads(1) if rows * features <= ONE_THREAD_PROBE_SIZE else contextlib.nullcontext()
 
 
 def _stratified_subsample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -130,8 +141,9 @@ def pointing_score(value_embeddings: torch.Tensor, shape_embeddings: torch.Tenso
 def count_accuracy(fit_embeddings: torch.Tensor, fit_counts: np.ndarray, score_embeddings: torch.Tensor,
                    score_counts: np.ndarray) -> float:
     """Top-1 of a linear probe of the count (1, 2, 3 → classes 0, 1, 2) on pooled image features."""
-    return linear_probe_accuracy(fit_embeddings, np.asarray(fit_counts) - 1, score_embeddings,
-                                 np.asarray(score_counts) - 1)
+    with probe_threads(*fit_embeddings.shape):
+        return linear_probe_accuracy(fit_embeddings, np.asarray(fit_counts) - 1, score_embeddings,
+                                     np.asarray(score_counts) - 1, max_iter=PROBE_ITERATIONS)
 
 
 def winoground_scores(similarity: torch.Tensor) -> dict[str, float]:
@@ -153,23 +165,24 @@ def evaluate_dense(model, tokenizer, sets: DenseSets, device: str = "cpu", attri
     embeddings as the held-out zero-shot scores do (the world's colours, the vocabulary's templates)."""
     t0 = time.perf_counter()
     grid = tuple(model.visual.grid_size)
-    seg = {p: extract_dense_features(model, sets.segmentation[p].images, device) for p in (FIT, SCORE)}
+    scenes = {p: extract_dense_features(model, sets.scenes[p].images, device) for p in (FIT, SCORE)}
     n_classes = len(sets.class_names) + 1
-    shares = {p: patch_class_shares(sets.segmentation[p].pixel_classes, grid, n_classes) for p in (FIT, SCORE)}
-    truth = sets.segmentation[SCORE].pixel_classes
+    shares = {p: patch_class_shares(sets.scenes[p].pixel_classes, grid, n_classes) for p in (FIT, SCORE)}
+    truth = sets.scenes[SCORE].pixel_classes
     scores = {}
     for name, tokens in (("last", lambda f: f.last_block), ("blocks", lambda f: f.all_blocks())):
-        probe = segment_by_probe(tokens(seg[FIT]), shares[FIT], tokens(seg[SCORE]), truth, grid)
+        probe = segment_by_probe(tokens(scenes[FIT]), shares[FIT], tokens(scenes[SCORE]), truth, grid)
         scores.update({f"seg_{name}_{k}": v for k, v in probe.items()})
     shapes = class_embedding_matrix(model, tokenizer, sets.class_names, attributes, templates, device)
     background = class_embedding_matrix(model, tokenizer, [BACKGROUND_CLASS], (), templates, device)
-    zero_shot = segment_zero_shot(seg[SCORE].value_embeddings, torch.cat([background, shapes]), truth, grid)
+    zero_shot = segment_zero_shot(scenes[SCORE].value_embeddings, torch.cat([background, shapes]), truth, grid)
     scores.update({f"zs_seg_{k}": v for k, v in zero_shot.items()})
-    scores["pointing"] = pointing_score(seg[SCORE].value_embeddings, shapes, shares[SCORE])
-    for name, family in (("count", sets.counting), ("count_area_control", sets.counting_control)):
-        emb = {p: extract_dense_features(model, family[p].images, device, with_patches=False).image_embeddings
+    scores["pointing"] = pointing_score(scenes[SCORE].value_embeddings, shapes, shares[SCORE])
+    control = {p: extract_dense_features(model, sets.area_control[p].images, device, with_patches=False)
                for p in (FIT, SCORE)}
-        scores[name] = count_accuracy(emb[FIT], family[FIT].counts, emb[SCORE], family[SCORE].counts)
+    for name, family, feats in (("count", sets.scenes, scenes), ("count_area_control", sets.area_control, control)):
+        scores[name] = count_accuracy(feats[FIT].image_embeddings, family[FIT].counts,
+                                      feats[SCORE].image_embeddings, family[SCORE].counts)
     scores.update({f"binding_{k}": v for k, v in binding_scores(model, tokenizer, sets, device).items()})
     out = {f"dense_{k}": float(v) for k, v in scores.items()}
     out["dense_seconds"] = time.perf_counter() - t0

@@ -3,11 +3,12 @@
 Each set is drawn from seed spaces of its own (splits no drop, corpus or other held-out set uses),
 so no image of it can have been seen in training. What each holds:
 
-- segmentation: drop-like scenes with the per-pixel class (0 background, 1 + the shape's index in
-  the vocabulary) of the top-most object;
-- counting: 1–3 separate objects, a third of the images each. In the plain set every object has
-  the drops' size, so the total object area grows with the count; in the control set the objects'
-  areas are drawn to add up to the same total for every count, so area alone does not tell it;
+- scenes: 1–3 separate objects of the drops' size, a third of the images each, with the per-pixel
+  class (0 background, 1 + the shape's index in the vocabulary) of the top-most object and the
+  count. They serve segmentation and counting both, so one forward pass of a student feeds both;
+  since every object has the drops' size, the total object area grows with the count;
+- area control: the same, but the objects' areas are drawn to add up to the same total for every
+  count, so area alone does not tell it;
 - binding: two-object scenes rendered twice with the two colours swapped, and their two captions
   (Winoground-style: the captions hold the same words in another order).
 
@@ -22,8 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .captions import true_caption
-from .generate import (SPLIT_DENSE_BINDING, SPLIT_DENSE_COUNTING, SPLIT_DENSE_COUNTING_CONTROL,
-                       SPLIT_DENSE_SEGMENTATION, DropConfig, _rng)
+from .generate import SPLIT_DENSE_AREA_CONTROL, SPLIT_DENSE_BINDING, SPLIT_DENSE_SCENES, DropConfig, _rng
 from .scenes import (Scene, SceneObject, SceneSpec, drawn_area, pixel_classes, render, sample_scene,
                      unit_area)
 from .vocabulary import Vocabulary, load_vocabulary
@@ -32,25 +32,22 @@ FIT, SCORE = 0, 1  # the parts of a set, in the drop-index slot of the seed
 COUNTS = (1, 2, 3)
 # The control's total object area, as a share of the image: about that of two drop-sized objects.
 CONTROL_AREA_SHARE = 0.16
-_TRIES = 200  # scene draws before a counting or binding scene with separate objects is given up
+_TRIES = 200  # scene draws before a scene with separate objects is given up
 
 
 @dataclass(frozen=True)
 class DenseSetSizes:
-    segmentation: int = 200  # images per part
-    counting: int = 240  # images per part and set (plain, control)
-    binding: int = 150  # pairs
+    """904 images in all by default: a student's dense evaluation then takes seconds on a CPU."""
+
+    scenes: int = 192  # images per part (a segmentation probe's fit patches are subsampled to 4096)
+    area_control: int = 160  # images per part
+    binding: int = 100  # pairs
 
 
 @dataclass
-class SegmentationSet:
+class SceneSet:
     images: np.ndarray  # uint8 [N, H, W, 3]
     pixel_classes: np.ndarray  # uint8 [N, H, W]: 0 background, 1 + shape index
-
-
-@dataclass
-class CountingSet:
-    images: np.ndarray  # uint8 [N, H, W, 3]
     counts: np.ndarray  # int [N], in COUNTS
     object_pixels: np.ndarray  # int [N]: the union mask's area, what the control holds constant
     scenes: list[Scene]
@@ -66,9 +63,8 @@ class BindingSet:
 @dataclass
 class DenseSets:
     class_names: tuple[str, ...]  # the shapes: pixel class c + 1 is class_names[c]
-    segmentation: dict[int, SegmentationSet]  # FIT, SCORE
-    counting: dict[int, CountingSet]
-    counting_control: dict[int, CountingSet]
+    scenes: dict[int, SceneSet]  # FIT, SCORE
+    area_control: dict[int, SceneSet]
     binding: BindingSet
 
 
@@ -80,40 +76,30 @@ def dense_sets(seed: int = 0, sizes: DenseSetSizes = DenseSetSizes(), world: Dro
     parts = (FIT, SCORE)
     return DenseSets(
         class_names=vocab.shapes,
-        segmentation={p: segmentation_set(spec, sizes.segmentation, seed, p, vocab) for p in parts},
-        counting={p: counting_set(spec, sizes.counting, seed, p, vocab, control=False) for p in parts},
-        counting_control={p: counting_set(spec, sizes.counting, seed, p, vocab, control=True) for p in parts},
+        scenes={p: scene_set(spec, sizes.scenes, seed, p, vocab, area_control=False) for p in parts},
+        area_control={p: scene_set(spec, sizes.area_control, seed, p, vocab, area_control=True) for p in parts},
         binding=binding_set(spec, sizes.binding, seed, vocab))
 
 
-def segmentation_set(spec: SceneSpec, n: int, seed: int, part: int, vocab: Vocabulary) -> SegmentationSet:
-    images, classes = [], []
-    for i in range(n):
-        scene = sample_scene(_rng(seed, SPLIT_DENSE_SEGMENTATION, part, i, 0), spec, vocab)
-        rendered = render(scene, vocab)
-        images.append(np.asarray(rendered.image))
-        classes.append(pixel_classes(scene, rendered, vocab.shapes))
-    return SegmentationSet(np.stack(images), np.stack(classes))
-
-
-def counting_set(spec: SceneSpec, n: int, seed: int, part: int, vocab: Vocabulary, control: bool) -> CountingSet:
-    split = SPLIT_DENSE_COUNTING_CONTROL if control else SPLIT_DENSE_COUNTING
-    images, counts, areas, scenes = [], [], [], []
+def scene_set(spec: SceneSpec, n: int, seed: int, part: int, vocab: Vocabulary, area_control: bool) -> SceneSet:
+    split = SPLIT_DENSE_AREA_CONTROL if area_control else SPLIT_DENSE_SCENES
+    images, classes, counts, areas, scenes = [], [], [], [], []
     for i in range(n):
         count = COUNTS[i % len(COUNTS)]
         one = replace(spec, min_objects=count, max_objects=count)
-        scene = _separated_scene(lambda k: _counting_scene(_rng(seed, split, part, i, k), one, vocab, control))
+        scene = _separated_scene(lambda k: _draw_scene(_rng(seed, split, part, i, k), one, vocab, area_control))
         rendered = render(scene, vocab)
         images.append(np.asarray(rendered.image))
+        classes.append(pixel_classes(scene, rendered, vocab.shapes))
         counts.append(count)
         areas.append(int(rendered.mask.sum()))
         scenes.append(scene)
-    return CountingSet(np.stack(images), np.array(counts), np.array(areas), scenes)
+    return SceneSet(np.stack(images), np.stack(classes), np.array(counts), np.array(areas), scenes)
 
 
-def _counting_scene(rng: np.random.Generator, spec: SceneSpec, vocab: Vocabulary, control: bool) -> Scene:
+def _draw_scene(rng: np.random.Generator, spec: SceneSpec, vocab: Vocabulary, area_control: bool) -> Scene:
     scene = sample_scene(rng, spec, vocab)
-    if not control:
+    if not area_control:
         return scene
     # Each object's share of the fixed total is jittered, and its circumradius set so that it covers
     # that share: the sizes vary, their sum does not.

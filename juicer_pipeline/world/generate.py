@@ -26,8 +26,9 @@ SPLIT_CORPUS_CROPS = 7  # drop-like corpus scenes whose object crops train the g
 # Labelled single objects drawn like the classification set but from seeds of their own: what a
 # linear probe is fitted on, so the held-out set it is scored on stays unseen.
 SPLIT_PROBE = 8
-# The dense evaluation's held-out sets (world/dense_sets.py): segmentation, counting, its area control, binding.
-SPLIT_DENSE_SEGMENTATION, SPLIT_DENSE_COUNTING, SPLIT_DENSE_COUNTING_CONTROL, SPLIT_DENSE_BINDING = 9, 10, 11, 12
+# The dense evaluation's held-out sets (world/dense_sets.py): scenes (segmentation and counting), the
+# counting's area control, binding pairs.
+SPLIT_DENSE_SCENES, SPLIT_DENSE_AREA_CONTROL, SPLIT_DENSE_BINDING = 9, 10, 11
 BROKEN_KINDS = ("zero_byte", "truncated", "not_image", "missing_file")
 
 

@@ -10,6 +10,7 @@ from juicer_pipeline.definitions import COMPARE_JOB_NAME, GOVERNOR_JOB_NAME, REC
 from juicer_pipeline.models.world_clip import tiny_arch
 from juicer_pipeline.settings import ClassSettings, GovernorSettings, JuicerSettings, TrainingSettings
 from juicer_pipeline.storage import Catalog
+from juicer_pipeline.storage.results import DENSE_HEADLINE
 from juicer_pipeline.world import DropConfig, generate_drop
 
 from ..helpers import run_drop, tiny_governor_world, write_folder_drop
@@ -79,6 +80,9 @@ def test_equal_token_budget_and_catalog_records(trained):
     scores = cat.query("SELECT recipe, metric, count(*) AS n FROM benchmark_scores GROUP BY ALL")
     assert set(scores.recipe) == set(RECIPES) and (scores.n == 4).all()  # 2 seeds x 2 budgets
     assert {"i2t_r@1", "t2i_r@10", "top1", "top5"} <= set(scores.metric)
+    assert set(DENSE_HEADLINE) <= set(scores.metric)  # the dense scores: rows of the same table
+    dense = cat.query("SELECT metric, value FROM benchmark_scores WHERE metric LIKE 'dense_%'")
+    assert dense.value.between(0, 1).all() and "dense_seconds" not in set(dense.metric)
     sets = cat.query("SELECT recipe, n_members FROM training_sets").set_index("recipe").n_members
     assert sets["sieve_then_juice"] < sets["raw"]
     kept = cat.query("SELECT DISTINCT kept_patches FROM training_set_members WHERE recipe = 'sieve_then_juice'")
@@ -121,6 +125,10 @@ def test_comparison_tables_and_learning_curves(trained):
         assert {"t2i_r@1", "top1", "tokens", "wall s", "precision"} <= {c.name for c in table.schema.columns}
         assert "±" in table.records[0].data["top1"]
         assert {r.data["precision"] for r in table.records} == {"fp32"}  # the settings' default, as trained
+        dense = meta[f"dense_{budget}"].value  # the dense scores: an inline table of their own
+        assert [r.data["recipe"] for r in dense.records] == list(RECIPES)
+        assert {m.removeprefix("dense_") for m in DENSE_HEADLINE} <= {c.name for c in dense.schema.columns}
+        assert "±" in dense.records[0].data["seg_blocks_miou"]
         assert "learning_curves_" + budget in meta
         assert (root / "warehouse" / "recipe_comparison" / f"learning_curves_{budget}.png").stat().st_size > 500
 

@@ -152,3 +152,27 @@ def test_comparison_table_skips_stale_scores(tmp_path):
     cat.write(lambda con: score(con, "flip", "ck-flip2", 0.9))
     table = comparison_table(cat).set_index("recipe")
     assert table.loc["flip", "top1_mean"] == 0.9 and table.loc["flip", "seeds"] == 1
+
+
+def test_dense_rows_show_the_dense_scores_and_a_dash_where_a_recipe_has_none(tmp_path):
+    from juicer_pipeline.assets.resources import StorageResource
+    from juicer_pipeline.storage.results import DENSE_HEADLINE, comparison_table, dense_rows
+
+    storage = StorageResource(data_dir=str(tmp_path))
+    cat = storage.catalog
+    cat.migrate()
+
+    def scored(recipe, metrics):
+        def write(con):
+            _train(con, recipe, f"ts-{recipe}", f"ck-{recipe}", "run-1", "c")
+            for m in metrics:
+                con.execute("INSERT INTO benchmark_scores VALUES (?, ?, ?, 0, ?, 0.25, 'world-heldout', now())",
+                            [f"ck-{recipe}:{m}", f"ck-{recipe}", recipe, m])
+        return write
+
+    cat.write(scored("raw", ["top1"]))  # scored before the dense evaluation existed
+    assert dense_rows(comparison_table(cat)) == []  # then there is no dense table at all
+    cat.write(scored("flip", ["top1", *DENSE_HEADLINE]))
+    rows = {r["recipe"]: r for r in dense_rows(comparison_table(cat))}
+    assert rows["flip"]["seg_blocks_miou"] == "25.0 ± 0.0" and rows["flip"]["binding_group"] == "25.0 ± 0.0"
+    assert rows["raw"]["seg_blocks_miou"] == "-"

@@ -10,7 +10,7 @@ from juicer_pipeline.world.dense_sets import (COUNTS, FIT, SCORE, DenseSetSizes,
                                               objects_separate)
 from juicer_pipeline.world.scenes import render
 
-SMALL = DenseSetSizes(segmentation=30, counting=60, binding=20)
+SMALL = DenseSetSizes(scenes=60, area_control=60, binding=20)
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,12 @@ def _hashes(images: np.ndarray) -> set[str]:
 
 def test_same_seed_same_sets_and_the_parts_differ(sets):
     again = dense_sets(seed=0, sizes=SMALL)
-    assert np.array_equal(sets.segmentation[SCORE].images, again.segmentation[SCORE].images)
+    assert np.array_equal(sets.scenes[SCORE].images, again.scenes[SCORE].images)
     assert np.array_equal(sets.binding.images, again.binding.images)
-    assert not _hashes(sets.segmentation[FIT].images) & _hashes(sets.segmentation[SCORE].images)
-    assert not _hashes(sets.counting[FIT].images) & _hashes(sets.counting[SCORE].images)
+    assert not _hashes(sets.scenes[FIT].images) & _hashes(sets.scenes[SCORE].images)
+    assert not _hashes(sets.area_control[FIT].images) & _hashes(sets.area_control[SCORE].images)
     other = dense_sets(seed=1, sizes=SMALL)
-    assert not np.array_equal(sets.counting[FIT].images, other.counting[FIT].images)
+    assert not np.array_equal(sets.scenes[FIT].images, other.scenes[FIT].images)
 
 
 def test_dense_images_are_never_drop_or_held_out_images(sets, tmp_path):
@@ -41,16 +41,15 @@ def test_dense_images_are_never_drop_or_held_out_images(sets, tmp_path):
                generate_eval_set(tmp_path / "ret", "retrieval", 60).path]
     seen = _hashes(np.stack([np.asarray(Image.open(p).convert("RGB")) for f in folders
                              for p in sorted((f / "images").iterdir())]))
-    dense = set().union(*(_hashes(s.images) for s in (*sets.segmentation.values(), *sets.counting.values(),
-                                                      *sets.counting_control.values())))
+    dense = set().union(*(_hashes(s.images) for s in (*sets.scenes.values(), *sets.area_control.values())))
     dense |= _hashes(sets.binding.images.reshape(-1, *sets.binding.images.shape[2:]))
     assert len(seen) == 120 and not dense & seen
 
 
 def test_segmentation_labels_cover_background_and_every_shape(sets):
-    seg = sets.segmentation[FIT]
+    seg = sets.scenes[FIT]
     assert seg.images.shape[:3] == seg.pixel_classes.shape and seg.pixel_classes.dtype == np.uint8
-    present = np.unique(np.concatenate([s.pixel_classes.ravel() for s in sets.segmentation.values()]))
+    present = np.unique(np.concatenate([s.pixel_classes.ravel() for s in sets.scenes.values()]))
     assert list(present) == list(range(len(sets.class_names) + 1))
     assert 0.6 < (seg.pixel_classes == 0).mean() < 0.95  # the background is most, not all, of a drop image
 
@@ -63,20 +62,19 @@ def _area_only_count_accuracy(fit, score) -> float:
 
 
 def test_counting_sets_are_balanced_and_the_control_hides_the_count_in_the_area(sets):
-    for family in (sets.counting, sets.counting_control):
+    for family in (sets.scenes, sets.area_control):
         for part in (FIT, SCORE):
             assert np.bincount(family[part].counts).tolist() == [0, 20, 20, 20]
-    plain = [sets.counting[SCORE].object_pixels[sets.counting[SCORE].counts == c].mean() for c in COUNTS]
-    control = [sets.counting_control[SCORE].object_pixels[sets.counting_control[SCORE].counts == c].mean()
-               for c in COUNTS]
-    assert plain[0] * 2 < plain[2]  # the plain set: area grows with the count
+    plain = [sets.scenes[SCORE].object_pixels[sets.scenes[SCORE].counts == c].mean() for c in COUNTS]
+    control = [sets.area_control[SCORE].object_pixels[sets.area_control[SCORE].counts == c].mean() for c in COUNTS]
+    assert plain[0] * 2 < plain[2]  # the plain scenes: area grows with the count
     assert max(control) / min(control) < 1.03  # the control: the same total area for every count
-    assert _area_only_count_accuracy(sets.counting[FIT], sets.counting[SCORE]) > 0.65
-    assert _area_only_count_accuracy(sets.counting_control[FIT], sets.counting_control[SCORE]) < 0.5
+    assert _area_only_count_accuracy(sets.scenes[FIT], sets.scenes[SCORE]) > 0.65
+    assert _area_only_count_accuracy(sets.area_control[FIT], sets.area_control[SCORE]) < 0.5
 
 
 def test_counting_objects_lie_apart_so_the_count_is_unambiguous(sets):
-    for family in (sets.counting, sets.counting_control):
+    for family in (sets.scenes, sets.area_control):
         for s in family.values():
             assert [len(sc.objects) for sc in s.scenes] == list(s.counts)
             assert all(objects_separate(sc.objects) for sc in s.scenes)
