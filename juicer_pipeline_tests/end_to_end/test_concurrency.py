@@ -9,8 +9,6 @@ step would be one more process importing torch and Dagster (about 8 s of CPU eac
 test) without adding a writer that the run processes do not already exercise."""
 import json
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from juicer_pipeline.settings import JuicerSettings, load_settings
 from juicer_pipeline.storage import Catalog
 from juicer_pipeline.world import DropConfig, generate_drop
 
+from ..catalog_reader import reader_command
 from ..helpers import ONLY_THE_DROP_SENSOR, THREADED_LAUNCHES, DagsterDev, run_drop, run_governor
 
 DROPS = [f"par-{i}" for i in range(4)]
@@ -30,41 +29,6 @@ SAMPLES = 30
 # calibration on 100 world images (test_class_extraction.py covers calibration itself)
 SETTINGS_TOML = '[execution]\nexecutor = "in_process"\n[classes]\ncalibration_images = 100\n'
 STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "enriched_captions")
-
-# The outside reader: snapshot + query, and the Parquet files read directly, in a loop until told to stop.
-READER = textwrap.dedent("""
-    import json, logging, sys, time
-    from pathlib import Path
-    import duckdb
-    from juicer_pipeline.storage import Catalog
-
-    data, stop = Path(sys.argv[1]), Path(sys.argv[2])
-    retries = []
-
-    class CountRetries(logging.Handler):
-        def emit(self, record):
-            retries.append(record.getMessage())
-
-    log = logging.getLogger("juicer_pipeline.storage.catalog")
-    log.setLevel(logging.INFO)
-    log.addHandler(CountRetries())
-    catalog = Catalog(data / "catalog.duckdb", lock_timeout_s=60)
-    reads, errors, most = 0, [], 0
-    while not stop.exists():
-        try:
-            snap = catalog.snapshot(data / "reader-snapshot.duckdb")
-            with duckdb.connect(str(snap), read_only=True) as con:
-                most = max(most, con.execute("SELECT count(*) FROM samples").fetchone()[0])
-            files = [str(p) for p in (data / "warehouse" / "raw_samples").glob("*.parquet")]
-            if files:
-                duckdb.sql(f"SELECT count(*) FROM read_parquet({files})").fetchall()
-            reads += 1
-        except Exception as exc:  # every failure is reported, none hidden
-            errors.append(f"{type(exc).__name__}: {exc}")
-        time.sleep(0.5)
-    print(json.dumps({"reads": reads, "errors": errors, "lock_retries": len(retries), "most_samples": most}))
-""")
-
 
 def _make_drops(data_dir: Path) -> JuicerSettings:
     (data_dir / "juicer.toml").write_text(SETTINGS_TOML)
@@ -106,7 +70,7 @@ def test_four_drops_juiced_at_once_beside_a_reader_equal_a_serial_run(data_dir, 
     with DagsterInstance.ephemeral() as inst:
         assert run_governor(data_dir, inst, settings).success
     stop = tmp_path / "stop-reader"
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(data_dir), str(stop)], stdout=subprocess.PIPE,
+    reader = subprocess.Popen(reader_command(data_dir, stop, "own"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     # four runs at a time, launched together; the asset daemon (which evaluates the automation
     # sensor) is off, so that only the drop sensor launches runs

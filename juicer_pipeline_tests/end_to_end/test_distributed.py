@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import tomllib
 from pathlib import Path
@@ -20,37 +19,13 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from juicer_pipeline.settings import JuicerSettings, load_settings
 from juicer_pipeline.world import DropConfig, generate_drop
 
+from ..catalog_reader import reader_command
 from ..helpers import REPO, PostgresServer, RedisServer, comparable_catalog_rows, run_drop, run_governor, wait_for
 
 DROPS = [f"dist-{i}" for i in range(4)]
 STAGES = ("raw_samples", "patch_saliency", "pruned_images", "extracted_classes", "sieve_scores", "enriched_captions")
 BIN = Path(sys.executable).parent
 CELERY_SETTINGS = REPO / "deploy" / "celery" / "juicer.toml"
-
-# Reads what the committer publishes (a snapshot) and the Parquet files, never the live catalog.
-READER = textwrap.dedent("""
-    import json, sys, time
-    from pathlib import Path
-    import duckdb
-
-    data, stop = Path(sys.argv[1]), Path(sys.argv[2])
-    reads, errors, most = 0, [], 0
-    while not stop.exists():
-        try:
-            snap = data / "catalog-snapshot.duckdb"
-            if snap.exists():
-                with duckdb.connect(str(snap), read_only=True) as con:
-                    most = max(most, con.execute("SELECT count(*) FROM samples").fetchone()[0])
-            files = [str(p) for p in (data / "warehouse" / "raw_samples").glob("*.parquet")]
-            if files:
-                duckdb.sql(f"SELECT count(*) FROM read_parquet({files})").fetchall()
-            reads += 1
-        except Exception as exc:  # every failure is reported, none hidden
-            errors.append(f"{type(exc).__name__}: {exc}")
-        time.sleep(0.5)
-    print(json.dumps({"reads": reads, "errors": errors, "most_samples": most}))
-""")
-
 
 def _make_drops(data_dir: Path, samples: int) -> None:
     for i, name in enumerate(DROPS):
@@ -153,7 +128,7 @@ def run_celery_vs_serial(tmp_path: Path, samples: int = 60, workers: int = 2, ex
         wait_for(lambda: all(" ready." in procs.log(f"worker{i}") for i in range(workers)), 120,
                  "the celery workers ready", every=1)
         committer = procs.start("committer", [str(BIN / "juicer"), "catalog", "fold", "--every", "1"])
-        reader = subprocess.Popen([sys.executable, "-c", READER, str(dist_dir), str(stop_reader)], env=env,
+        reader = subprocess.Popen(reader_command(dist_dir, stop_reader, "published"), env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
         t0 = time.perf_counter()
