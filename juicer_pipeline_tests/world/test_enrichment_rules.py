@@ -1,0 +1,34 @@
+"""benchmarks/enrichment_rules.py scores a rule's additions against truth as `juicer truth` does."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_SPEC = importlib.util.spec_from_file_location(
+    "enrichment_rules", Path(__file__).resolve().parents[2] / "benchmarks" / "enrichment_rules.py")
+rules = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = rules  # dataclasses look their module up there
+_SPEC.loader.exec_module(rules)
+
+NAMES = ["circle", "heart", "star"]
+# image 0: a circle the caption omits (the governor is sure); image 1: a star, named, with a heart
+# the governor half-believes in; image 2: a circle the caption names, and nothing else
+DROP = rules.Drop("d", np.array([[0.97, 0.02, 0.01], [0.01, 0.75, 0.24], [0.90, 0.05, 0.05]]),
+                  truth=[{"circle"}, {"star"}, {"circle"}], named=[set(), {"star"}, {"circle"}])
+
+
+def test_outcome_counts_foreign_coverage_and_additions():
+    none = rules.outcome(DROP, NAMES, lambda i: set())
+    assert none == (0.0, 2 / 3, 0, 0)  # image 0's circle is not named yet
+    at_07 = rules.outcome(DROP, NAMES, lambda i: rules.top_k(DROP.scores[i], NAMES, 0.7, k=3))
+    assert at_07 == (1 / 3, 1.0, 1, 1)  # the circle filled, the false heart added to image 1
+    at_09 = rules.outcome(DROP, NAMES, lambda i: rules.top_k(DROP.scores[i], NAMES, 0.9, k=3))
+    assert at_09 == (0.0, 1.0, 1, 0)  # image 2's named circle is never counted as an addition
+
+
+def test_per_class_tau_is_the_smallest_reaching_the_precision():
+    taus = rules.per_class_tau(DROP, NAMES, precision=0.9, min_added=1)
+    # circle candidates (images 0 and 1; image 2 names it): at τ 0.30 only image 0's true one is left
+    assert np.isclose(taus[0], 0.30)
+    assert taus[1] == np.inf and taus[2] == np.inf  # every heart and star candidate is false
