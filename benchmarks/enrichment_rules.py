@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from juicer_pipeline.governance.caption_refiner import strip_enrichment
-from juicer_pipeline.world.truth_metrics import _object_vocabulary, load_truth
+from juicer_pipeline.world.truth_metrics import world_object_vocabulary, load_truth
 
 
 @dataclass
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     args = ap.parse_args()
-    vocab = _object_vocabulary()
+    vocab = world_object_vocabulary()
     names = list(vocab.names)
     drops = [load_drop(args.data_dir, d, vocab) for d in args.drops]
     for d in drops:

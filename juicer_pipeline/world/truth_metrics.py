@@ -97,7 +97,7 @@ def class_table(drop_dir: Path, classes_parquet: Path, drop_id: str) -> dict:
 def caption_table(drop_dir: Path, captions_parquet: Path, drop_id: str, vocab=None) -> dict:
     """Share of captions that mention every true object (class), before and after enrichment,
     and share of enriched captions that mention a class not in the image."""
-    vocab = _object_vocabulary(vocab)
+    vocab = world_object_vocabulary(vocab)
     truth = load_truth(drop_dir, drop_id)
     caps = pq.read_table(captions_parquet, columns=["sample_id", "raw_caption", "enriched_caption"]).to_pandas()
     caps = caps[caps.sample_id.isin(truth.index)]
@@ -136,7 +136,8 @@ def pooled_class_baseline(drop_dir: Path, saliency_parquet: Path, drop_id: str, 
     return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "images": len(table)}
 
 
-def _object_vocabulary(vocab=None):
+def world_object_vocabulary(vocab=None):
+    """`vocab`, or the world's shapes with their synonyms and colours as the caption refiner names them."""
     from ..governance.caption_refiner import ObjectVocabulary
     from .vocabulary import load_vocabulary
 
@@ -159,7 +160,7 @@ def enrichment_table(drop_dir: Path, captions_parquet: Path, drop_id: str, vocab
     `lacking` = added_true + missed: captions whose rectified caption did not name it.
     Rates: `precision` = added_true / added, `filled` = added_true / lacking, `false_rate` =
     added_false / captions whose image lacks it (the class's share of foreign objects)."""
-    vocab = _object_vocabulary(vocab)
+    vocab = world_object_vocabulary(vocab)
     truth = load_truth(drop_dir, drop_id)
     caps = _read_captions(captions_parquet, truth)
     keys = ("in_images", "added_true", "added_false", "missed")
@@ -232,7 +233,7 @@ def rectification_table(drop_dir: Path, captions_parquet: Path, drop_id: str, vo
     the truth recorded caption stages."""
     from ..governance.caption_refiner import strip_enrichment
 
-    vocab = _object_vocabulary(vocab)
+    vocab = world_object_vocabulary(vocab)
     truth = load_truth(drop_dir, drop_id)
     if "caption_content" not in truth.columns:
         return None

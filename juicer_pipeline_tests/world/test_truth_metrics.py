@@ -6,7 +6,7 @@ import pytest
 
 from juicer_pipeline.governance.caption_refiner import RulesRefiner
 from juicer_pipeline.world import CaptionCorruption, DropConfig, generate_drop
-from juicer_pipeline.world.truth_metrics import _object_vocabulary, enrichment_table, rectification_table
+from juicer_pipeline.world.truth_metrics import world_object_vocabulary, enrichment_table, rectification_table
 
 
 def _write(tmp_path, rows: list[dict]):
@@ -96,7 +96,7 @@ def test_rules_refiner_on_a_world_drop_leaves_clean_captions_alone(tmp_path):
     cfg = DropConfig(n_samples=300, seed=3, captions=CaptionCorruption(boilerplate=0.3, noise=0.4, omit=0.3))
     drop = generate_drop(tmp_path / "d", cfg).path
     truth = pd.read_parquet(drop / "_truth.parquet")
-    refined = RulesRefiner(_object_vocabulary()).refine(list(truth.caption), [list(c) for c in truth.classes])
+    refined = RulesRefiner(world_object_vocabulary()).refine(list(truth.caption), [list(c) for c in truth.classes])
     pq.write_table(pa.table({"sample_id": [f"d/{s}" for s in truth.sample_id], "raw_caption": list(truth.caption),
                              "enriched_caption": [x.text for x in refined],
                              "classes_used": [x.classes_used for x in refined]}), tmp_path / "caps.parquet")
