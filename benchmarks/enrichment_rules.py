@@ -8,8 +8,8 @@ probability per class), without running the governor again.
 Per rule and drop it prints the share of captions mentioning a foreign object after enrichment, the
 share mentioning every true object, and the true / false classes added. The rules:
 - `tau=<t>`: one threshold on what is added (at most k classes per image, as the pipeline);
-- `per-class τ (fit on <drop>)`: one τ per class, the smallest reaching the precision on the first
-  drop's *truth*, applied to every drop: an upper bound for per-class calibration, not a method;
+- `per-class τ (fit on <drop>)`: `calibrate_tau_per_class` on the first drop's additions against its
+  *truth*, applied to every drop: an upper bound for per-class calibration, not a method;
 - `conflict q=<q>`: no addition to a caption that names a class the governor also scores ≥ q;
 and, for misaligned captions, how many named-but-absent classes a score floor would catch against
 how many named-and-present ones it would wrongly drop.
@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from juicer_pipeline.governance.caption_refiner import strip_enrichment
+from juicer_pipeline.governance.classes import NEVER, calibrate_tau_per_class
 from juicer_pipeline.world.truth_metrics import world_object_vocabulary, load_truth
 
 
@@ -65,17 +66,14 @@ def top_k(scores: np.ndarray, names: list[str], tau, k: int) -> set[str]:
     return {names[j] for j in np.argsort(-scores, kind="stable")[:k] if scores[j] >= tau[j]}
 
 
-def per_class_tau(d: Drop, names: list[str], precision: float, min_added: int = 3) -> np.ndarray:
-    """The smallest τ per class whose additions on this drop reach `precision` against its truth."""
-    taus = np.full(len(names), np.inf)
-    for c, name in enumerate(names):
-        candidates = [(d.scores[i, c], name in t) for i, (t, n) in enumerate(zip(d.truth, d.named)) if name not in n]
-        for tau in np.arange(0.30, 1.0, 0.01):
-            hits = [ok for s, ok in candidates if s >= tau]
-            if len(hits) >= min_added and np.mean(hits) >= precision:
-                taus[c] = tau
-                break
-    return taus
+def per_class_tau(d: Drop, names: list[str], precision: float, min_support: int = 20) -> np.ndarray:
+    """`calibrate_tau_per_class` on what would be *added*: a class a caption already names is never
+    a candidate there, so each τ reaches `precision` on this drop's additions against its truth."""
+    candidates = d.scores.copy()
+    for i, named in enumerate(d.named):
+        candidates[i, [names.index(n) for n in named]] = -1.0
+    truth = [{names.index(n) for n in t} for t in d.truth]
+    return calibrate_tau_per_class(candidates, truth, precision, min_support=min_support)
 
 
 def print_row(rule: str, d: Drop, result) -> None:
@@ -103,7 +101,7 @@ def main() -> None:
     for precision in (0.9, 0.95):
         taus = per_class_tau(drops[0], names, precision)
         print(f"per-class τ at precision {precision} (fit on {drops[0].name}'s truth): "
-              + ", ".join(f"{n} {t:.2f}" for n, t in zip(names, taus)))
+              + ", ".join(f"{n} {t:.3f}" if t < NEVER else f"{n} never" for n, t in zip(names, taus)))
         for d in drops:
             print_row(f"per-class τ {precision} (fit on {drops[0].name})", d,
                       outcome(d, names, lambda i, d=d: top_k(d.scores[i], names, taus, args.k)))

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from juicer_pipeline.governance.classes import NEVER
+
 _SPEC = importlib.util.spec_from_file_location(
     "enrichment_rules", Path(__file__).resolve().parents[2] / "benchmarks" / "enrichment_rules.py")
 rules = importlib.util.module_from_spec(_SPEC)
@@ -27,8 +29,9 @@ def test_outcome_counts_foreign_coverage_and_additions():
     assert at_09 == (0.0, 1.0, 1, 0)  # image 2's named circle is never counted as an addition
 
 
-def test_per_class_tau_is_the_smallest_reaching_the_precision():
-    taus = rules.per_class_tau(DROP, NAMES, precision=0.9, min_added=1)
-    # circle candidates (images 0 and 1; image 2 names it): at τ 0.30 only image 0's true one is left
-    assert np.isclose(taus[0], 0.30)
-    assert taus[1] == np.inf and taus[2] == np.inf  # every heart and star candidate is false
+def test_per_class_tau_calibrates_on_additions_only():
+    taus = rules.per_class_tau(DROP, NAMES, precision=0.9, min_support=1)
+    # circle candidates: image 0 (true, 0.97) and image 1 (false, 0.01); image 2 names it, so its
+    # 0.90 is no candidate. The grid's smallest τ, 0.05, already leaves image 0 alone: precision 1.0
+    assert taus[0] == 0.05
+    assert taus[1] == NEVER and taus[2] == NEVER  # every heart and star candidate is false
