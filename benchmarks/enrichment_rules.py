@@ -11,6 +11,8 @@ share mentioning every true object, and the true / false classes added. The rule
 - `per-class τ (fit on <drop>)`: `calibrate_tau_per_class` on the first drop's additions against its
   *truth*, applied to every drop: an upper bound for per-class calibration, not a method;
 - `conflict q=<q>`: no addition to a caption that names a class the governor also scores ≥ q;
+- `claims <c>, τ=<t>` (drops juiced with `region_probs`): the pipeline's rule, `caption_additions`:
+  a named class claims every region it scores ≥ c on, every other region adds its top class ≥ τ;
 and, for misaligned captions, how many named-but-absent classes a score floor would catch against
 how many named-and-present ones it would wrongly drop.
 
@@ -26,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from juicer_pipeline.governance.caption_refiner import strip_enrichment
-from juicer_pipeline.governance.classes import NEVER, calibrate_tau_per_class
+from juicer_pipeline.governance.classes import NEVER, caption_additions, calibrate_tau_per_class
 from juicer_pipeline.world.truth_metrics import world_object_vocabulary, load_truth
 
 
@@ -36,6 +38,7 @@ class Drop:
     scores: np.ndarray  # [N, C] stored class scores
     truth: list[set[str]]  # true classes per image
     named: list[set[str]]  # classes the rectified caption names (before enrichment)
+    regions: list | None = None  # per image its regions' probabilities, where stored
 
 
 def load_drop(data: Path, drop: str, vocab) -> Drop:
@@ -44,8 +47,9 @@ def load_drop(data: Path, drop: str, vocab) -> Drop:
     cap = pq.read_table(data / "warehouse" / "enriched_captions" / f"{drop}.parquet").to_pandas().set_index("sample_id")
     ids = [s for s in cap.index if s in truth.index and s in cls.index]
     named = [vocab.mentioned(strip_enrichment(cap.enriched_caption[s], list(cap.classes_used[s]))) for s in ids]
+    regions = [np.asarray(list(cls.region_probs[s]), dtype=np.float64) for s in ids] if "region_probs" in cls else None
     return Drop(drop, np.stack([np.asarray(cls.scores[s]) for s in ids]),
-                [set(truth.loc[s, "classes"]) for s in ids], named)
+                [set(truth.loc[s, "classes"]) for s in ids], named, regions)
 
 
 def outcome(d: Drop, names: list[str], choose) -> tuple[float, float, int, int]:
@@ -111,6 +115,15 @@ def main() -> None:
                 named_scores = [d.scores[i, names.index(n)] for n in d.named[i]]
                 return set() if named_scores and max(named_scores) >= q else top_k(d.scores[i], names, tau, args.k)
             print_row(f"conflict q={q}, tau={tau}", d, outcome(d, names, conflict_free))
+    for claim in (0.05, 0.1):
+        for tau in args.taus:
+            for d in drops:
+                if d.regions is None:
+                    continue
+                def claimed(i, d=d, claim=claim, tau=tau):
+                    named = {names.index(n) for n in d.named[i]}
+                    return {names[c] for c, _ in caption_additions(d.regions[i], named, tau, claim, args.k)}
+                print_row(f"claims {claim}, tau={tau}", d, outcome(d, names, claimed))
     print("misaligned captions: named classes the governor scores below a floor")
     for d in drops:
         present = np.array([d.scores[i, names.index(n)] for i, t in enumerate(d.truth) for n in d.named[i] if n in t])

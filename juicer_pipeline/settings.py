@@ -116,12 +116,29 @@ class ClassSettings(_Section):
     region_fractions: list[float] = Field(default_factory=lambda: [0.15, 0.25], min_length=1,
                                           description="shares of most salient patches whose connected regions are cropped")
     max_regions: int = Field(4, ge=1, description="at most this many regions per share")
-    crop_margins: list[float] = Field(default_factory=lambda: [0.3], min_length=1,
-                                      description="one crop per region and margin (share of its longer side)")
+    crop_margins: list[float] = Field(default_factory=lambda: [0.15, 0.3, 0.5], min_length=1,
+                                      description="one view per region and margin (share of its longer side); a "
+                                                  "region's probability is the mean over its views")
+    crop_turns: Literal[1, 2, 4] | None = Field(None, description="quarter turns each crop is also seen at (1, 2 "
+                                                                  "or 4); unset: 4 with the world's shapes, which "
+                                                                  "are drawn at any rotation, 1 with a vocabulary file")
     abstain: bool = Field(True, description="classify each crop against a 'background' prompt too: a crop "
                                             "whose best match is the background names no class")
+    caption_false_share: float = Field(0.03, gt=0.0, le=1.0, description="what enrichment adds is decided at the "
+                                                                          "smallest τ that gives at most this share "
+                                                                          "of the calibration images (captions "
+                                                                          "simulated, one object left out) a class "
+                                                                          "not in them")
+    caption_claim: float = Field(0.05, gt=0.0, le=1.0, description="a class the caption names claims every region "
+                                                                   "the governor gives it at least this probability: "
+                                                                   "such a region adds no class to the caption")
     fallback_tau: float = Field(0.9, gt=0.0, le=1.0, description="τ when the governor has no calibration set")
     calibration_images: int = Field(600, ge=10, description="world-corpus validation images used to calibrate τ")
+
+    @property
+    def turns(self) -> int:
+        """`crop_turns`, or its default for the vocabulary."""
+        return self.crop_turns or (4 if self.vocabulary is None else 1)
 
     @model_validator(mode="after")
     def _templates_have_a_slot(self):
@@ -149,6 +166,12 @@ class CaptionSettings(_Section):
     model_path: str | None = Field(None, description="local folder of a seq2seq/instruct LM (transformers backend)")
     batch_size: int = Field(16, ge=1, description="captions per batch of the transformers backend")
     max_new_tokens: int = Field(48, ge=1, description="most tokens the transformers backend generates per caption")
+    misaligned_below: float = Field(0.5, ge=0.0, lt=1.0, description="a caption the governor ranks, for its own "
+                                                                      "image, below this share of the drop's other "
+                                                                      "captions is taken to belong to another image "
+                                                                      "and replaced by one of the image's extracted "
+                                                                      "classes (only where the governor knows the "
+                                                                      "drop's domain); 0 never replaces")
 
     @model_validator(mode="after")
     def _model_for_transformers(self):

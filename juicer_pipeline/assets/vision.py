@@ -29,6 +29,7 @@ from .vocabulary import class_vocabulary, vocabulary_fingerprint
 _PREVIEWS = 4
 _CLASSES_SCHEMA = pa.schema([("sample_id", pa.string()), ("classes", pa.list_(pa.string())),
                              ("probs", pa.list_(pa.float32())), ("scores", pa.list_(pa.float32())),
+                             ("region_probs", pa.list_(pa.list_(pa.float32()))),
                              ("n_regions", pa.int16())])
 
 _CLASS_EMBEDDINGS: dict[tuple[str, str], torch.Tensor] = {}
@@ -43,7 +44,7 @@ def _class_embeddings(fm, vocab: ClassVocabulary) -> torch.Tensor:
 
 
 def _crop_plan(cls) -> CropPlan:
-    return CropPlan(tuple(cls.region_fractions), cls.max_regions, tuple(cls.crop_margins))
+    return CropPlan(tuple(cls.region_fractions), cls.max_regions, tuple(cls.crop_margins), cls.turns)
 
 
 def _abstain_embedding(fm, enabled: bool) -> torch.Tensor | None:
@@ -77,7 +78,7 @@ def build_vision_assets(settings: JuicerSettings) -> list:
 # --- governor ---------------------------------------------------------------------------------------
 
 def _governor_asset(gov: GovernorSettings, cls: ClassSettings, fingerprint: str, load):
-    @asset(code_version=code_version("governor-2", gov, fingerprint, cls, vocabulary_fingerprint(cls)),
+    @asset(code_version=code_version("governor-3", gov, fingerprint, cls, vocabulary_fingerprint(cls)),
            group_name="vision", kinds={"pytorch", "duckdb"}, automation_condition=SHARED,
            description="The foundation model every stage uses (settings `governor.source`), its held-out "
                        "scores and its calibrated class threshold τ. Catalog row in `models`.")
@@ -101,9 +102,16 @@ def _calibrate(fm, gov: GovernorSettings, cls: ClassSettings, log) -> dict:
         log.info("calibrating τ on the world corpus validation split")
         return calibrate_world_governor(fm, class_emb, cls.saliency_method, _crop_plan(cls), cls.target_precision,
                                         cls.k, n_images=cls.calibration_images, batch_size=gov.batch_size,
-                                        abstain_emb=_abstain_embedding(fm, cls.abstain))
+                                        abstain_emb=_abstain_embedding(fm, cls.abstain),
+                                        addition=(cls.caption_false_share, cls.caption_claim))
     return {"calibrated": False, "tau": cls.fallback_tau,
             "reason": "no labelled calibration split for this governor and vocabulary; fallback τ used"}
+
+
+def addition_tau(record: dict) -> float:
+    """The τ for classes added to captions (`calibrate_addition_tau`); the class τ for a governor
+    record without a calibration split."""
+    return float(record.get("calibration", {}).get("addition", {}).get("tau", record["tau"]))
 
 
 def _record_governor(storage: StorageResource, fm, calibration: dict, lineage: LineageRow) -> None:
@@ -191,10 +199,11 @@ def _previews(wh, drop: str, table, scores: np.ndarray, kept: list) -> str:
 def _extracted_classes_asset(gov: GovernorSettings, cls: ClassSettings, fingerprint: str, load, patch_saliency,
                              governor):
     @_per_drop_asset(deps=[patch_saliency, governor], kinds={"pytorch", "parquet"},
-                     code_version=code_version("extracted_classes-2", fingerprint, cls, vocabulary_fingerprint(cls)),
+                     code_version=code_version("extracted_classes-3", fingerprint, cls, vocabulary_fingerprint(cls)),
                      description="At most k object classes per image with probability ≥ τ (calibrated), from "
                                  "zero-shot classification of crops around connected salient regions (a second, "
-                                 "small FM pass).")
+                                 "small FM pass); every region's probabilities (`region_probs`), from which "
+                                 "enrichment decides what a caption lacks.")
     def extracted_classes(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
         drop = context.partition_key
         wh = storage.warehouse
@@ -209,7 +218,8 @@ def _extracted_classes_asset(gov: GovernorSettings, cls: ClassSettings, fingerpr
         wh.write_table("extracted_classes", drop, pa.Table.from_pylist(rows, schema=_CLASSES_SCHEMA))
         commit_lineage(context, storage, [f"patch_saliency/{drop}", f"raw_samples/{drop}", "governor"],
                        cls.config_hash(), info["model_id"])
-        return MaterializeResult(metadata=_classes_metadata(rows, tau, cls.k, crops, time.perf_counter() - t0))
+        return MaterializeResult(metadata=_classes_metadata(rows, (tau, addition_tau(info)), cls.k, crops,
+                                                            time.perf_counter() - t0))
 
     return extracted_classes
 
@@ -222,29 +232,30 @@ def class_prompts(fm, cls: ClassSettings) -> tuple[list[str], torch.Tensor, torc
 
 def classify_drop(fm, raw_path, saliency: pa.Table, prompts: tuple, cls: ClassSettings, tau: float,
                   batch_size: int) -> tuple[list[dict], int]:
-    """At most k classes with probability ≥ τ per valid image, from crops around its salient regions:
-    (one row per image, crops classified)."""
+    """At most k classes with probability ≥ τ per valid image, from crops around its salient regions,
+    with every region's probabilities: (one row per image, crops classified)."""
     names, class_emb, abstain = prompts
     maps = stored_vectors(saliency, cls.saliency_method, fm.grid[0] * fm.grid[1])
     position = {sid: i for i, sid in enumerate(saliency.column("sample_id").to_pylist())}
     rows, crops = [], 0
     for ids, images in iter_valid_images(raw_path, batch_size):
         idx = [position[s] for s in ids]
-        scores, n_regions = region_class_scores(fm, images, maps[idx], fm.grid, class_emb, _crop_plan(cls),
-                                                batch_size, abstain)
-        crops += sum(n_regions) * len(cls.crop_margins)  # one crop per region and margin
-        for sid, s, nr in zip(ids, scores, n_regions):
+        scores, regions = region_class_scores(fm, images, maps[idx], fm.grid, class_emb, _crop_plan(cls),
+                                              batch_size, abstain)
+        crops += sum(len(r) for r in regions) * _crop_plan(cls).views  # one crop per region and view
+        for sid, s, r in zip(ids, scores, regions):
             chosen = decide_classes(s, names, cls.k, tau)
-            rows.append({"sample_id": sid, "classes": [c for c, _ in chosen],
-                         "probs": [p for _, p in chosen], "scores": s.tolist(), "n_regions": nr})
+            rows.append({"sample_id": sid, "classes": [c for c, _ in chosen], "probs": [p for _, p in chosen],
+                         "scores": s.tolist(), "region_probs": r.tolist(), "n_regions": len(r)})
     return rows, crops
 
 
-def _classes_metadata(rows: list[dict], tau: float, k: int, crops: int, seconds: float) -> dict:
+def _classes_metadata(rows: list[dict], taus: tuple[float, float], k: int, crops: int, seconds: float) -> dict:
     hist = Counter(c for r in rows for c in r["classes"])
     labels = [c for c, _ in hist.most_common()]
     return {
-        "images": len(rows), "tau": tau, "k": k, "region_crop_forward_passes": crops,
+        "images": len(rows), "tau": taus[0], "addition_tau": taus[1], "k": k, "region_crop_forward_passes": crops,
+
         "images_with_classes": sum(1 for r in rows if r["classes"]),
         "classes_per_image": round(sum(len(r["classes"]) for r in rows) / max(len(rows), 1), 3),
         "seconds": round(seconds, 2),

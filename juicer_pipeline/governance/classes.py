@@ -2,9 +2,13 @@
 
 A softmax over one pooled embedding is not a calibrated multi-label score for images holding
 several objects, so each connected region of highly salient patches is cropped and classified on
-its own (a second, small FM pass on the crops, counted separately from the full-image pass). An
-image's score for a class is its best region's probability; classes with score ≥ τ are kept, at
-most k. τ is calibrated on the governor's own corpus, never on drop truth.
+its own (a second, small FM pass on the crops, counted separately from the full-image pass). Each
+region is seen in several *views* (margins around it and, for a vocabulary drawn at any rotation,
+quarter turns); its probability for a class is the mean over its views, so a class counts only
+where every view shows it: a crop that cuts an object in half, or two objects, or clutter, looks
+different at each margin, a whole object does not. An image's score for a class is its best
+region's probability; classes with score ≥ τ are kept, at most k. τ is calibrated on the
+governor's own corpus, never on drop truth.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
+# Quarter turns in the order views take them: with 2 turns a crop is also seen upside down.
+_TURNS = (None, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)
 
 
 NEVER = 1.01  # a threshold no probability reaches
@@ -25,11 +32,21 @@ TAU_GRID = np.round(np.concatenate([np.arange(0.05, 0.99, 0.01), [0.99, 0.995, 0
 class CropPlan:
     """Where class extraction crops: connected regions among the top `fractions` of patches by
     saliency (each share in turn, repeats removed), at most `max_regions` per share, each cut as a
-    square with each of `margins` (share of its longer side) around it."""
+    square with each of `margins` (share of its longer side) around it and seen at `turns`
+    quarter turns (1, 2 or 4): `views` = margins × turns crops per region, averaged."""
 
     fractions: tuple[float, ...] = (0.15, 0.25)
     max_regions: int = 4
     margins: tuple[float, ...] = (0.3,)
+    turns: int = 1
+
+    def __post_init__(self):
+        if self.turns not in (1, 2, 4):
+            raise ValueError(f"turns must be 1, 2 or 4 quarter turns, got {self.turns}")
+
+    @property
+    def views(self) -> int:
+        return len(self.margins) * self.turns
 
 
 @dataclass(frozen=True)
@@ -126,6 +143,20 @@ def decide_classes(scores: np.ndarray, names: list[str], k: int, tau) -> list[tu
     return [(names[i], float(scores[i])) for i in order if scores[i] >= tau[i]]
 
 
+@dataclass(frozen=True)
+class AdditionRule:
+    """`caption_additions` by class name: what a caption naming `named` gains from an image's regions."""
+
+    names: tuple[str, ...]
+    tau: float
+    claim: float
+    k: int
+
+    def classes(self, region_probs, named: set[str]) -> list[str]:
+        ids = {self.names.index(n) for n in named if n in self.names}
+        return [self.names[c] for c, _ in caption_additions(region_probs, ids, self.tau, self.claim, self.k)]
+
+
 def calibrate_tau(scores: np.ndarray, truth: list[set[int]], target_precision: float,
                   grid=TAU_GRID, k: int = 3) -> dict:
     """Smallest τ whose predictions reach the target precision on labelled validation images.
@@ -153,6 +184,44 @@ def calibrate_tau(scores: np.ndarray, truth: list[set[int]], target_precision: f
     # a τ that predicts nothing has vacuous precision 1.0: never report it as the target reached
     best = best or {"precision": float("nan"), "recall": 0.0, "tau": NEVER}
     return {**best, "best_tau_seen": best["tau"], "tau": NEVER, "reached": False}
+
+
+def simulated_named(truth: list[set[int]], seed: int = 0) -> list[set[int]]:
+    """What web captions of labelled calibration images name, for calibrating what enrichment adds:
+    every true class, except one left out of every image holding several (a caption that omits an
+    object, the case enrichment exists for, here in every image where it can happen)."""
+    rng = np.random.default_rng(seed)
+    named = []
+    for true in truth:
+        true = sorted(true)
+        named.append(set(true) - {true[int(rng.integers(len(true)))]} if len(true) > 1 else set(true))
+    return named
+
+
+def calibrate_addition_tau(region_probs: list[np.ndarray], truth: list[set[int]], max_false_share: float,
+                           claim: float, grid=TAU_GRID, k: int = 3, seed: int = 0) -> dict:
+    """Smallest τ at which enrichment (`caption_additions`) gives at most `max_false_share` of the
+    validation images a class that is not in them, their captions simulated by `simulated_named`:
+    the threshold for what is *added* to captions.
+
+    Precision over all predicted classes is the wrong target here: the classes a caption already
+    names are the easy ones, so what enrichment adds is mostly the rest, and a caption gains a
+    foreign object exactly when one of its unclaimed regions names a class outside the image. The
+    share of images that happens to is the share of captions enrichment makes foreign. Reported
+    with the share of left-out classes it fills. When no τ of the grid reaches the target, τ is
+    NEVER and nothing is added.
+    """
+    named = simulated_named(truth, seed)
+    lacking = sum(len(t - n) for t, n in zip(truth, named))
+    for tau in grid:
+        added = [{c for c, _ in caption_additions(r, n, tau, claim, k)} for r, n in zip(region_probs, named)]
+        false = sum(bool(a - t) for a, t in zip(added, truth)) / max(len(truth), 1)
+        if false <= max_false_share:
+            filled = sum(len(a & (t - n)) for a, t, n in zip(added, truth, named)) / max(lacking, 1)
+            return {"tau": float(tau), "false_share": false, "filled": filled, "max_false_share": max_false_share,
+                    "claim": claim, "reached": True}
+    return {"tau": NEVER, "false_share": float("nan"), "filled": 0.0, "max_false_share": max_false_share,
+            "claim": claim, "reached": False}
 
 
 def calibrate_tau_per_class(scores: np.ndarray, truth: list[set[int]], target_precision: float,
@@ -188,16 +257,19 @@ def image_regions(saliency: np.ndarray, grid: tuple[int, int], region_fractions,
 
 def region_crops(images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int],
                  plan: CropPlan) -> tuple[list[Image.Image], list[int], list[int]]:
-    """Square crops around each image's connected salient regions, the image each crop belongs to,
-    and the number of regions per image."""
+    """Square crops around each image's connected salient regions (`plan.views` consecutive crops
+    per region: each margin at each turn), the image each crop belongs to, and the number of
+    regions per image."""
     crops, owner, n_regions = [], [], []
     for i, (img, sal) in enumerate(zip(images, saliency)):
         regions = image_regions(sal, grid, plan.fractions, plan.max_regions)
         n_regions.append(len(regions))
         for g in regions:
             for margin in plan.margins:
-                crops.append(crop(img, g, grid, margin))
-                owner.append(i)
+                square = crop(img, g, grid, margin)
+                for turn in _TURNS[:plan.turns]:
+                    crops.append(square if turn is None else square.transpose(turn))
+                    owner.append(i)
     return crops, owner, n_regions
 
 
@@ -219,14 +291,37 @@ def crop_probs(fm, crops: list[Image.Image], class_emb: torch.Tensor, abstain_em
 
 def region_class_scores(fm, images: list[Image.Image], saliency: np.ndarray, grid: tuple[int, int],
                         class_emb: torch.Tensor, plan: CropPlan, batch_size: int = 256,
-                        abstain_emb: torch.Tensor | None = None) -> tuple[np.ndarray, list[int]]:
-    """[N, C] class scores (best region per image) and the number of regions of each image.
+                        abstain_emb: torch.Tensor | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """([N, C] class scores: each image's best region, and per image its regions' probabilities,
+    [regions, C], each region's mean over its views).
 
     The crops go through the governor in batches: the one extra FM pass this stage makes.
     """
     crops, owner, n_regions = region_crops(images, saliency, grid, plan)
     probs = crop_probs(fm, crops, class_emb, abstain_emb, batch_size)
-    scores = np.zeros((len(images), class_emb.shape[0]), dtype=np.float32)
-    for i, p in zip(owner, probs):
-        scores[i] = np.maximum(scores[i], p)
-    return scores, n_regions
+    per_region = probs.reshape(-1, plan.views, probs.shape[1]).mean(axis=1)
+    bounds = np.cumsum([0, *n_regions])
+    regions = [per_region[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    scores = np.stack([r.max(axis=0) if len(r) else np.zeros(len(class_emb), np.float32) for r in regions]) \
+        if regions else np.zeros((0, len(class_emb)), np.float32)
+    return scores.astype(np.float32), regions
+
+
+def caption_additions(region_probs: np.ndarray, named: set[int], tau: float, claim: float,
+                      k: int) -> list[tuple[int, float]]:
+    """What enrichment adds to a caption that names the classes `named`: (class, probability), at
+    most k, best first.
+
+    A named class *claims* every region the governor gives it at least `claim` there: the caption
+    already says what that region shows, so the region adds nothing (a hexagon the caption names,
+    that the governor takes for a pentagon, must not gain the caption a pentagon). Every other
+    region adds its top class when that clears τ, unless the caption names it already.
+    """
+    best: dict[int, float] = {}
+    for p in np.asarray(region_probs, dtype=np.float64):  # [regions, C]; no region: nothing to add
+        if named and max(p[c] for c in named) >= claim:
+            continue
+        top = int(np.argmax(p))
+        if p[top] >= tau and top not in named:
+            best[top] = max(best.get(top, 0.0), float(p[top]))
+    return sorted(best.items(), key=lambda kv: -kv[1])[:k]

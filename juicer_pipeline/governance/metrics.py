@@ -104,17 +104,32 @@ def linear_probe_accuracy(train_emb: torch.Tensor, train_labels, test_emb: torch
     return float((pred == y_test).float().mean())
 
 
+def caption_percentiles(image_emb: np.ndarray, text_emb: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Per image, the share of the set's other captions that the model scores below the image's own
+    caption (ties count half), in [0, 1]: near 1 for a caption that fits its image, spread evenly
+    over [0, 1] for one that belongs to another image. NaN for a set of under 2. In row chunks, so
+    memory stays at chunk × N."""
+    image_emb, text_emb = np.asarray(image_emb), np.asarray(text_emb)
+    n = len(image_emb)
+    if n < 2:
+        return np.full(n, np.nan)
+    out = np.empty(n)
+    for start in range(0, n, chunk):
+        sims = image_emb[start:start + chunk] @ text_emb.T
+        own = sims[np.arange(len(sims)), np.arange(start, start + len(sims))][:, None]
+        tied = np.isclose(sims, own, rtol=1e-5, atol=1e-6)  # equal captions: equal up to the matmul's rounding
+        below, ties = ((sims < own) & ~tied).sum(1), tied.sum(1) - 1
+        out[start:start + len(sims)] = (below + 0.5 * ties) / (n - 1)
+    return out
+
+
 def matched_caption_percentile(image_emb: np.ndarray, text_emb: np.ndarray, max_samples: int = 1000) -> float:
     """Where a model ranks each image's own caption among the other captions of the set, as a
-    mean percentile in [0, 1] (ties count half): near 1 when the model tells matching pairs from
-    shuffled ones, about 0.5 when it cannot, i.e. when it does not know the data's domain. At
+    mean percentile in [0, 1] (`caption_percentiles`): near 1 when the model tells matching pairs
+    from shuffled ones, about 0.5 when it cannot, i.e. when it does not know the data's domain. At
     most `max_samples` pairs, spread evenly over the set, so the cost is bounded. NaN below 2."""
     n = len(image_emb)
     if n < 2:
         return float("nan")
     idx = np.unique(np.linspace(0, n - 1, min(n, max_samples)).round().astype(int))
-    sims = np.asarray(image_emb)[idx] @ np.asarray(text_emb)[idx].T
-    own = np.diag(sims)[:, None]
-    tied = np.isclose(sims, own, rtol=1e-5, atol=1e-6)  # equal captions: equal up to the matmul's rounding
-    below, ties = ((sims < own) & ~tied).sum(1), tied.sum(1) - 1
-    return float(np.mean((below + 0.5 * ties) / (len(idx) - 1)))
+    return float(np.mean(caption_percentiles(np.asarray(image_emb)[idx], np.asarray(text_emb)[idx])))

@@ -148,3 +148,75 @@ def test_matched_caption_percentile_tells_a_domain_model_from_chance():
     assert np.isnan(matched_caption_percentile(images[:1], aligned[:1]))
     # bounded cost: a subset spread over the set, still deciding the same way
     assert matched_caption_percentile(images, aligned, max_samples=50) > 0.9
+
+
+def test_caption_percentiles_put_a_caption_of_another_image_low():
+    from juicer_pipeline.governance.metrics import caption_percentiles, matched_caption_percentile
+
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(400, 32))
+    captions = images + 0.3 * rng.normal(size=images.shape)
+    captions[7] = captions[8]  # image 7 carries image 8's caption
+    pct = caption_percentiles(images, captions, chunk=64)  # several chunks: the same as one
+    assert pct.shape == (400,) and np.allclose(pct, caption_percentiles(images, captions))
+    assert pct[7] < 0.9 and np.median(np.delete(pct, 7)) > 0.99
+    assert np.isclose(np.mean(pct), matched_caption_percentile(images, captions, max_samples=400))
+    assert np.isnan(caption_percentiles(images[:1], captions[:1])).all()
+
+
+class CaptionIndexModel:
+    """A governor stand-in whose text embedding of "Caption i." is image i's embedding plus noise:
+    it knows which caption fits which image, as a governor of the domain does."""
+
+    def __init__(self, image_emb: np.ndarray, knows_domain: bool = True):
+        self.image_emb, self.knows_domain = image_emb, knows_domain
+        self.rng = np.random.default_rng(3)
+
+    def encode_text(self, texts, batch_size=None):
+        import re
+
+        import torch
+
+        out = []
+        for t in texts:
+            m = re.search(r"\d+", t)
+            base = self.image_emb[int(m.group())] if m and self.knows_domain else self.rng.normal(size=self.image_emb.shape[1])
+            out.append(base + 0.2 * self.rng.normal(size=len(base)))
+        v = np.stack(out) if out else np.zeros((0, self.image_emb.shape[1]))
+        return torch.from_numpy(v / np.linalg.norm(v, axis=1, keepdims=True)).float()
+
+
+def test_a_caption_of_another_image_is_replaced_by_its_classes():
+    from juicer_pipeline.assets.text import MISALIGNED, enrich_captions
+
+    rng = np.random.default_rng(0)
+    image_emb = rng.normal(size=(120, 16))
+    image_emb /= np.linalg.norm(image_emb, axis=1, keepdims=True)
+    ids = [f"s{i}" for i in range(120)]
+    captions = {s: f"<p>Caption {i}.</p>" for i, s in enumerate(ids)}
+    captions["s5"] = "Caption 77."  # a web caption copied from another page
+    captions["s6"] = "IMG_9.JPG"  # empty after cleaning: nothing to replace, enriched as before
+    classes = {"s5": ["star"], "s6": ["ring"], "s8": ["heart"]}
+    named = {}
+
+    def choose(sid, names):  # what the pipeline's AdditionRule decides, here: every class not named
+        named[sid] = names
+        return [c for c in classes.get(sid, []) if c not in names]
+
+    r = enrich_captions(CaptionIndexModel(image_emb), RulesRefiner(VOCAB), ids, image_emb, captions, classes, 64,
+                        choose, misaligned_below=0.5)
+    by_id = {s: (v, x) for s, v, x in zip(ids, r.versions, r.refined)}
+    assert r.replaced == 1 and by_id["s5"][0] == "replaced"
+    assert by_id["s5"][1].text == "A photo of a star." and by_id["s5"][1].fallback_reason == MISALIGNED
+    assert named["s5"] == set()  # a replaced caption names nothing: it claims no region
+    assert r.caption_percentile[5] < 0.5 < np.median(r.caption_percentile)
+    assert by_id["s6"][1].text == "A photo of a ring." and by_id["s6"][0] == "enriched"
+    assert by_id["s8"][1].text == "Caption 8, with a heart." and by_id["s8"][0] == "enriched"
+    assert r.table.column("caption_percentile").to_pylist()[5] == pytest.approx(r.caption_percentile[5])
+    # a governor that does not know the domain ranks every caption at chance: nothing is replaced
+    blind = enrich_captions(CaptionIndexModel(image_emb, knows_domain=False), RulesRefiner(VOCAB), ids, image_emb,
+                            captions, classes, 64, choose, misaligned_below=0.5)
+    assert blind.replaced == 0 and blind.refined[5].text == "Caption 77, with a star."
+    # 0 never replaces
+    assert enrich_captions(CaptionIndexModel(image_emb), RulesRefiner(VOCAB), ids, image_emb, captions, classes, 64,
+                           choose, misaligned_below=0.0).replaced == 0

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from juicer_pipeline.governance.classes import (NEVER, calibrate_tau, calibrate_tau_per_class, crop_probs,
-                                                decide_classes, image_regions, region_mask, salient_regions,
+from juicer_pipeline.governance.classes import (NEVER, CropPlan, calibrate_addition_tau, calibrate_tau,
+                                                calibrate_tau_per_class, crop_probs, decide_classes, image_regions,
+                                                region_class_scores, region_crops, region_mask, salient_regions,
                                                 square_box)
 from juicer_pipeline.governance.pruning import keep_random, keep_top, kept_count
 from juicer_pipeline.governance.saliency import VisionPass, _block_attention
@@ -88,18 +89,26 @@ def test_regions_at_several_shares_are_merged_without_repeats():
     assert image_regions(sal, (4, 4), (0.25, 0.25), 4) == image_regions(sal, (4, 4), 0.25, 4)
 
 
-def test_the_abstain_class_takes_mass_from_clutter_crops():
-    from PIL import Image
+class MeanColour(torch.nn.Module):  # a "model" whose image embedding is the crop's mean colour
+    logit_scale = torch.tensor(math.log(10.0))
+
+    def encode_image(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def mean_colour_model():
     from types import SimpleNamespace
 
-    class Encoder(torch.nn.Module):  # a "model" whose image embedding is the crop's mean colour
-        logit_scale = torch.tensor(math.log(10.0))
+    def preprocess(im):  # every crop to one size, as a model's preprocessing does
+        return torch.from_numpy(np.asarray(im.resize((8, 8)), np.float32) / 255).permute(2, 0, 1)
 
-        def encode_image(self, x):
-            return x.mean(dim=(2, 3))
+    return SimpleNamespace(model=MeanColour(), device="cpu", preprocess=preprocess)
 
-    fm = SimpleNamespace(model=Encoder(), device="cpu",
-                         preprocess=lambda im: torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1))
+
+def test_the_abstain_class_takes_mass_from_clutter_crops():
+    from PIL import Image
+
+    fm = mean_colour_model()
     classes = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), dim=-1)
     background = torch.nn.functional.normalize(torch.tensor([1.0, 1.0, 1.0]), dim=-1)
     red, grey = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (128, 128, 128))
@@ -107,6 +116,80 @@ def test_the_abstain_class_takes_mass_from_clutter_crops():
     assert plain.shape == abstaining.shape == (2, 2)
     assert plain[1].max() == pytest.approx(0.5)  # a grey crop still gives half its mass to a class
     assert abstaining[1].max() < 0.3 and abstaining[0, 0] > 0.5  # with abstain it names nothing; red stays red
+
+
+def test_each_region_is_seen_at_every_margin_and_turn_and_scored_by_their_mean():
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), (0, 0, 0))
+    image.paste((255, 0, 0), (8, 8, 16, 16))  # a red square filling one patch of a 4 × 4 grid
+    image.paste((0, 255, 0), (16, 8, 24, 16))  # a green one beside it, only in the wider views
+    sal = np.zeros((1, 16))
+    sal[0, 5] = 1.0  # the red patch is the one salient patch: one region
+    one = CropPlan((1 / 16,), 1, (0.0,), 1)
+    views = CropPlan((1 / 16,), 1, (0.0, 1.0), 4)
+    assert views.views == 8
+    crops, owner, n_regions = region_crops([image], sal, (4, 4), views)
+    assert len(crops) == 8 and owner == [0] * 8 and n_regions == [1]
+    # the turns of one margin are the same square turned: same colours, turned pixels
+    assert crops[1].tobytes() == crops[0].transpose(Image.Transpose.ROTATE_180).tobytes()
+    fm = mean_colour_model()
+    classes = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), dim=-1)
+    tight, _ = region_class_scores(fm, [image], sal, (4, 4), classes, one)
+    mean, _ = region_class_scores(fm, [image], sal, (4, 4), classes, views)
+    wide = crop_probs(fm, [crops[4]], classes)[0]  # the margin-1 view: red and green both in it
+    assert tight[0, 0] > 0.9
+    # the mean of the two margins (a turned crop resizes to a few different pixels)
+    assert mean[0] == pytest.approx((tight[0] + wide) / 2, abs=0.01)
+    assert tight[0, 0] - mean[0, 0] > 0.1
+    with pytest.raises(ValueError, match="turns"):
+        CropPlan(turns=3)
+
+
+def test_a_region_the_caption_already_names_adds_nothing():
+    from juicer_pipeline.governance.classes import AdditionRule, caption_additions
+
+    hexagon_as_pentagon = [0.05, 0.15, 0.80]  # classes: star, hexagon, pentagon
+    lone_star = [0.90, 0.05, 0.05]
+    regions = np.array([hexagon_as_pentagon, lone_star])
+    # the caption names the hexagon: its region is claimed, the star's region is not
+    assert caption_additions(regions, {1}, tau=0.7, claim=0.1, k=3) == [(0, pytest.approx(0.9))]
+    # a caption naming nothing gains every region's top class that clears τ, best first
+    assert [c for c, _ in caption_additions(regions, set(), tau=0.7, claim=0.1, k=3)] == [0, 2]
+    assert [c for c, _ in caption_additions(regions, set(), tau=0.7, claim=0.1, k=1)] == [0]
+    assert caption_additions(regions, {0}, tau=0.85, claim=0.5, k=3) == []  # the pentagon is below τ
+    assert caption_additions(np.zeros((0, 3)), set(), 0.5, 0.1, 3) == caption_additions([], set(), 0.5, 0.1, 3) == []
+    rule = AdditionRule(("star", "hexagon", "pentagon"), tau=0.7, claim=0.1, k=3)
+    assert rule.classes(regions.tolist(), {"hexagon", "not-a-class"}) == ["star"]
+
+
+def test_addition_tau_bounds_the_share_of_images_given_a_class_they_lack():
+    from juicer_pipeline.governance.classes import caption_additions, simulated_named
+
+    rng = np.random.default_rng(0)
+    truth, regions = [], []
+    for _ in range(400):
+        true = set(rng.choice(4, size=int(rng.integers(1, 3)), replace=False).tolist())
+        rows = []
+        for c in true:  # one region per object, the object's class mostly on top
+            p = rng.random(4) * 0.3
+            p[c] = rng.uniform(0.35, 1.0)
+            rows.append(p / max(1.0, p.sum()))
+        clutter = rng.random(4) * 0.6  # and a clutter region that names something at times
+        rows.append(clutter)
+        truth.append(true)
+        regions.append(np.array(rows))
+    named = simulated_named(truth)
+    assert all(n <= t and len(t - n) == (len(t) > 1) for n, t in zip(named, truth))
+    result = calibrate_addition_tau(regions, truth, 0.03, claim=0.05)
+    assert result["reached"] and result["false_share"] <= 0.03 and 0.3 < result["tau"] < 1.0
+    false = np.mean([bool({c for c, _ in caption_additions(r, n, result["tau"], 0.05, 3)} - t)
+                     for r, n, t in zip(regions, named, truth)])
+    assert false == pytest.approx(result["false_share"])
+    looser = calibrate_addition_tau(regions, truth, 0.2, claim=0.05)
+    assert looser["tau"] < result["tau"] and looser["filled"] >= result["filled"] > 0
+    never = calibrate_addition_tau([np.array([[0.0, 1.0, 0, 0]])] * 10, [{0}] * 10, 0.01, claim=0.5)
+    assert never["tau"] == NEVER and not never["reached"]
 
 
 def test_per_class_tau_reaches_the_target_per_class():
