@@ -67,16 +67,17 @@ def build_text_assets(settings: JuicerSettings) -> list:
                                      vocabulary_fingerprint(settings.classes)),
            kinds={"parquet"}, check_specs=[_SIMILARITY_CHECK],
            description="Captions rectified (markup, URLs, file names, boilerplate, casing, typos) and enriched "
-                       "with the extracted classes that clear the addition τ; a caption the governor ranks low "
-                       "for its own image is replaced by one of its classes (`replaced`). Governor similarity "
-                       "before/after from the stored image embedding (no second image pass).")
+                       "with what the image's unclaimed regions show at the addition τ; a caption the "
+                       "governor ranks low for its own image is replaced by one of its classes (`replaced`). "
+                       "Governor similarity before/after from the stored image embedding (no second image pass).")
     def enriched_captions(context: AssetExecutionContext, storage: StorageResource):
         drop = context.partition_key
         wh = storage.warehouse
         fm = cached_foundation_model(gov.source, gov.device)
         ids, image_emb, captions, classes, regions = _read_inputs(wh, drop)
-        rule = AdditionRule(tuple(class_vocabulary(settings.classes).names), addition_tau(read_governor_record(storage)),
-                            settings.classes.caption_claim, settings.classes.k)
+        cls = settings.classes
+        rule = AdditionRule(tuple(class_vocabulary(cls).names), addition_tau(read_governor_record(storage)),
+                            cls.caption_claim, cls.k)
         result = enrich_captions(fm, make_refiner(settings), ids, image_emb, captions, classes, gov.batch_size,
                                  lambda sid, named: rule.classes(regions.get(sid, []), named), cap.misaligned_below)
         if result.replaced:
@@ -134,14 +135,17 @@ def _read_inputs(wh, drop: str) -> tuple[list[str], np.ndarray, dict, dict, dict
 def misaligned_captions(fm, refiner, before: list[str], image_emb: np.ndarray, below: float,
                         batch_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(which captions belong to another image, each rectified caption's percentile for its own
-    image, the rectified captions). A web caption copied from another page ranks, for this image, like a random caption of
-    the drop: spread evenly over [0, 1]. One that fits ranks near 1. Below `below` it is replaced.
+    image, the rectified captions). A web caption copied from another page ranks, for this image,
+    like a random caption of the drop: spread evenly over [0, 1]. One that fits ranks near 1.
+    Below `below` it is replaced.
     Only where the governor knows the domain (mean percentile ≥ DOMAIN_PERCENTILE): elsewhere a low
     rank says nothing about the caption. An empty rectified caption is never flagged: there is
     nothing in it to replace."""
     rectified = [clean_caption(c, refiner.vocab) for c in before]
-    percentile = caption_percentiles(image_emb, fm.encode_text(rectified, batch_size).numpy()) if before else np.zeros(0)
-    if len(before) < 2 or not np.nanmean(percentile) >= DOMAIN_PERCENTILE:
+    if len(before) < 2:
+        return np.zeros(len(before), dtype=bool), np.full(len(before), np.nan), rectified
+    percentile = caption_percentiles(image_emb, fm.encode_text(rectified, batch_size).numpy())
+    if not np.nanmean(percentile) >= DOMAIN_PERCENTILE:
         return np.zeros(len(before), dtype=bool), percentile, rectified
     return (percentile < below) & np.array([bool(t) for t in rectified]), percentile, rectified
 

@@ -157,8 +157,9 @@ def enrichment_by_class(extracted: list[list[str]], refined: list[Refined], voca
     """Per class, over a drop's captions, what enrichment did without any ground truth: how many
     captions the class was extracted for, added to (the addition rule decides per region, at its
     own τ, so an added class need not be among the extracted ones), extracted for but not added to
-    (the caption named it, or its region was claimed or below the addition τ), and how many captions named it themselves (extracted or not). Classes
-    with no count are left out: a real vocabulary has far more classes than a drop shows."""
+    (the caption named it, or its region was claimed or below the addition τ), and how many
+    captions named it themselves (extracted or not). Classes with no count are left out: a real
+    vocabulary has far more classes than a drop shows."""
     counts: dict[str, Counter] = {}
     for classes, r in zip(extracted, refined):
         added = set(r.classes_used)
