@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from juicer_pipeline.governance.caption_refiner import strip_enrichment
-from juicer_pipeline.governance.classes import NEVER, caption_additions, calibrate_tau_per_class
+from juicer_pipeline.governance.classes import NEVER, AdditionRule, calibrate_tau_per_class
 from juicer_pipeline.world.truth_metrics import world_object_vocabulary, load_truth
 
 
@@ -120,10 +120,9 @@ def main() -> None:
             for d in drops:
                 if d.regions is None:
                     continue
-                def claimed(i, d=d, claim=claim, tau=tau):
-                    named = {names.index(n) for n in d.named[i]}
-                    return {names[c] for c, _ in caption_additions(d.regions[i], named, tau, claim, args.k)}
-                print_row(f"claims {claim}, tau={tau}", d, outcome(d, names, claimed))
+                rule = AdditionRule(tuple(names), tau, claim, args.k)
+                print_row(f"claims {claim}, tau={tau}", d,
+                          outcome(d, names, lambda i, d=d, rule=rule: set(rule.classes(d.regions[i], d.named[i]))))
     print("misaligned captions: named classes the governor scores below a floor")
     for d in drops:
         present = np.array([d.scores[i, names.index(n)] for i, t in enumerate(d.truth) for n in d.named[i] if n in t])

@@ -34,7 +34,7 @@ def validation_scores(fm, images, class_emb: torch.Tensor, method: str, plan: Cr
 
 def calibrate_governor(fm, class_emb: torch.Tensor, images, truth: list[set[int]], method: str, plan: CropPlan,
                        target_precision: float, k: int, batch_size: int = 256,
-                       abstain_emb: torch.Tensor | None = None, addition: tuple[float, float] = (0.03, 0.05)) -> dict:
+                       abstain_emb: torch.Tensor | None = None, *, addition: tuple[float, float]) -> dict:
     """τ on a labelled calibration set: `images` (PIL) and, per image, the ids of the classes in it;
     and `addition`, the τ for what enrichment adds to captions (`calibrate_addition_tau` at
     `addition` = (most false share, claim))."""

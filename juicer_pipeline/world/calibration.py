@@ -34,9 +34,9 @@ def world_validation_set(image_size: int, n_images: int, seed: int = 0):
 
 def calibrate_world_governor(fm, class_emb: torch.Tensor, method: str, plan: CropPlan, target_precision: float,
                              k: int, n_images: int = 600, seed: int = 0, batch_size: int = 256,
-                             abstain_emb: torch.Tensor | None = None, addition: tuple[float, float] = (0.03, 0.05)) -> dict:
+                             abstain_emb: torch.Tensor | None = None, *, addition: tuple[float, float]) -> dict:
     size = fm.model.visual.image_size
     images, truth = world_validation_set(size[0] if isinstance(size, tuple) else size, n_images, seed)
     result = calibrate_governor(fm, class_emb, images, truth, method, plan, target_precision, k, batch_size, abstain_emb,
-                                addition)
+                                addition=addition)
     return {"split": "world corpus validation (own seed space, drop-like scenes)", **result}

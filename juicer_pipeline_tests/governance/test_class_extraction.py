@@ -97,8 +97,10 @@ def test_a_class_below_tau_never_lands_in_a_caption(clear_drop):
 def test_calibration_reports_the_tau_it_chose(world_governor):
     vocab = load_vocabulary()
     class_emb = class_embeddings(world_governor.encode_text, list(vocab.shapes), vocab.colour_names)
+    defaults = ClassSettings()
     result = calibrate_world_governor(world_governor, class_emb, "attention_rollout", CropPlan(), 0.9, 3,
-                                      n_images=300, abstain_emb=abstain_embedding(world_governor.encode_text))
+                                      n_images=300, abstain_emb=abstain_embedding(world_governor.encode_text),
+                                      addition=(defaults.caption_false_share, defaults.caption_claim))
     assert result["reached"] and result["tau"] < NEVER and result["precision"] >= 0.9
     assert result["recall"] > 0.3 and result["n_images"] == 300
 
