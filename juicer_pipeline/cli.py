@@ -104,6 +104,11 @@ def _add_governor(sub) -> None:
                        help="drop-like corpus scenes whose object and background crops join the corpus")
     train.add_argument("--init", default=None, help="warm start from these weights (a world CLIP file)")
     train.add_argument("--jpeg-rate", type=float, default=None, help="share of images re-encoded as JPEG")
+    train.add_argument("--saliency-weight", type=float, default=None,
+                       help="weight of the objectness term: the CLS attention rollout (the pipeline's saliency) is "
+                            "pulled towards the patches each corpus scene's objects cover (default 0: off)")
+    train.add_argument("--whole-crop-scenes", action="store_true", default=None,
+                       help="the drop-like scenes that object crops are cut from also join the corpus whole")
     train.set_defaults(func=cmd_governor_train)
 
 
@@ -208,7 +213,8 @@ def cmd_governor_train(a) -> None:
 
     cfg = GovernorTrainConfig(seed=a.seed, threads=a.threads)
     given = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "eval_every": a.eval_every,
-             "crop_scenes": a.crop_scenes, "init": a.init, "jpeg_rate": a.jpeg_rate}
+             "crop_scenes": a.crop_scenes, "init": a.init, "jpeg_rate": a.jpeg_rate,
+             "saliency_weight": a.saliency_weight, "whole_crop_scenes": a.whole_crop_scenes}
     cfg = _replace(cfg, **{k: v for k, v in given.items() if v is not None})
     data_dir = default_data_dir()
     command = "juicer governor train " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])

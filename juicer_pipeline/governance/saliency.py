@@ -46,24 +46,20 @@ def _block_attention(blk, x: torch.Tensor) -> torch.Tensor:
     return probs.mean(dim=1)
 
 
-class VisionPass:
-    """Hooks a governor's open_clip ViT once; `run(images)` is one forward pass per image.
-
-    Each block's `attention` is wrapped for the lifetime of the pass so that
-    `nn.MultiheadAttention` returns the head-averaged weights it computes anyway
-    (`need_weights=True`): recomputing q·k from a captured block input cost 13 % of the
-    stage's throughput (measured 0.868 of a bare forward).
-    """
+class AttentionCapture:
+    """Wraps each block's `attention` of a governor's open_clip ViT so that `nn.MultiheadAttention`
+    returns the head-averaged weights it computes anyway (`need_weights=True`); `weights` holds
+    the last forward pass's [B, T, T] per block. Recomputing q·k from a captured block input cost
+    13 % of the stage's throughput (measured 0.868 of a bare forward). The weights keep their
+    autograd graph, so training can put a loss on them (`world/governor_training.py`)."""
 
     def __init__(self, model):
-        self.visual = model.visual
-        self.blocks = list(self.visual.transformer.resblocks)
+        self.blocks = list(model.visual.transformer.resblocks)
         if not all(isinstance(blk.attn, torch.nn.MultiheadAttention) for blk in self.blocks):
             # open_clip's "custom" blocks call their own attention, which has no weights to capture
             raise ValueError("a governor needs open_clip's default transformer blocks (nn.MultiheadAttention) "
                              "to give attention saliency; this model's vision tower uses block_type 'custom'")
-        self.forward_calls = 0  # images seen by the full-image pass (tests count it)
-        self._weights: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.weights: list[torch.Tensor | None] = [None] * len(self.blocks)
         for i, blk in enumerate(self.blocks):
             blk.attention = self._capturing(blk, i)
 
@@ -73,13 +69,25 @@ class VisionPass:
             v_x = q_x if v_x is None else v_x
             out, weights = blk.attn(q_x, k_x, v_x, need_weights=True, average_attn_weights=True,
                                     attn_mask=attn_mask)
-            self._weights[i] = weights
+            self.weights[i] = weights
             return out
         return attention
 
     def close(self) -> None:
         for blk in self.blocks:
             blk.__dict__.pop("attention", None)  # back to the class's own method
+
+
+class VisionPass:
+    """Hooks a governor's open_clip ViT once; `run(images)` is one forward pass per image."""
+
+    def __init__(self, model):
+        self.visual = model.visual
+        self.capture = AttentionCapture(model)
+        self.forward_calls = 0  # images seen by the full-image pass (tests count it)
+
+    def close(self) -> None:
+        self.capture.close()
 
     @torch.inference_mode()
     def run(self, images: torch.Tensor) -> VisionOutput:
@@ -92,13 +100,13 @@ class VisionPass:
             visual.output_tokens = previous
         self.forward_calls += len(images)
         emb = F.normalize(pooled.float(), dim=-1)
-        attentions = [w.float() for w in self._weights]
-        rollout = _rollout(attentions)[:, 0, 1:]
+        attentions = [w.float() for w in self.capture.weights]
+        cls_rollout = rollout(attentions)
         tokens = tokens.float()
         saliency = {
             "cls_attention": attentions[-1][:, 0, 1:],
-            "attention_rollout": rollout,
-            "smoothed_rollout": _smooth(rollout, tuple(visual.grid_size)),
+            "attention_rollout": cls_rollout,
+            "smoothed_rollout": smooth(cls_rollout, tuple(visual.grid_size)),
             "token_distinctiveness": (tokens - tokens.mean(dim=1, keepdim=True)).norm(dim=-1),
         }
         return VisionOutput(emb, {k: v.float().cpu() for k, v in saliency.items()})
@@ -107,18 +115,19 @@ class VisionPass:
 _BINOMIAL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
 
 
-def _smooth(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def smooth(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """[B, N] patch scores blurred over the [h, w] grid (edges replicated, so border patches keep
     their weight)."""
     x = F.pad(scores.reshape(-1, 1, *grid), (1, 1, 1, 1), mode="replicate")
     return F.conv2d(x, _BINOMIAL.to(x).view(1, 1, 3, 3)).reshape(scores.shape)
 
 
-def _rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
-    eye = torch.eye(attentions[0].shape[-1], device=attentions[0].device)
+def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
+    """[B, N]: the CLS row (patches only) of the product over blocks of ½(A + I), rows renormalised."""
+    eye = torch.eye(attentions[0].shape[-1], device=attentions[0].device, dtype=attentions[0].dtype)
     result = eye.expand_as(attentions[0])
     for a in attentions:
         a = 0.5 * (a + eye)
         a = a / a.sum(dim=-1, keepdim=True)
         result = a @ result
-    return result
+    return result[:, 0, 1:]

@@ -15,6 +15,7 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
         "corpus, which is drawn from a distribution disjoint from the drops (other background families,",
         "other object sizes, its own seeds). It is the default *governor* of juicer-pipeline.",
         "",
+        *_objectness_lines(cfg),
         f"- model id (sha256 of the weights file): `{model_id}`",
         f"- reproduce: `{record.get('command', 'juicer governor train')}`",
         f"- seed {cfg.get('seed')}, steps {record.get('steps_done')}, batch {cfg.get('batch_size')}, "
@@ -27,7 +28,9 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
         "",
         "Its own corpus generator, validation seeds: drop-like scenes (the drops' object sizes, the corpus's",
         "backgrounds) for retrieval, square crops around their objects for shape naming, crops of bare",
-        "background for the abstain class, single corpus objects for zero-shot.",
+        "background for the abstain class, single corpus objects for zero-shot; `saliency_recall@0.5` is",
+        "the share of the scenes' object patches among the top half of patches by smoothed attention",
+        "rollout (what pruning keeps at ρ = 0.5).",
         "",
         "| metric | value |",
         "|---|---|",
@@ -37,7 +40,7 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
     if held:
         lines += ["", "## Held-out scores (the world's clean evaluation sets; reported, never used to choose)", "",
                   "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in held.items() if k.startswith(("semantic", "zeroshot"))]
+        lines += [f"| {k} | {v:.3f} |" for k, v in held.items() if k.startswith(("semantic", "zeroshot", "saliency"))]
     if cfg.get("init"):
         lines += ["", f"Warm start: fine-tuned from `{cfg['init']}` (the previous governor, its own model card in "
                       "the repository history)."]
@@ -45,9 +48,20 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
               "query (captions cannot tell such images apart); instance recall needs the exact pair.",
               "Zero-shot: 10 shape classes, prompts averaged over templates and colours.", ""]
     lines += ["## Learning curve (corpus validation, every evaluation)", "",
-              "| step | sem. i2t R@1 | sem. t2i R@1 | zero-shot top-1 | crop shape top-1 |", "|---|---|---|---|---|"]
+              "| step | sem. i2t R@1 | sem. t2i R@1 | zero-shot top-1 | crop shape top-1 | saliency recall |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {e['step']} | {e['semantic_i2t_r@1']:.3f} | {e['semantic_t2i_r@1']:.3f} | {e['zeroshot_top1']:.3f} "
-              f"| {e.get('crop_shape_top1', float('nan')):.3f} |" for e in record.get("evals", [])]
+              f"| {e.get('crop_shape_top1', float('nan')):.3f} | {e.get('saliency_recall@0.5', float('nan')):.3f} |"
+              for e in record.get("evals", [])]
     path = Path(weights).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _objectness_lines(cfg: dict) -> list[str]:
+    if not cfg.get("saliency_weight"):
+        return []
+    return [f"Objectness term (weight {cfg['saliency_weight']}): beside the contrastive loss, the CLS attention",
+            "rollout of each whole corpus scene is pulled towards the patches its objects cover (the",
+            "render's own masks, never a drop's truth), so the saliency the pipeline prunes by follows objects.",
+            ""]

@@ -28,3 +28,19 @@ def clip_loss(model, images: torch.Tensor, tokens: torch.Tensor, negatives: torc
     image_to_text = scale * img @ torch.cat([txt, neg]).T
     text_to_image = scale * txt @ img.T
     return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
+
+
+def objectness_loss(patch_attention: torch.Tensor, object_patches: torch.Tensor) -> torch.Tensor:
+    """KL divergence from a uniform distribution over each image's object patches to its patch
+    attention (e.g. the CLS rollout, [B, N], rows renormalised here): zero when the attention sits
+    evenly on every patch an object covers and nowhere else. Images without an object patch are
+    left out; a batch without any gives 0 (with a graph, so backward still works)."""
+    rows = object_patches.any(dim=-1)
+    if not rows.any():
+        return patch_attention.sum() * 0.0
+    p = patch_attention[rows]
+    log_p = torch.log((p / p.sum(dim=-1, keepdim=True)).clamp_min(1e-8))
+    target = object_patches[rows].float()
+    target = target / target.sum(dim=-1, keepdim=True)
+    log_target = torch.log(target.clamp_min(1e-12))
+    return (target * (log_target - log_p)).sum(dim=-1).mean()

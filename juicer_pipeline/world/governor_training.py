@@ -34,16 +34,19 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from ..governance.classes import square_crop
 from ..governance.images import normalise_batch, to_uint8_chw
-from ..training.loss import clip_loss
+from ..training.loss import clip_loss, objectness_loss
 from ..training.runtime import torch_threads
 from ..training.schedule import warmup_cosine
 from ..governance.metrics import retrieval_recall, zero_shot_accuracy
+from ..governance.pruning import kept_count
+from ..governance.saliency import AttentionCapture, rollout, smooth
 from ..governance.prompts import BACKGROUND_CLASS, TEMPLATES, class_embeddings, with_article
 from ..models.world_clip import ClipArch, build_clip
 from .captions import join_phrases, object_phrases, plural
 from .generate import (SPLIT_CORPUS, SPLIT_CORPUS_CROPS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION,
                        VALIDATION_JPEG_QUALITY, corpus_spec, drop_like_corpus_spec, eval_spec,
                        iter_clean_samples, jpeg_roundtrip)
+from .scenes import patch_coverage
 from .vocabulary import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,10 @@ class GovernorTrainConfig:
     jpeg_rate: float = 0.0  # share of corpus images and crop scenes re-encoded as JPEG
     jpeg_quality: tuple[int, int] = (60, 95)
     validation_samples: int = 1000
+    # Weight of the objectness term: the CLS attention rollout (the pipeline's saliency) is pulled
+    # towards the patches the corpus scene's objects cover. 0: contrastive loss only.
+    saliency_weight: float = 0.0
+    whole_crop_scenes: bool = False  # the drop-like crop scenes also join the corpus whole
 
 
 @dataclass
@@ -79,6 +86,16 @@ class CorpusTensors:
     positives: torch.Tensor  # int32 [N, V, L] caption variants
     shape_negatives: torch.Tensor  # int32 [N, L]
     colour_negatives: torch.Tensor  # int32 [N, L]
+    object_patches: torch.Tensor | None = None  # bool [N, grid patches]: patches an object covers
+    has_scene: torch.Tensor | None = None  # bool [N]: a whole scene (its object_patches are known)
+
+
+OBJECT_PATCH_COVER = 0.1  # a patch holds an object when this share of its pixels does (as the truth metrics count)
+
+
+def scene_object_patches(rendered, patch_size: int) -> np.ndarray:
+    s = rendered.mask.shape[0]
+    return patch_coverage(rendered.mask, (s // patch_size, s // patch_size)) >= OBJECT_PATCH_COVER
 
 
 def _caption(objects, rng, shape_only: bool) -> str:
@@ -110,18 +127,26 @@ def _swap(objects, rng, vocab: Vocabulary, what: str):
 def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3) -> CorpusTensors:
     tok = SimpleTokenizer(context_length=cfg.arch.context_length)
     rng = np.random.default_rng([cfg.seed, 99])
-    images, pos, neg_s, neg_c = [], [], [], []
+    images, pos, neg_s, neg_c, patches = [], [], [], [], []
     sources = [(SPLIT_CORPUS, corpus_spec(cfg.arch.image_size), cfg.corpus_multi),
                (SPLIT_CORPUS_SINGLE, corpus_spec(cfg.arch.image_size, single_object=True), cfg.corpus_single)]
     t0 = time.perf_counter()
     for split, spec, n in sources:
         for scene, rendered, _ in iter_clean_samples(split, spec, n, cfg.seed, vocab):
             images.append(to_uint8_chw(maybe_jpeg(rendered.image, cfg, rng)))
+            patches.append(scene_object_patches(rendered, cfg.arch.patch_size))
             objs = scene.objects
             pos.append([_caption(objs, rng, rng.random() < cfg.shape_only_caption_rate) for _ in range(variants)])
             neg_s.append(_caption(_swap(objs, rng, vocab, "shape"), rng, False))
             neg_c.append(_caption(_swap(objs, rng, vocab, "colour"), rng, False))
-    crops = object_crops(cfg, vocab, rng)
+    crops, wholes = object_crops(cfg, vocab, rng)
+    for image, objs, object_patches in wholes:
+        images.append(to_uint8_chw(image))
+        patches.append(object_patches)
+        pos.append([_caption(objs, rng, rng.random() < cfg.shape_only_caption_rate) for _ in range(variants)])
+        neg_s.append(_caption(_swap(objs, rng, vocab, "shape"), rng, False))
+        neg_c.append(_caption(_swap(objs, rng, vocab, "colour"), rng, False))
+    n_scenes = len(images)
     for image, objs in crops:
         images.append(to_uint8_chw(image, cfg.arch.image_size))
         if objs is None:  # bare background: the abstain class; its "negatives" name an object
@@ -137,7 +162,11 @@ def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3)
              time.perf_counter() - t0)
     flat = [c for v in pos for c in v]
     positives = tok(flat).to(torch.int32).view(len(pos), variants, -1)
-    return CorpusTensors(torch.stack(images), positives, tok(neg_s).to(torch.int32), tok(neg_c).to(torch.int32))
+    object_patches = torch.zeros(len(images), len(patches[0]), dtype=torch.bool)
+    object_patches[:n_scenes] = torch.from_numpy(np.stack(patches))
+    has_scene = torch.arange(len(images)) < n_scenes
+    return CorpusTensors(torch.stack(images), positives, tok(neg_s).to(torch.int32), tok(neg_c).to(torch.int32),
+                         object_patches, has_scene)
 
 
 CROP_COVERAGES = (0.15, 0.25, 0.35)  # object coverage of the scenes crops are cut from: drops span this
@@ -146,13 +175,16 @@ CROP_COVERAGES = (0.15, 0.25, 0.35)  # object coverage of the scenes crops are c
 def object_crops(cfg: GovernorTrainConfig, vocab: Vocabulary, rng: np.random.Generator):
     """(crop, [object]) for every object of `cfg.crop_scenes` drop-like corpus scenes, and
     (crop, None) for crops of bare background, cut as class extraction cuts them (square, with a
-    random margin and a small off-centre shift)."""
-    out = []
+    random margin and a small off-centre shift); with `cfg.whole_crop_scenes`, also the scenes
+    themselves as (image, objects, object patches)."""
+    out, wholes = [], []
     for c, coverage in enumerate(CROP_COVERAGES):
         spec = drop_like_corpus_spec(cfg.arch.image_size, coverage)
         n = cfg.crop_scenes // len(CROP_COVERAGES)
         for scene, rendered, _ in iter_clean_samples(SPLIT_CORPUS_CROPS, spec, n, cfg.seed * 10 + c, vocab):
             image = maybe_jpeg(rendered.image, cfg, rng)  # the whole scene, then the crop: as drops are cut
+            if cfg.whole_crop_scenes:
+                wholes.append((image, scene.objects, scene_object_patches(rendered, cfg.arch.patch_size)))
             for obj, box in zip(scene.objects, rendered.boxes):
                 if rng.random() < 0.5:  # as class extraction cuts them: a box on the patch grid
                     box = patch_aligned(box, cfg.arch.patch_size, rng)
@@ -165,7 +197,7 @@ def object_crops(cfg: GovernorTrainConfig, vocab: Vocabulary, rng: np.random.Gen
                 bg = background_crop(rendered, rng, image)
                 if bg is not None:
                     out.append((bg, None))
-    return out
+    return out, wholes
 
 
 def patch_aligned(box, patch: int, rng: np.random.Generator):
@@ -218,14 +250,16 @@ class HeldOut:
     crop_images: torch.Tensor | None = None  # object crops (drop-like), labelled by shape
     crop_labels: np.ndarray | None = None
     background_crops: torch.Tensor | None = None
+    object_patches: np.ndarray | None = None  # bool [retrieval images, patches]: for saliency recall
 
 
 def build_held_out(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 0) -> HeldOut:
     """The world's clean held-out sets, rendered in memory (identical pixels to `juicer world evalsets`)."""
-    ims, caps, keys = [], [], []
+    ims, caps, keys, patches = [], [], [], []
     split, spec = eval_spec("retrieval", cfg.arch.image_size)
     for scene, rendered, caption in iter_clean_samples(split, spec, cfg.eval_samples, seed, vocab):
         ims.append(to_uint8_chw(rendered.image))
+        patches.append(scene_object_patches(rendered, cfg.arch.patch_size))
         caps.append(caption)
         keys.append(tuple(sorted((o.colour, o.shape) for o in scene.objects)))
     cims, labels = [], []
@@ -233,7 +267,7 @@ def build_held_out(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 0) -
     for scene, rendered, _ in iter_clean_samples(split, spec, cfg.eval_samples, seed, vocab):
         cims.append(to_uint8_chw(rendered.image))
         labels.append(vocab.shapes.index(scene.objects[0].shape))
-    return HeldOut(torch.stack(ims), caps, keys, torch.stack(cims), np.array(labels))
+    return HeldOut(torch.stack(ims), caps, keys, torch.stack(cims), np.array(labels), object_patches=np.stack(patches))
 
 
 def build_corpus_validation(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 1) -> HeldOut:
@@ -241,12 +275,13 @@ def build_corpus_validation(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: i
     uses seed 0 of the same split, this seed 1), drop-like JPEG scenes for retrieval and object
     crops, single corpus objects for zero-shot."""
     n = cfg.validation_samples
-    ims, caps, keys, crops, labels, backgrounds = [], [], [], [], [], []
+    ims, caps, keys, crops, labels, backgrounds, patches = [], [], [], [], [], [], []
     rng = np.random.default_rng([seed, 7])
     spec = drop_like_corpus_spec(cfg.arch.image_size)
     for scene, rendered, caption in iter_clean_samples(SPLIT_CORPUS_VALIDATION, spec, n, seed, vocab):
         image = jpeg_roundtrip(rendered.image, VALIDATION_JPEG_QUALITY)
         ims.append(to_uint8_chw(image))
+        patches.append(scene_object_patches(rendered, cfg.arch.patch_size))
         caps.append(caption)
         keys.append(tuple(sorted((o.colour, o.shape) for o in scene.objects)))
         for obj, box in zip(scene.objects, rendered.boxes):
@@ -261,7 +296,7 @@ def build_corpus_validation(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: i
         cims.append(to_uint8_chw(rendered.image))
         clabels.append(vocab.shapes.index(scene.objects[0].shape))
     return HeldOut(torch.stack(ims), caps, keys, torch.stack(cims), np.array(clabels), torch.stack(crops),
-                   np.array(labels), torch.stack(backgrounds))
+                   np.array(labels), torch.stack(backgrounds), np.stack(patches))
 
 
 @torch.inference_mode()
@@ -272,9 +307,31 @@ def encode_images(model, images_u8: torch.Tensor, batch_size: int = 512) -> torc
 
 
 @torch.inference_mode()
-def evaluate_clip(model, tokenizer, held: HeldOut, vocab: Vocabulary) -> dict[str, float]:
+def saliency_recall(model, capture: AttentionCapture, images_u8: torch.Tensor, object_patches: np.ndarray,
+                    rho: float = 0.5, batch_size: int = 512) -> float:
+    """Object-patch recall of the smoothed CLS rollout's top ⌈ρN⌉ patches (what pruning keeps), as
+    the truth metrics count it on drops; `capture` hooks `model`'s vision tower."""
+    grid = tuple(model.visual.grid_size)
+    k = kept_count(object_patches.shape[1], rho)
+    kept = 0
+    for i in range(0, len(images_u8), batch_size):
+        model.encode_image(normalise_batch(images_u8[i:i + batch_size]))
+        scores = smooth(rollout([w.float() for w in capture.weights]), grid)
+        top = scores.topk(k, dim=-1).indices.numpy()
+        kept += int(np.take_along_axis(object_patches[i:i + batch_size], top, axis=1).sum())
+    return kept / max(int(object_patches.sum()), 1)
+
+
+@torch.inference_mode()
+def evaluate_clip(model, tokenizer, held: HeldOut, vocab: Vocabulary,
+                  capture: AttentionCapture | None = None) -> dict[str, float]:
     was_training = model.training
     model.eval()
+    if capture is not None and held.object_patches is not None:
+        scores_saliency = {"saliency_recall@0.5": saliency_recall(model, capture, held.retrieval_images,
+                                                                   held.object_patches)}
+    else:
+        scores_saliency = {}
     img = encode_images(model, held.retrieval_images)
     txt = torch.cat([F.normalize(model.encode_text(tokenizer(held.retrieval_captions[i:i + 512])), dim=-1)
                      for i in range(0, len(held.retrieval_captions), 512)])
@@ -286,6 +343,7 @@ def evaluate_clip(model, tokenizer, held: HeldOut, vocab: Vocabulary) -> dict[st
                    zero_shot_accuracy(encode_images(model, held.class_images), classes, held.class_labels).items()})
     if held.crop_images is not None:
         scores.update(_crop_scores(model, held, classes, F.normalize(encode([with_article(BACKGROUND_CLASS)]), dim=-1)))
+    scores.update(scores_saliency)
     model.train(was_training)
     return scores
 
@@ -329,6 +387,7 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(corpus.images)
     curve, evals = [], []
+    capture = AttentionCapture(model)  # the saliency the pipeline uses, for the objectness term and its recall
     t_train = time.perf_counter()
     model.train()
     for step in range(cfg.steps):
@@ -340,6 +399,10 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
         texts = corpus.positives[idx, variant].long()
         negatives = torch.cat([corpus.shape_negatives[idx], corpus.colour_negatives[idx]]).long()
         loss = clip_loss(model, normalise_batch(images), texts, negatives, grad_through_negatives=False)
+        if cfg.saliency_weight:
+            patches = flipped_patches(corpus.object_patches[idx], flip, tuple(model.visual.grid_size))
+            patches[~corpus.has_scene[idx]] = False  # crops: no target
+            loss = loss + cfg.saliency_weight * objectness_loss(rollout(capture.weights), patches)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -347,12 +410,13 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
         sched.step()
         curve.append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            scores = evaluate_clip(model, tokenizer, validation, vocab)
+            scores = evaluate_clip(model, tokenizer, validation, vocab, capture)
             evals.append({"step": step + 1, **scores})
             msg = (f"step {step + 1}/{cfg.steps} loss {np.mean(curve[-50:]):.3f} corpus validation: "
                    f"R@1 semantic i2t {scores['semantic_i2t_r@1']:.3f} t2i {scores['semantic_t2i_r@1']:.3f} "
                    f"zero-shot top1 {scores['zeroshot_top1']:.3f} crop shape top1 {scores['crop_shape_top1']:.3f} "
                    f"background abstain {scores.get('background_crop_abstain', 0):.3f} "
+                   f"saliency recall {scores['saliency_recall@0.5']:.3f} "
                    f"({time.perf_counter() - t_train:.0f}s)")
             log.info(msg)
             if progress:
@@ -360,9 +424,17 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
             if checkpoint:  # a long run that is cut off keeps its latest state
                 checkpoint(model, _record(cfg, curve, evals, t0, t_train, n))
     model.eval()
-    held_out = evaluate_clip(model, tokenizer, held, vocab)  # reported only: never used to choose
+    held_out = evaluate_clip(model, tokenizer, held, vocab, capture)  # reported only: never used to choose
+    capture.close()
     log.info("held-out (reported, not used for selection): %s", held_out)
     return model, {**_record(cfg, curve, evals, t0, t_train, n), "held_out_scores": held_out}
+
+
+def flipped_patches(object_patches: torch.Tensor, flip: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, N] patch flags with the rows of horizontally flipped images mirrored as their images were."""
+    out = object_patches.clone()
+    out[flip] = out[flip].view(-1, *grid).flip(-1).reshape(-1, grid[0] * grid[1])
+    return out
 
 
 def _load_weights(path: str) -> dict:

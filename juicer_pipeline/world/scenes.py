@@ -85,6 +85,14 @@ class Rendered:
         return self.instances == i + 1
 
 
+def patch_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """float [grid_h * grid_w]: the share of each patch's pixels that `mask` (bool HxW) covers."""
+    h, w = mask.shape
+    gh, gw = grid
+    cover = mask[: h - h % gh, : w - w % gw].reshape(gh, h // gh, gw, w // gw).mean(axis=(1, 3))
+    return cover.reshape(-1)
+
+
 def pixel_classes(scene: Scene, rendered: Rendered, shapes: tuple[str, ...]) -> np.ndarray:
     """uint8 HxW: 0 background, 1 + the index in `shapes` of the top-most object's shape."""
     lookup = np.array([0] + [shapes.index(o.shape) + 1 for o in scene.objects], np.uint8)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from ..governance.saliency import METHODS as SALIENCY_METHODS  # the stored saliency columns
 from .captions import NOISE_KINDS
+from .scenes import patch_coverage
 from .writers import TRUTH_FILE
 
 
@@ -22,9 +23,7 @@ def object_patches(row, grid: tuple[int, int], min_cover: float = 0.1) -> np.nda
     """Boolean [grid_h * grid_w]: which patches hold a true object."""
     h, w = int(row["height"]), int(row["width"])
     mask = np.unpackbits(np.frombuffer(row["object_mask"], np.uint8))[: h * w].reshape(h, w)
-    gh, gw = grid
-    cover = mask[: h - h % gh, : w - w % gw].reshape(gh, h // gh, gw, w // gw).mean(axis=(1, 3))
-    return (cover >= min_cover).reshape(-1)
+    return patch_coverage(mask, grid) >= min_cover
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:

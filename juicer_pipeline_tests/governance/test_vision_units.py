@@ -268,12 +268,12 @@ def test_vision_pass_attention_equals_recomputed_attention_and_is_removed_on_clo
 
 
 def test_smoothing_keeps_flat_maps_flat_and_spreads_a_peak_to_its_neighbours():
-    from juicer_pipeline.governance.saliency import _smooth
+    from juicer_pipeline.governance.saliency import smooth
 
     flat = torch.full((2, 16), 0.3)
-    assert torch.allclose(_smooth(flat, (4, 4)), flat)
+    assert torch.allclose(smooth(flat, (4, 4)), flat)
     peak = torch.zeros(1, 16)
     peak[0, 5] = 1.0  # row 1, column 1 of a 4×4 grid
-    out = _smooth(peak, (4, 4)).reshape(4, 4)
+    out = smooth(peak, (4, 4)).reshape(4, 4)
     assert out[1, 1] == pytest.approx(0.25) and out[0, 1] == pytest.approx(0.125) and out[0, 0] == pytest.approx(0.0625)
     assert out[3, 3] == 0 and out.sum() == pytest.approx(1.0)
