@@ -124,6 +124,13 @@ def _swap(objects, rng, vocab: Vocabulary, what: str):
     return objs
 
 
+def _add_texts(objs, rng, vocab: Vocabulary, cfg: GovernorTrainConfig, variants: int, pos, neg_s, neg_c) -> None:
+    """Caption variants and shape-/colour-swap negatives of one image's objects (rng order fixed)."""
+    pos.append([_caption(objs, rng, rng.random() < cfg.shape_only_caption_rate) for _ in range(variants)])
+    neg_s.append(_caption(_swap(objs, rng, vocab, "shape"), rng, False))
+    neg_c.append(_caption(_swap(objs, rng, vocab, "colour"), rng, False))
+
+
 def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3) -> CorpusTensors:
     tok = SimpleTokenizer(context_length=cfg.arch.context_length)
     rng = np.random.default_rng([cfg.seed, 99])
@@ -135,17 +142,12 @@ def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3)
         for scene, rendered, _ in iter_clean_samples(split, spec, n, cfg.seed, vocab):
             images.append(to_uint8_chw(maybe_jpeg(rendered.image, cfg, rng)))
             patches.append(scene_object_patches(rendered, cfg.arch.patch_size))
-            objs = scene.objects
-            pos.append([_caption(objs, rng, rng.random() < cfg.shape_only_caption_rate) for _ in range(variants)])
-            neg_s.append(_caption(_swap(objs, rng, vocab, "shape"), rng, False))
-            neg_c.append(_caption(_swap(objs, rng, vocab, "colour"), rng, False))
+            _add_texts(scene.objects, rng, vocab, cfg, variants, pos, neg_s, neg_c)
     crops, wholes = object_crops(cfg, vocab, rng)
     for image, objs, object_patches in wholes:
         images.append(to_uint8_chw(image))
         patches.append(object_patches)
-        pos.append([_caption(objs, rng, rng.random() < cfg.shape_only_caption_rate) for _ in range(variants)])
-        neg_s.append(_caption(_swap(objs, rng, vocab, "shape"), rng, False))
-        neg_c.append(_caption(_swap(objs, rng, vocab, "colour"), rng, False))
+        _add_texts(objs, rng, vocab, cfg, variants, pos, neg_s, neg_c)
     n_scenes = len(images)
     for image, objs in crops:
         images.append(to_uint8_chw(image, cfg.arch.image_size))
@@ -155,9 +157,7 @@ def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3)
             neg_s.append(_caption([o], rng, False))
             neg_c.append(_caption([o], rng, True))
         else:
-            pos.append([_caption(objs, rng, rng.random() < cfg.shape_only_caption_rate) for _ in range(variants)])
-            neg_s.append(_caption(_swap(objs, rng, vocab, "shape"), rng, False))
-            neg_c.append(_caption(_swap(objs, rng, vocab, "colour"), rng, False))
+            _add_texts(objs, rng, vocab, cfg, variants, pos, neg_s, neg_c)
     log.info("corpus: %d images (%d crops) rendered in %.0fs; tokenising captions", len(images), len(crops),
              time.perf_counter() - t0)
     flat = [c for v in pos for c in v]
@@ -327,11 +327,18 @@ def evaluate_clip(model, tokenizer, held: HeldOut, vocab: Vocabulary,
                   capture: AttentionCapture | None = None) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    if capture is not None and held.object_patches is not None:
-        scores_saliency = {"saliency_recall@0.5": saliency_recall(model, capture, held.retrieval_images,
-                                                                   held.object_patches)}
-    else:
-        scores_saliency = {}
+    scores_saliency = {}
+    if held.object_patches is not None:
+        # the training loop's capture when it has one; else a temporary one, so that training without
+        # the objectness term keeps the fused attention kernel (and its numerics)
+        own = capture is None
+        capture = AttentionCapture(model) if own else capture
+        try:
+            scores_saliency["saliency_recall@0.5"] = saliency_recall(model, capture, held.retrieval_images,
+                                                                     held.object_patches)
+        finally:
+            if own:
+                capture.close()
     img = encode_images(model, held.retrieval_images)
     txt = torch.cat([F.normalize(model.encode_text(tokenizer(held.retrieval_captions[i:i + 512])), dim=-1)
                      for i in range(0, len(held.retrieval_captions), 512)])
@@ -387,7 +394,8 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(corpus.images)
     curve, evals = [], []
-    capture = AttentionCapture(model)  # the saliency the pipeline uses, for the objectness term and its recall
+    # the saliency the pipeline uses, for the objectness term (hooked only when it is on)
+    capture = AttentionCapture(model) if cfg.saliency_weight else None
     t_train = time.perf_counter()
     model.train()
     for step in range(cfg.steps):
@@ -416,7 +424,7 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
                    f"R@1 semantic i2t {scores['semantic_i2t_r@1']:.3f} t2i {scores['semantic_t2i_r@1']:.3f} "
                    f"zero-shot top1 {scores['zeroshot_top1']:.3f} crop shape top1 {scores['crop_shape_top1']:.3f} "
                    f"background abstain {scores.get('background_crop_abstain', 0):.3f} "
-                   f"saliency recall {scores['saliency_recall@0.5']:.3f} "
+                   f"saliency recall {scores.get('saliency_recall@0.5', float('nan')):.3f} "
                    f"({time.perf_counter() - t_train:.0f}s)")
             log.info(msg)
             if progress:
@@ -425,7 +433,8 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
                 checkpoint(model, _record(cfg, curve, evals, t0, t_train, n))
     model.eval()
     held_out = evaluate_clip(model, tokenizer, held, vocab, capture)  # reported only: never used to choose
-    capture.close()
+    if capture is not None:
+        capture.close()
     log.info("held-out (reported, not used for selection): %s", held_out)
     return model, {**_record(cfg, curve, evals, t0, t_train, n), "held_out_scores": held_out}
 
