@@ -46,7 +46,7 @@ from .captions import join_phrases, object_phrases, plural
 from .generate import (SPLIT_CORPUS, SPLIT_CORPUS_CROPS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION,
                        VALIDATION_JPEG_QUALITY, corpus_spec, drop_like_corpus_spec, eval_spec,
                        iter_clean_samples, jpeg_roundtrip)
-from .scenes import patch_coverage
+from .scenes import OBJECT_PATCH_COVER, patch_coverage  # the truth metrics' cover
 from .vocabulary import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,6 @@ class CorpusTensors:
     colour_negatives: torch.Tensor  # int32 [N, L]
     object_patches: torch.Tensor | None = None  # bool [N, grid patches]: patches an object covers
     has_scene: torch.Tensor | None = None  # bool [N]: a whole scene (its object_patches are known)
-
-
-OBJECT_PATCH_COVER = 0.1  # a patch holds an object when this share of its pixels does (as the truth metrics count)
 
 
 def scene_object_patches(rendered, patch_size: int) -> np.ndarray:

@@ -85,6 +85,9 @@ class Rendered:
         return self.instances == i + 1
 
 
+OBJECT_PATCH_COVER = 0.1  # a patch holds an object when this share of its pixels does
+
+
 def patch_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """float [grid_h * grid_w]: the share of each patch's pixels that `mask` (bool HxW) covers."""
     h, w = mask.shape

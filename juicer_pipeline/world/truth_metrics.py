@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 
 from ..governance.saliency import METHODS as SALIENCY_METHODS  # the stored saliency columns
 from .captions import NOISE_KINDS
-from .scenes import patch_coverage
+from .scenes import OBJECT_PATCH_COVER, patch_coverage
 from .writers import TRUTH_FILE
 
 
-def object_patches(row, grid: tuple[int, int], min_cover: float = 0.1) -> np.ndarray:
+def object_patches(row, grid: tuple[int, int], min_cover: float = OBJECT_PATCH_COVER) -> np.ndarray:
     """Boolean [grid_h * grid_w]: which patches hold a true object."""
     h, w = int(row["height"]), int(row["width"])
     mask = np.unpackbits(np.frombuffer(row["object_mask"], np.uint8))[: h * w].reshape(h, w)
@@ -42,7 +42,7 @@ def load_truth(drop_dir: Path, drop_id: str) -> pd.DataFrame:
 
 
 def saliency_table(drop_dir: Path, saliency_parquet: Path, drop_id: str, rho: float, seed: int = 0,
-                   min_cover: float = 0.1) -> pd.DataFrame:
+                   min_cover: float = OBJECT_PATCH_COVER) -> pd.DataFrame:
     """Per method (and random at the same ρ): object-patch recall and precision of the kept
     patches, ROC-AUC of saliency as an object score, and the recall ceiling at this ρ."""
     from ..governance.pruning import keep_random, keep_top
