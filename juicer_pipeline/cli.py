@@ -107,6 +107,12 @@ def _add_governor(sub) -> None:
     train.add_argument("--saliency-weight", type=float, default=None,
                        help="weight of the objectness term: the CLS attention rollout (the pipeline's saliency) is "
                             "pulled towards the patches each corpus scene's objects cover (default 0: off)")
+    train.add_argument("--dense-weight", type=float, default=None,
+                       help="weight of the dense word-patch term: each corpus scene's patches, read the MaskCLIP way, "
+                            "are pulled onto the class text of what fills them (default 0: off)")
+    train.add_argument("--crop-coverage-shared-by", type=int, default=None,
+                       help="how the crop scenes size objects: 0 shares the coverage among a scene's objects "
+                            "(default), 2 sizes them as today's drops do")
     train.add_argument("--whole-crop-scenes", action="store_true", default=None,
                        help="the drop-like scenes that object crops are cut from also join the corpus whole")
     train.set_defaults(func=cmd_governor_train)
@@ -214,7 +220,8 @@ def cmd_governor_train(a) -> None:
     cfg = GovernorTrainConfig(seed=a.seed, threads=a.threads)
     given = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "eval_every": a.eval_every,
              "crop_scenes": a.crop_scenes, "init": a.init, "jpeg_rate": a.jpeg_rate,
-             "saliency_weight": a.saliency_weight, "whole_crop_scenes": a.whole_crop_scenes}
+             "saliency_weight": a.saliency_weight, "dense_weight": a.dense_weight,
+             "whole_crop_scenes": a.whole_crop_scenes, "crop_coverage_shared_by": a.crop_coverage_shared_by}
     cfg = _replace(cfg, **{k: v for k, v in given.items() if v is not None})
     data_dir = default_data_dir()
     command = "juicer governor train " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])

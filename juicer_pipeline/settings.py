@@ -124,16 +124,20 @@ class ClassSettings(_Section):
                                                                   "are drawn at any rotation, 1 with a vocabulary file")
     abstain: bool = Field(True, description="classify each crop against a 'background' prompt too: a crop "
                                             "whose best match is the background names no class")
-    caption_false_share: float = Field(0.03, gt=0.0, le=1.0, description="what enrichment adds is decided at the "
-                                                                          "smallest τ that gives at most this share "
-                                                                          "of the calibration images (captions "
-                                                                          "simulated, one object left out) a class "
-                                                                          "not in them")
+    caption_false_share: float = Field(0.03, gt=0.0, le=1.0, description="what enrichment adds is decided at a τ "
+                                                                          "per class (never below the class τ, an "
+                                                                          "equal share of this budget each) that "
+                                                                          "gives at most this share of the "
+                                                                          "calibration images (captions simulated, "
+                                                                          "one object left out) a class not in them")
     caption_claim: float = Field(0.05, gt=0.0, le=1.0, description="a class the caption names claims every region "
                                                                    "the governor gives it at least this probability: "
                                                                    "such a region adds no class to the caption")
     fallback_tau: float = Field(0.9, gt=0.0, le=1.0, description="τ when the governor has no calibration set")
-    calibration_images: int = Field(600, ge=10, description="world-corpus validation images used to calibrate τ")
+    calibration_images: int = Field(1800, ge=10, description="world-corpus validation images used to calibrate τ "
+                                                          "(each class's addition τ rests on a few false "
+                                                          "additions per class: 600 images left the circle's "
+                                                          "unseen)")
 
     @property
     def turns(self) -> int:

@@ -108,10 +108,11 @@ def _calibrate(fm, gov: GovernorSettings, cls: ClassSettings, log) -> dict:
             "reason": "no labelled calibration split for this governor and vocabulary; fallback τ used"}
 
 
-def addition_tau(record: dict) -> float:
-    """The τ for classes added to captions (`calibrate_addition_tau`); the class τ for a governor
-    record without a calibration split."""
-    return float(record.get("calibration", {}).get("addition", {}).get("tau", record["tau"]))
+def addition_tau(record: dict) -> float | tuple[float, ...]:
+    """The τ for classes added to captions, one per class (`calibrate_addition_tau`; a record of an
+    older calibration holds one for all); the class τ for a governor record without a calibration split."""
+    tau = record.get("calibration", {}).get("addition", {}).get("tau", record["tau"])
+    return tuple(float(t) for t in tau) if isinstance(tau, list | tuple) else float(tau)
 
 
 def _record_governor(storage: StorageResource, fm, calibration: dict, lineage: LineageRow) -> None:
@@ -218,7 +219,10 @@ def _extracted_classes_asset(gov: GovernorSettings, cls: ClassSettings, fingerpr
         wh.write_table("extracted_classes", drop, pa.Table.from_pylist(rows, schema=_CLASSES_SCHEMA))
         commit_lineage(context, storage, [f"patch_saliency/{drop}", f"raw_samples/{drop}", "governor"],
                        cls.config_hash(), info["model_id"])
-        return MaterializeResult(metadata=_classes_metadata(rows, (tau, addition_tau(info)), cls.k, crops,
+        added_at = addition_tau(info)
+        if isinstance(added_at, tuple):  # per class: shown by name
+            added_at = MetadataValue.json(dict(zip(prompts[0], added_at)))
+        return MaterializeResult(metadata=_classes_metadata(rows, (tau, added_at), cls.k, crops,
                                                             time.perf_counter() - t0))
 
     return extracted_classes
@@ -250,7 +254,7 @@ def classify_drop(fm, raw_path, saliency: pa.Table, prompts: tuple, cls: ClassSe
     return rows, crops
 
 
-def _classes_metadata(rows: list[dict], taus: tuple[float, float], k: int, crops: int, seconds: float) -> dict:
+def _classes_metadata(rows: list[dict], taus: tuple, k: int, crops: int, seconds: float) -> dict:
     hist = Counter(c for r in rows for c in r["classes"])
     labels = [c for c, _ in hist.most_common()]
     return {

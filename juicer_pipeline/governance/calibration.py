@@ -36,9 +36,11 @@ def calibrate_governor(fm, class_emb: torch.Tensor, images, truth: list[set[int]
                        target_precision: float, k: int, batch_size: int = 256,
                        abstain_emb: torch.Tensor | None = None, *, addition: tuple[float, float]) -> dict:
     """τ on a labelled calibration set: `images` (PIL) and, per image, the ids of the classes in it;
-    and `addition`, the τ for what enrichment adds to captions (`calibrate_addition_tau` at
-    `addition` = (most false share, claim))."""
+    and `addition`, the per-class τ for what enrichment adds to captions (`calibrate_addition_tau`
+    at `addition` = (most false share, claim), never below the class τ)."""
     scores, regions = validation_scores(fm, images, class_emb, method, plan, batch_size, abstain_emb)
+    classes = calibrate_tau(scores, truth, target_precision, k=k)
+    # what is added to a caption is at least as sure as an extracted class
     return {"calibrated": True, "n_images": len(images), "target_precision": target_precision,
-            "abstain_class": abstain_emb is not None, **calibrate_tau(scores, truth, target_precision, k=k),
-            "addition": calibrate_addition_tau(regions, truth, *addition, k=k)}
+            "abstain_class": abstain_emb is not None, **classes,
+            "addition": calibrate_addition_tau(regions, truth, *addition, k=k, floor=classes["tau"])}

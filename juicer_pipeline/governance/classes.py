@@ -148,7 +148,7 @@ class AdditionRule:
     """`caption_additions` by class name: what a caption naming `named` gains from an image's regions."""
 
     names: tuple[str, ...]
-    tau: float
+    tau: float | tuple[float, ...]  # one τ, or one per class (`calibrate_addition_tau`)
     claim: float
     k: int
 
@@ -198,30 +198,61 @@ def simulated_named(truth: list[set[int]], seed: int = 0) -> list[set[int]]:
     return named
 
 
+# Equal shares of the false-addition budget tried per class, as fractions of the whole budget (the
+# smallest, 1 / classes, can never exceed it in total; the largest that does not is taken).
+_BUDGET_SHARES = 40
+
+
 def calibrate_addition_tau(region_probs: list[np.ndarray], truth: list[set[int]], max_false_share: float,
-                           claim: float, grid=TAU_GRID, k: int = 3, seed: int = 0) -> dict:
-    """Smallest τ at which enrichment (`caption_additions`) gives at most `max_false_share` of the
-    validation images a class that is not in them, their captions simulated by `simulated_named`:
-    the threshold for what is *added* to captions.
+                           claim: float, grid=TAU_GRID, k: int = 3, seed: int = 0, floor: float = 0.0) -> dict:
+    """One τ per class for what enrichment (`caption_additions`) adds, on validation images whose
+    captions `simulated_named` simulates: at most `max_false_share` of them gain a class not in them.
 
     Precision over all predicted classes is the wrong target here: the classes a caption already
     names are the easy ones, so what enrichment adds is mostly the rest, and a caption gains a
-    foreign object exactly when one of its unclaimed regions names a class outside the image. The
-    share of images that happens to is the share of captions enrichment makes foreign. Reported
-    with the share of left-out classes it fills. When no τ of the grid reaches the target, τ is
-    NEVER and nothing is added.
+    foreign object exactly when one of its unclaimed regions names a class outside the image.
+
+    One τ for every class spends the budget on the classes the governor confuses (a circle beside a
+    cross read as a heart) and starves the rest. So each class gets an equal share of the budget:
+    its τ is the smallest (never below `floor`, the class τ: an addition is at least as sure as an
+    extracted class) at which it alone would go falsely into at most that share of the images. The
+    share is the largest, from budget / classes up to the whole budget, at which all classes
+    together stay within it. Reported with the share of left-out classes it fills; when the target
+    is out of reach, τ is NEVER and nothing is added.
     """
     named = simulated_named(truth, seed)
     lacking = sum(len(t - n) for t, n in zip(truth, named))
-    for tau in grid:
-        added = [{c for c, _ in caption_additions(r, n, tau, claim, k)} for r, n in zip(region_probs, named)]
-        false = sum(bool(a - t) for a, t in zip(added, truth)) / max(len(truth), 1)
-        if false <= max_false_share:
-            filled = sum(len(a & (t - n)) for a, t, n in zip(added, truth, named)) / max(lacking, 1)
-            return {"tau": float(tau), "false_share": false, "filled": filled, "max_false_share": max_false_share,
-                    "claim": claim, "reached": True}
-    return {"tau": NEVER, "false_share": float("nan"), "filled": 0.0, "max_false_share": max_false_share,
-            "claim": claim, "reached": False}
+    n_classes = next((len(r[0]) for r in region_probs if len(r)), 0)
+    grid = np.asarray([t for t in grid if t >= floor])
+    false_by_class = _false_additions_by_class(region_probs, named, truth, claim, grid, n_classes)
+    n = max(len(truth), 1)
+    for share in max_false_share * np.linspace(1.0, 1.0 / max(n_classes, 1), _BUDGET_SHARES):
+        reachable = false_by_class <= share * n  # [C, T]
+        taus = np.where(reachable.any(1), grid[reachable.argmax(1)], NEVER) if len(grid) else np.full(n_classes, NEVER)
+        added = [{c for c, _ in caption_additions(r, m, taus, claim, k)} for r, m in zip(region_probs, named)]
+        false = sum(bool(a - t) for a, t in zip(added, truth)) / n
+        if false <= max_false_share and (taus < NEVER).any():
+            filled = sum(len(a & (t - m)) for a, t, m in zip(added, truth, named)) / max(lacking, 1)
+            return {"tau": [float(t) for t in taus], "false_share": false, "filled": filled,
+                    "max_false_share": max_false_share, "class_share": float(share / max_false_share),
+                    "floor": float(floor), "claim": claim, "reached": True}
+    return {"tau": [NEVER] * n_classes, "false_share": float("nan"), "filled": 0.0, "max_false_share": max_false_share,
+            "floor": float(floor), "claim": claim, "reached": False}
+
+
+def _false_additions_by_class(region_probs, named, truth, claim: float, grid: np.ndarray, n_classes: int) -> np.ndarray:
+    """[classes, τ grid]: how many images each class would be added to, falsely, at each τ: the
+    images without it where an unclaimed region's top class it is, at that probability or more."""
+    best = np.zeros((len(truth), n_classes))  # per image, the best unclaimed-region probability of each class
+    for i, (regions, names) in enumerate(zip(region_probs, named)):
+        for p in np.asarray(regions, dtype=np.float64):
+            if names and max(p[c] for c in names) >= claim:
+                continue
+            top = int(np.argmax(p))
+            if top not in names:
+                best[i, top] = max(best[i, top], p[top])
+    absent = np.array([[c not in t for c in range(n_classes)] for t in truth], dtype=bool).reshape(len(truth), n_classes)
+    return ((best[:, :, None] >= grid[None, None, :]) & absent[:, :, None] & (best[:, :, None] > 0)).sum(0)
 
 
 def calibrate_tau_per_class(scores: np.ndarray, truth: list[set[int]], target_precision: float,
@@ -307,7 +338,7 @@ def region_class_scores(fm, images: list[Image.Image], saliency: np.ndarray, gri
     return scores.astype(np.float32), regions
 
 
-def caption_additions(region_probs: np.ndarray, named: set[int], tau: float, claim: float,
+def caption_additions(region_probs: np.ndarray, named: set[int], tau, claim: float,
                       k: int) -> list[tuple[int, float]]:
     """What enrichment adds to a caption that names the classes `named`: (class, probability), at
     most k, best first.
@@ -315,13 +346,16 @@ def caption_additions(region_probs: np.ndarray, named: set[int], tau: float, cla
     A named class *claims* every region the governor gives it at least `claim` there: the caption
     already says what that region shows, so the region adds nothing (a hexagon the caption names,
     that the governor takes for a pentagon, must not gain the caption a pentagon). Every other
-    region adds its top class when that clears τ, unless the caption names it already.
+    region adds its top class when that clears τ (one, or that class's own), unless the caption
+    names it already.
     """
     best: dict[int, float] = {}
-    for p in np.asarray(region_probs, dtype=np.float64):  # [regions, C]; no region: nothing to add
+    probs = np.asarray(region_probs, dtype=np.float64)  # [regions, C]; no region: nothing to add
+    taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), probs.shape[-1:]) if probs.size else ()
+    for p in probs:
         if named and max(p[c] for c in named) >= claim:
             continue
         top = int(np.argmax(p))
-        if p[top] >= tau and top not in named:
+        if p[top] >= taus[top] and top not in named:
             best[top] = max(best.get(top, 0.0), float(p[top]))
     return sorted(best.items(), key=lambda kv: -kv[1])[:k]

@@ -16,6 +16,7 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
         "other object sizes, its own seeds). It is the default *governor* of juicer-pipeline.",
         "",
         *_objectness_lines(cfg),
+        *_dense_lines(cfg),
         f"- model id (sha256 of the weights file): `{model_id}`",
         f"- reproduce: `{record.get('command', 'juicer governor train')}`",
         f"- seed {cfg.get('seed')}, steps {record.get('steps_done')}, batch {cfg.get('batch_size')}, "
@@ -30,7 +31,8 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
         "backgrounds) for retrieval, square crops around their objects for shape naming, crops of bare",
         "background for the abstain class, single corpus objects for zero-shot; `saliency_recall@0.5` is",
         "the share of the scenes' object patches among the top half of patches by smoothed attention",
-        "rollout (what pruning keeps at ρ = 0.5).",
+        "rollout (what pruning keeps at ρ = 0.5); `maskclip_pointing` the share of (scene, shape in it) whose",
+        "patch most like the shape's text embedding, read the MaskCLIP way, lies on that shape.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -40,7 +42,7 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
     if held:
         lines += ["", "## Held-out scores (the world's clean evaluation sets; reported, never used to choose)", "",
                   "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in held.items() if k.startswith(("semantic", "zeroshot", "saliency"))]
+        lines += [f"| {k} | {v:.3f} |" for k, v in held.items() if k.startswith(("semantic", "zeroshot", "saliency", "maskclip"))]
     if cfg.get("init"):
         lines += ["", f"Warm start: fine-tuned from `{cfg['init']}` (the previous governor, its own model card in "
                       "the repository history)."]
@@ -48,10 +50,12 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
               "query (captions cannot tell such images apart); instance recall needs the exact pair.",
               "Zero-shot: 10 shape classes, prompts averaged over templates and colours.", ""]
     lines += ["## Learning curve (corpus validation, every evaluation)", "",
-              "| step | sem. i2t R@1 | sem. t2i R@1 | zero-shot top-1 | crop shape top-1 | saliency recall |",
-              "|---|---|---|---|---|---|"]
+              "| step | sem. i2t R@1 | sem. t2i R@1 | zero-shot top-1 | crop shape top-1 | saliency recall "
+              "| MaskCLIP pointing |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {e['step']} | {e['semantic_i2t_r@1']:.3f} | {e['semantic_t2i_r@1']:.3f} | {e['zeroshot_top1']:.3f} "
-              f"| {e.get('crop_shape_top1', float('nan')):.3f} | {e.get('saliency_recall@0.5', float('nan')):.3f} |"
+              f"| {e.get('crop_shape_top1', float('nan')):.3f} | {e.get('saliency_recall@0.5', float('nan')):.3f} "
+              f"| {e.get('maskclip_pointing', float('nan')):.3f} |"
               for e in record.get("evals", [])]
     path = Path(weights).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
@@ -64,4 +68,14 @@ def _objectness_lines(cfg: dict) -> list[str]:
     return [f"Objectness term (weight {cfg['saliency_weight']}): beside the contrastive loss, the CLS attention",
             "rollout of each whole corpus scene is pulled towards the patches its objects cover (the",
             "render's own masks, never a drop's truth), so the saliency the pipeline prunes by follows objects.",
+            ""]
+
+
+def _dense_lines(cfg: dict) -> list[str]:
+    if not cfg.get("dense_weight"):
+        return []
+    return [f"Dense word-patch term (weight {cfg['dense_weight']}): each whole corpus scene's patches, read the",
+            "MaskCLIP way (the last block's value path), are pulled onto the class text of what fills them",
+            "(a shape, or the background prompt), so its patch embeddings stay in the text's space while",
+            "the objectness term reshapes its attention.",
             ""]

@@ -44,3 +44,16 @@ def objectness_loss(patch_attention: torch.Tensor, object_patches: torch.Tensor)
     target = target / target.sum(dim=-1, keepdim=True)
     log_target = torch.log(target.clamp_min(1e-12))
     return (target * (log_target - log_p)).sum(dim=-1).mean()
+
+
+def dense_word_patch_loss(patch_embeddings: torch.Tensor, class_embeddings: torch.Tensor,
+                          patch_classes: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Cross-entropy of each labelled patch's class among the class text embeddings: the MaskCLIP
+    reading of a patch ([B, N, E] normalised value-path embeddings against [C, E] normalised class
+    embeddings, class 0 the background prompt) pulled onto the class that fills it. Patches labelled
+    -1 (mixed, or not a whole scene) are left out; a batch without any gives 0 with a graph."""
+    labels = patch_classes.long().reshape(-1)
+    if not (labels >= 0).any():
+        return patch_embeddings.sum() * 0.0
+    logits = scale * patch_embeddings.reshape(-1, patch_embeddings.shape[-1]) @ class_embeddings.T
+    return F.cross_entropy(logits, labels, ignore_index=-1)

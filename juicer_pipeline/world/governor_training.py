@@ -34,7 +34,9 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from ..governance.classes import square_crop
 from ..governance.images import normalise_batch, to_uint8_chw
-from ..training.loss import clip_loss, objectness_loss
+from ..training.dense_evaluation import PURE_PATCH_SHARE, patch_class_shares, pointing_score
+from ..training.dense_features import value_path_embeddings
+from ..training.loss import clip_loss, dense_word_patch_loss, objectness_loss
 from ..training.runtime import torch_threads
 from ..training.schedule import warmup_cosine
 from ..governance.metrics import retrieval_recall, zero_shot_accuracy
@@ -46,7 +48,7 @@ from .captions import join_phrases, object_phrases, plural
 from .generate import (SPLIT_CORPUS, SPLIT_CORPUS_CROPS, SPLIT_CORPUS_SINGLE, SPLIT_CORPUS_VALIDATION,
                        VALIDATION_JPEG_QUALITY, corpus_spec, drop_like_corpus_spec, eval_spec,
                        iter_clean_samples, jpeg_roundtrip)
-from .scenes import OBJECT_PATCH_COVER, patch_coverage  # the truth metrics' cover
+from .scenes import OBJECT_PATCH_COVER, patch_coverage, pixel_classes  # the truth metrics' cover
 from .vocabulary import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,14 @@ class GovernorTrainConfig:
     # towards the patches the corpus scene's objects cover. 0: contrastive loss only.
     saliency_weight: float = 0.0
     whole_crop_scenes: bool = False  # the drop-like crop scenes also join the corpus whole
+    # how the crop scenes size objects: 0 shares the coverage among a scene's objects (as drops did
+    # when stage 2 was trained), 2 sizes them as today's drops do (`DropConfig.coverage_shared_by`)
+    crop_coverage_shared_by: int = 0
+    # Weight of the dense word-patch term: each whole scene's patches, read the MaskCLIP way (the
+    # last block's value path), are pulled onto the class text of what fills them (a shape or the
+    # background prompt). 0: off. It keeps patch embeddings in the text's space while the
+    # objectness term reshapes attention (without it, the value path lost every shape).
+    dense_weight: float = 0.0
 
 
 @dataclass
@@ -88,6 +98,21 @@ class CorpusTensors:
     colour_negatives: torch.Tensor  # int32 [N, L]
     object_patches: torch.Tensor | None = None  # bool [N, grid patches]: patches an object covers
     has_scene: torch.Tensor | None = None  # bool [N]: a whole scene (its object_patches are known)
+    patch_classes: torch.Tensor | None = None  # int8 [N, grid patches]: `scene_patch_classes`, -1 for crops
+
+
+def scene_patch_shares(scene, rendered, vocab: Vocabulary, patch_size: int) -> np.ndarray:
+    """float [grid patches, 1 + shapes]: each class's share of each patch (0 the background)."""
+    s = rendered.mask.shape[0]
+    grid = (s // patch_size, s // patch_size)
+    return patch_class_shares(pixel_classes(scene, rendered, vocab.shapes)[None], grid, 1 + len(vocab.shapes))[0]
+
+
+def scene_patch_classes(scene, rendered, vocab: Vocabulary, patch_size: int) -> np.ndarray:
+    """int8 [grid patches]: the class filling a patch (as the dense evaluation's probes take it), -1
+    where none fills `PURE_PATCH_SHARE` of it (an object's edge, two objects)."""
+    shares = scene_patch_shares(scene, rendered, vocab, patch_size)
+    return np.where(shares.max(-1) >= PURE_PATCH_SHARE, shares.argmax(-1), -1).astype(np.int8)
 
 
 def scene_object_patches(rendered, patch_size: int) -> np.ndarray:
@@ -131,7 +156,7 @@ def _add_texts(objs, rng, vocab: Vocabulary, cfg: GovernorTrainConfig, variants:
 def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3) -> CorpusTensors:
     tok = SimpleTokenizer(context_length=cfg.arch.context_length)
     rng = np.random.default_rng([cfg.seed, 99])
-    images, pos, neg_s, neg_c, patches = [], [], [], [], []
+    images, pos, neg_s, neg_c, patches, classes = [], [], [], [], [], []
     sources = [(SPLIT_CORPUS, corpus_spec(cfg.arch.image_size), cfg.corpus_multi),
                (SPLIT_CORPUS_SINGLE, corpus_spec(cfg.arch.image_size, single_object=True), cfg.corpus_single)]
     t0 = time.perf_counter()
@@ -139,11 +164,13 @@ def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3)
         for scene, rendered, _ in iter_clean_samples(split, spec, n, cfg.seed, vocab):
             images.append(to_uint8_chw(maybe_jpeg(rendered.image, cfg, rng)))
             patches.append(scene_object_patches(rendered, cfg.arch.patch_size))
+            classes.append(scene_patch_classes(scene, rendered, vocab, cfg.arch.patch_size))
             _add_texts(scene.objects, rng, vocab, cfg, variants, pos, neg_s, neg_c)
     crops, wholes = object_crops(cfg, vocab, rng)
-    for image, objs, object_patches in wholes:
+    for image, objs, object_patches, object_classes in wholes:
         images.append(to_uint8_chw(image))
         patches.append(object_patches)
+        classes.append(object_classes)
         _add_texts(objs, rng, vocab, cfg, variants, pos, neg_s, neg_c)
     n_scenes = len(images)
     for image, objs in crops:
@@ -162,8 +189,10 @@ def build_corpus(cfg: GovernorTrainConfig, vocab: Vocabulary, variants: int = 3)
     object_patches = torch.zeros(len(images), len(patches[0]), dtype=torch.bool)
     object_patches[:n_scenes] = torch.from_numpy(np.stack(patches))
     has_scene = torch.arange(len(images)) < n_scenes
+    labels = torch.full(object_patches.shape, -1, dtype=torch.int8)
+    labels[:n_scenes] = torch.from_numpy(np.stack(classes))
     return CorpusTensors(torch.stack(images), positives, tok(neg_s).to(torch.int32), tok(neg_c).to(torch.int32),
-                         object_patches, has_scene)
+                         object_patches, has_scene, labels)
 
 
 CROP_COVERAGES = (0.15, 0.25, 0.35)  # object coverage of the scenes crops are cut from: drops span this
@@ -173,15 +202,16 @@ def object_crops(cfg: GovernorTrainConfig, vocab: Vocabulary, rng: np.random.Gen
     """(crop, [object]) for every object of `cfg.crop_scenes` drop-like corpus scenes, and
     (crop, None) for crops of bare background, cut as class extraction cuts them (square, with a
     random margin and a small off-centre shift); with `cfg.whole_crop_scenes`, also the scenes
-    themselves as (image, objects, object patches)."""
+    themselves as (image, objects, object patches, patch classes)."""
     out, wholes = [], []
     for c, coverage in enumerate(CROP_COVERAGES):
-        spec = drop_like_corpus_spec(cfg.arch.image_size, coverage)
+        spec = drop_like_corpus_spec(cfg.arch.image_size, coverage, cfg.crop_coverage_shared_by)
         n = cfg.crop_scenes // len(CROP_COVERAGES)
         for scene, rendered, _ in iter_clean_samples(SPLIT_CORPUS_CROPS, spec, n, cfg.seed * 10 + c, vocab):
             image = maybe_jpeg(rendered.image, cfg, rng)  # the whole scene, then the crop: as drops are cut
             if cfg.whole_crop_scenes:
-                wholes.append((image, scene.objects, scene_object_patches(rendered, cfg.arch.patch_size)))
+                wholes.append((image, scene.objects, scene_object_patches(rendered, cfg.arch.patch_size),
+                               scene_patch_classes(scene, rendered, vocab, cfg.arch.patch_size)))
             for obj, box in zip(scene.objects, rendered.boxes):
                 if rng.random() < 0.5:  # as class extraction cuts them: a box on the patch grid
                     box = patch_aligned(box, cfg.arch.patch_size, rng)
@@ -248,15 +278,17 @@ class HeldOut:
     crop_labels: np.ndarray | None = None
     background_crops: torch.Tensor | None = None
     object_patches: np.ndarray | None = None  # bool [retrieval images, patches]: for saliency recall
+    patch_shares: np.ndarray | None = None  # float [retrieval images, patches, 1 + shapes]: for pointing
 
 
 def build_held_out(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 0) -> HeldOut:
     """The world's clean held-out sets, rendered in memory (identical pixels to `juicer world evalsets`)."""
-    ims, caps, keys, patches = [], [], [], []
+    ims, caps, keys, patches, shares = [], [], [], [], []
     split, spec = eval_spec("retrieval", cfg.arch.image_size)
     for scene, rendered, caption in iter_clean_samples(split, spec, cfg.eval_samples, seed, vocab):
         ims.append(to_uint8_chw(rendered.image))
         patches.append(scene_object_patches(rendered, cfg.arch.patch_size))
+        shares.append(scene_patch_shares(scene, rendered, vocab, cfg.arch.patch_size))
         caps.append(caption)
         keys.append(tuple(sorted((o.colour, o.shape) for o in scene.objects)))
     cims, labels = [], []
@@ -264,7 +296,8 @@ def build_held_out(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 0) -
     for scene, rendered, _ in iter_clean_samples(split, spec, cfg.eval_samples, seed, vocab):
         cims.append(to_uint8_chw(rendered.image))
         labels.append(vocab.shapes.index(scene.objects[0].shape))
-    return HeldOut(torch.stack(ims), caps, keys, torch.stack(cims), np.array(labels), object_patches=np.stack(patches))
+    return HeldOut(torch.stack(ims), caps, keys, torch.stack(cims), np.array(labels), object_patches=np.stack(patches),
+                   patch_shares=np.stack(shares))
 
 
 def build_corpus_validation(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: int = 1) -> HeldOut:
@@ -272,13 +305,14 @@ def build_corpus_validation(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: i
     uses seed 0 of the same split, this seed 1), drop-like JPEG scenes for retrieval and object
     crops, single corpus objects for zero-shot."""
     n = cfg.validation_samples
-    ims, caps, keys, crops, labels, backgrounds, patches = [], [], [], [], [], [], []
+    ims, caps, keys, crops, labels, backgrounds, patches, shares = [], [], [], [], [], [], [], []
     rng = np.random.default_rng([seed, 7])
     spec = drop_like_corpus_spec(cfg.arch.image_size)
     for scene, rendered, caption in iter_clean_samples(SPLIT_CORPUS_VALIDATION, spec, n, seed, vocab):
         image = jpeg_roundtrip(rendered.image, VALIDATION_JPEG_QUALITY)
         ims.append(to_uint8_chw(image))
         patches.append(scene_object_patches(rendered, cfg.arch.patch_size))
+        shares.append(scene_patch_shares(scene, rendered, vocab, cfg.arch.patch_size))
         caps.append(caption)
         keys.append(tuple(sorted((o.colour, o.shape) for o in scene.objects)))
         for obj, box in zip(scene.objects, rendered.boxes):
@@ -293,7 +327,7 @@ def build_corpus_validation(cfg: GovernorTrainConfig, vocab: Vocabulary, seed: i
         cims.append(to_uint8_chw(rendered.image))
         clabels.append(vocab.shapes.index(scene.objects[0].shape))
     return HeldOut(torch.stack(ims), caps, keys, torch.stack(cims), np.array(clabels), torch.stack(crops),
-                   np.array(labels), torch.stack(backgrounds), np.stack(patches))
+                   np.array(labels), torch.stack(backgrounds), np.stack(patches), np.stack(shares))
 
 
 @torch.inference_mode()
@@ -317,6 +351,23 @@ def saliency_recall(model, capture: AttentionCapture, images_u8: torch.Tensor, o
         top = scores.topk(k, dim=-1).indices.numpy()
         kept += int(np.take_along_axis(object_patches[i:i + batch_size], top, axis=1).sum())
     return kept / max(int(object_patches.sum()), 1)
+
+
+def maskclip_pointing(model, images_u8: torch.Tensor, patch_shares: np.ndarray, shape_embeddings: torch.Tensor,
+                      batch_size: int = 512) -> float:
+    """The dense evaluation's pointing score (`pointing_score`) of the MaskCLIP value path on these
+    scenes: is the patch most like each present shape's embedding on that shape."""
+    caught = []
+    handle = model.visual.transformer.resblocks[-1].register_forward_pre_hook(lambda m, args: caught.append(args[0]))
+    try:
+        values = []
+        for i in range(0, len(images_u8), batch_size):
+            caught.clear()
+            model.encode_image(normalise_batch(images_u8[i:i + batch_size]))
+            values.append(value_path_embeddings(model.visual, caught[0]).float())
+    finally:
+        handle.remove()
+    return pointing_score(torch.cat(values), shape_embeddings, patch_shares)
 
 
 @torch.inference_mode()
@@ -345,6 +396,8 @@ def evaluate_clip(model, tokenizer, held: HeldOut, vocab: Vocabulary,
     classes = class_embeddings(encode, list(vocab.shapes), vocab.colour_names)
     scores.update({f"zeroshot_{k}": v for k, v in
                    zero_shot_accuracy(encode_images(model, held.class_images), classes, held.class_labels).items()})
+    if held.patch_shares is not None:
+        scores["maskclip_pointing"] = maskclip_pointing(model, held.retrieval_images, held.patch_shares, classes)
     if held.crop_images is not None:
         scores.update(_crop_scores(model, held, classes, F.normalize(encode([with_article(BACKGROUND_CLASS)]), dim=-1)))
     scores.update(scores_saliency)
@@ -393,6 +446,8 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
     curve, evals = [], []
     # the saliency the pipeline uses, for the objectness term (hooked only when it is on)
     capture = AttentionCapture(model) if cfg.saliency_weight else None
+    dense = DenseTerm(model, tokenizer, vocab) if cfg.dense_weight else None
+    grid = tuple(model.visual.grid_size)
     t_train = time.perf_counter()
     model.train()
     for step in range(cfg.steps):
@@ -405,9 +460,11 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
         negatives = torch.cat([corpus.shape_negatives[idx], corpus.colour_negatives[idx]]).long()
         loss = clip_loss(model, normalise_batch(images), texts, negatives, grad_through_negatives=False)
         if cfg.saliency_weight:
-            patches = flipped_patches(corpus.object_patches[idx], flip, tuple(model.visual.grid_size))
+            patches = flipped_patches(corpus.object_patches[idx], flip, grid)
             patches[~corpus.has_scene[idx]] = False  # crops: no target
             loss = loss + cfg.saliency_weight * objectness_loss(rollout(capture.weights), patches)
+        if dense is not None:  # crops carry -1 everywhere: no target
+            loss = loss + cfg.dense_weight * dense.loss(flipped_patches(corpus.patch_classes[idx], flip, grid))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -422,6 +479,7 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
                    f"zero-shot top1 {scores['zeroshot_top1']:.3f} crop shape top1 {scores['crop_shape_top1']:.3f} "
                    f"background abstain {scores.get('background_crop_abstain', 0):.3f} "
                    f"saliency recall {scores.get('saliency_recall@0.5', float('nan')):.3f} "
+                   f"MaskCLIP pointing {scores.get('maskclip_pointing', float('nan')):.3f} "
                    f"({time.perf_counter() - t_train:.0f}s)")
             log.info(msg)
             if progress:
@@ -430,14 +488,41 @@ def _train_governor(cfg: GovernorTrainConfig, progress, checkpoint) -> tuple[tor
                 checkpoint(model, _record(cfg, curve, evals, t0, t_train, n))
     model.eval()
     held_out = evaluate_clip(model, tokenizer, held, vocab, capture)  # reported only: never used to choose
-    if capture is not None:
-        capture.close()
+    for hook in (capture, dense):
+        if hook is not None:
+            hook.close()
     log.info("held-out (reported, not used for selection): %s", held_out)
     return model, {**_record(cfg, curve, evals, t0, t_train, n), "held_out_scores": held_out}
 
 
+class DenseTerm:
+    """The dense word-patch term of one training step: it catches the last block's input tokens
+    during the step's image forward pass, reads them the MaskCLIP way (`value_path_embeddings`, as
+    the dense evaluation does) and scores each labelled patch against the class prompts (the
+    background prompt as class 0, then the shapes, prompt-ensembled), at the model's temperature."""
+
+    def __init__(self, model, tokenizer, vocab: Vocabulary):
+        self.model, self.tokenizer = model, tokenizer
+        self.names = [BACKGROUND_CLASS, *vocab.shapes]
+        self.last_input: torch.Tensor | None = None
+        self._handle = model.visual.transformer.resblocks[-1].register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, args):
+        self.last_input = args[0]
+
+    def loss(self, patch_classes: torch.Tensor) -> torch.Tensor:
+        patches = value_path_embeddings(self.model.visual, self.last_input)
+        classes = class_embeddings(lambda prompts: self.model.encode_text(self.tokenizer(prompts)), self.names)
+        scale = self.model.logit_scale.exp().detach().clamp(max=100.0)
+        return dense_word_patch_loss(patches, classes, patch_classes, scale)
+
+    def close(self):
+        self._handle.remove()
+        self.last_input = None
+
+
 def flipped_patches(object_patches: torch.Tensor, flip: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, N] patch flags with the rows of horizontally flipped images mirrored as their images were."""
+    """[B, N] patch flags (or labels) with the rows of horizontally flipped images mirrored as their images were."""
     out = object_patches.clone()
     out[flip] = out[flip].view(-1, *grid).flip(-1).reshape(-1, grid[0] * grid[1])
     return out

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from juicer_pipeline.governance.classes import (NEVER, CropPlan, calibrate_addition_tau, calibrate_tau,
+from juicer_pipeline.governance.classes import (NEVER, TAU_GRID, CropPlan, calibrate_addition_tau, calibrate_tau,
                                                 calibrate_tau_per_class, crop_probs, decide_classes, image_regions,
                                                 region_class_scores, region_crops, region_mask, salient_regions,
                                                 square_box)
@@ -168,28 +168,52 @@ def test_addition_tau_bounds_the_share_of_images_given_a_class_they_lack():
 
     rng = np.random.default_rng(0)
     truth, regions = [], []
-    for _ in range(400):
+    for _ in range(600):
         true = set(rng.choice(4, size=int(rng.integers(1, 3)), replace=False).tolist())
         rows = []
         for c in true:  # one region per object, the object's class mostly on top
             p = rng.random(4) * 0.3
             p[c] = rng.uniform(0.35, 1.0)
             rows.append(p / max(1.0, p.sum()))
-        clutter = rng.random(4) * 0.6  # and a clutter region that names something at times
+        clutter = rng.random(4) * 0.6  # and a clutter region that names something at times,
+        clutter[3] += 0.3  # class 3 most of all (the confusable one, as hearts are in the world)
         rows.append(clutter)
         truth.append(true)
         regions.append(np.array(rows))
     named = simulated_named(truth)
+    CLAIM = 0.35  # above the other classes' share of an object's region: a left-out object is never claimed
     assert all(n <= t and len(t - n) == (len(t) > 1) for n, t in zip(named, truth))
-    result = calibrate_addition_tau(regions, truth, 0.03, claim=0.05)
-    assert result["reached"] and result["false_share"] <= 0.03 and 0.3 < result["tau"] < 1.0
-    false = np.mean([bool({c for c, _ in caption_additions(r, n, result["tau"], 0.05, 3)} - t)
+    result = calibrate_addition_tau(regions, truth, 0.03, claim=CLAIM, floor=0.3)
+    taus = np.array(result["tau"])
+    assert result["reached"] and result["false_share"] <= 0.03 and len(taus) == 4
+    assert (taus >= 0.3).all() and (taus < 1.0).all()
+    assert taus[3] > taus[:3].max()  # the class clutter is read as needs more to be added
+    false = np.mean([bool({c for c, _ in caption_additions(r, n, taus, CLAIM, 3)} - t)
                      for r, n, t in zip(regions, named, truth)])
     assert false == pytest.approx(result["false_share"])
-    looser = calibrate_addition_tau(regions, truth, 0.2, claim=0.05)
-    assert looser["tau"] < result["tau"] and looser["filled"] >= result["filled"] > 0
+    one_tau = min(t for t in TAU_GRID if np.mean([bool({c for c, _ in caption_additions(r, n, t, CLAIM, 3)} - tr)
+                                                  for r, n, tr in zip(regions, named, truth)]) <= 0.03)
+    filled_one = sum(len({c for c, _ in caption_additions(r, n, one_tau, CLAIM, 3)} & (t - n))
+                     for r, n, t in zip(regions, named, truth)) / sum(len(t - n) for n, t in zip(named, truth))
+    assert result["filled"] > filled_one  # per class fills more than one τ for all, at the same budget
+    looser = calibrate_addition_tau(regions, truth, 0.2, claim=CLAIM, floor=0.3)
+    assert (np.array(looser["tau"]) <= taus).all() and looser["filled"] > result["filled"] > 0
+    # a class that is falsely on top wherever it shows is never added; the others still can be
     never = calibrate_addition_tau([np.array([[0.0, 1.0, 0, 0]])] * 10, [{0}] * 10, 0.01, claim=0.5)
-    assert never["tau"] == NEVER and not never["reached"]
+    assert never["tau"][1] == NEVER and never["false_share"] == 0.0 and never["reached"]
+    # a governor whose class τ reached no target (floor NEVER) adds nothing
+    none = calibrate_addition_tau(regions, truth, 0.03, claim=CLAIM, floor=NEVER)
+    assert none["tau"] == [NEVER] * 4 and not none["reached"]
+
+
+def test_per_class_addition_tau_applies_each_class_its_own():
+    from juicer_pipeline.governance.classes import AdditionRule, caption_additions
+
+    regions = np.array([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
+    assert [c for c, _ in caption_additions(regions, set(), (0.5, 0.5, 0.8), claim=0.1, k=3)] == [0]
+    assert [c for c, _ in caption_additions(regions, set(), (0.65, 0.5, 0.6), claim=0.1, k=3)] == [2]
+    rule = AdditionRule(("star", "hexagon", "pentagon"), tau=(0.5, 0.5, 0.8), claim=0.1, k=3)
+    assert rule.classes(regions.tolist(), set()) == ["star"]
 
 
 def test_per_class_tau_reaches_the_target_per_class():
