@@ -16,7 +16,11 @@ seeds). What makes the governor competent here, each measured when it was chosen
   crops of bare background captioned as the `background` class. Class extraction classifies
   exactly such crops, so the governor learns to name a shape from a crop and to abstain on
   clutter. Measured on the corpus validation split (never on the drops or the students'
-  held-out sets): the model card records it.
+  held-out sets): the model card records it;
+- on whole drop-like scenes, two terms from the render's own masks: an objectness term pulls the
+  CLS attention rollout (what pruning keeps by) onto the object patches, and a dense word-patch
+  term keeps each patch's MaskCLIP reading on the class that fills it. The first alone left the
+  value path pointing at no shape; together both hold (the model card's last two columns).
 
 The governor is chosen on a validation split of its own corpus (`corpus_validation`); the world's
 held-out sets, which score the students, are only reported.
