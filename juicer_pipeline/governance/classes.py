@@ -224,11 +224,15 @@ def calibrate_addition_tau(region_probs: list[np.ndarray], truth: list[set[int]]
     lacking = sum(len(t - n) for t, n in zip(truth, named))
     n_classes = next((len(r[0]) for r in region_probs if len(r)), 0)
     grid = np.asarray([t for t in grid if t >= floor])
+    unreached = {"tau": [NEVER] * n_classes, "false_share": float("nan"), "filled": 0.0,
+                 "max_false_share": max_false_share, "floor": float(floor), "claim": claim, "reached": False}
+    if not len(grid) or not n_classes:  # no τ at or above the floor: nothing is ever added
+        return unreached
     false_by_class = _false_additions_by_class(region_probs, named, truth, claim, grid, n_classes)
     n = max(len(truth), 1)
-    for share in max_false_share * np.linspace(1.0, 1.0 / max(n_classes, 1), _BUDGET_SHARES):
+    for share in max_false_share * np.linspace(1.0, 1.0 / n_classes, _BUDGET_SHARES):
         reachable = false_by_class <= share * n  # [C, T]
-        taus = np.where(reachable.any(1), grid[reachable.argmax(1)], NEVER) if len(grid) else np.full(n_classes, NEVER)
+        taus = np.where(reachable.any(1), grid[reachable.argmax(1)], NEVER)
         added = [{c for c, _ in caption_additions(r, m, taus, claim, k)} for r, m in zip(region_probs, named)]
         false = sum(bool(a - t) for a, t in zip(added, truth)) / n
         if false <= max_false_share and (taus < NEVER).any():
@@ -236,8 +240,7 @@ def calibrate_addition_tau(region_probs: list[np.ndarray], truth: list[set[int]]
             return {"tau": [float(t) for t in taus], "false_share": false, "filled": filled,
                     "max_false_share": max_false_share, "class_share": float(share / max_false_share),
                     "floor": float(floor), "claim": claim, "reached": True}
-    return {"tau": [NEVER] * n_classes, "false_share": float("nan"), "filled": 0.0, "max_false_share": max_false_share,
-            "floor": float(floor), "claim": claim, "reached": False}
+    return unreached
 
 
 def _false_additions_by_class(region_probs, named, truth, claim: float, grid: np.ndarray, n_classes: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 
@@ -15,8 +16,7 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
         "corpus, which is drawn from a distribution disjoint from the drops (other background families,",
         "other object sizes, its own seeds). It is the default *governor* of juicer-pipeline.",
         "",
-        *_objectness_lines(cfg),
-        *_dense_lines(cfg),
+        *_term_lines(cfg),
         f"- model id (sha256 of the weights file): `{model_id}`",
         f"- reproduce: `{record.get('command', 'juicer governor train')}`",
         f"- seed {cfg.get('seed')}, steps {record.get('steps_done')}, batch {cfg.get('batch_size')}, "
@@ -62,20 +62,20 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
     return path
 
 
-def _objectness_lines(cfg: dict) -> list[str]:
-    if not cfg.get("saliency_weight"):
-        return []
-    return [f"Objectness term (weight {cfg['saliency_weight']}): beside the contrastive loss, the CLS attention",
-            "rollout of each whole corpus scene is pulled towards the patches its objects cover (the",
-            "render's own masks, never a drop's truth), so the saliency the pipeline prunes by follows objects.",
-            ""]
+# The training terms beside the contrastive loss a card names, by their config key.
+_TERMS = (
+    ("saliency_weight", "Objectness term", "beside the contrastive loss, the CLS attention rollout of each whole "
+     "corpus scene is pulled towards the patches its objects cover (the render's own masks, never a drop's truth), "
+     "so the saliency the pipeline prunes by follows objects."),
+    ("dense_weight", "Dense word-patch term", "each whole corpus scene's patches, read the MaskCLIP way (the last "
+     "block's value path), are pulled onto the class text of what fills them (a shape, or the background prompt), "
+     "so its patch embeddings stay in the text's space while the objectness term reshapes its attention."),
+)
 
 
-def _dense_lines(cfg: dict) -> list[str]:
-    if not cfg.get("dense_weight"):
-        return []
-    return [f"Dense word-patch term (weight {cfg['dense_weight']}): each whole corpus scene's patches, read the",
-            "MaskCLIP way (the last block's value path), are pulled onto the class text of what fills them",
-            "(a shape, or the background prompt), so its patch embeddings stay in the text's space while",
-            "the objectness term reshapes its attention.",
-            ""]
+def _term_lines(cfg: dict) -> list[str]:
+    lines = []
+    for key, name, what in _TERMS:
+        if cfg.get(key):
+            lines += [*textwrap.wrap(f"{name} (weight {cfg[key]}): {what}", 100), ""]
+    return lines
