@@ -248,12 +248,8 @@ def _false_additions_by_class(region_probs, named, truth, claim: float, grid: np
     images without it where an unclaimed region's top class it is, at that probability or more."""
     best = np.zeros((len(truth), n_classes))  # per image, the best unclaimed-region probability of each class
     for i, (regions, names) in enumerate(zip(region_probs, named)):
-        for p in np.asarray(regions, dtype=np.float64):
-            if names and max(p[c] for c in names) >= claim:
-                continue
-            top = int(np.argmax(p))
-            if top not in names:
-                best[i, top] = max(best[i, top], p[top])
+        for top, p in unclaimed_tops(regions, names, claim):
+            best[i, top] = max(best[i, top], p)
     absent = np.array([[c not in t for c in range(n_classes)] for t in truth], dtype=bool).reshape(len(truth), n_classes)
     return ((best[:, :, None] >= grid[None, None, :]) & absent[:, :, None] & (best[:, :, None] > 0)).sum(0)
 
@@ -353,12 +349,19 @@ def caption_additions(region_probs: np.ndarray, named: set[int], tau, claim: flo
     names it already.
     """
     best: dict[int, float] = {}
-    probs = np.asarray(region_probs, dtype=np.float64)  # [regions, C]; no region: nothing to add
-    taus = np.broadcast_to(np.asarray(tau, dtype=np.float64), probs.shape[-1:]) if probs.size else ()
-    for p in probs:
+    taus = np.asarray(tau, dtype=np.float64)
+    for top, p in unclaimed_tops(region_probs, named, claim):
+        if p >= (taus[top] if taus.ndim else taus):
+            best[top] = max(best.get(top, 0.0), p)
+    return sorted(best.items(), key=lambda kv: -kv[1])[:k]
+
+
+def unclaimed_tops(region_probs, named: set[int], claim: float):
+    """(top class, its probability) of each region ([regions, C]) that no class of `named` claims
+    (`caption_additions`), where the caption does not name that class already."""
+    for p in np.asarray(region_probs, dtype=np.float64):
         if named and max(p[c] for c in named) >= claim:
             continue
         top = int(np.argmax(p))
-        if p[top] >= taus[top] and top not in named:
-            best[top] = max(best.get(top, 0.0), float(p[top]))
-    return sorted(best.items(), key=lambda kv: -kv[1])[:k]
+        if top not in named:
+            yield top, float(p[top])
