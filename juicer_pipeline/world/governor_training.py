@@ -40,7 +40,7 @@ from ..governance.classes import square_crop
 from ..governance.images import normalise_batch, to_uint8_chw
 from ..training.dense_evaluation import PURE_PATCH_SHARE, patch_class_shares, pointing_score
 from ..training.dense_features import value_path_embeddings
-from ..training.loss import clip_loss, dense_word_patch_loss, objectness_loss
+from ..training.loss import MAX_LOGIT_SCALE, clip_loss, dense_word_patch_loss, objectness_loss
 from ..training.runtime import torch_threads
 from ..training.schedule import warmup_cosine
 from ..governance.metrics import retrieval_recall, zero_shot_accuracy
@@ -517,7 +517,7 @@ class DenseTerm:
     def loss(self, patch_classes: torch.Tensor) -> torch.Tensor:
         patches = value_path_embeddings(self.model.visual, self.last_input)
         classes = class_embeddings(lambda prompts: self.model.encode_text(self.tokenizer(prompts)), self.names)
-        scale = self.model.logit_scale.exp().detach().clamp(max=100.0)
+        scale = self.model.logit_scale.exp().detach().clamp(max=MAX_LOGIT_SCALE)
         return dense_word_patch_loss(patches, classes, patch_classes, scale)
 
     def close(self):
