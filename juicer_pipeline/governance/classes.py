@@ -243,14 +243,16 @@ def calibrate_addition_tau(region_probs: list[np.ndarray], truth: list[set[int]]
     return unreached
 
 
-def _false_additions_by_class(region_probs, named, truth, claim: float, grid: np.ndarray, n_classes: int) -> np.ndarray:
+def _false_additions_by_class(region_probs, named, truth, claim: float, grid: np.ndarray,
+                              n_classes: int) -> np.ndarray:
     """[classes, τ grid]: how many images each class would be added to, falsely, at each τ: the
     images without it where an unclaimed region's top class it is, at that probability or more."""
     best = np.zeros((len(truth), n_classes))  # per image, the best unclaimed-region probability of each class
     for i, (regions, names) in enumerate(zip(region_probs, named)):
         for top, p in unclaimed_tops(regions, names, claim):
             best[i, top] = max(best[i, top], p)
-    absent = np.array([[c not in t for c in range(n_classes)] for t in truth], dtype=bool).reshape(len(truth), n_classes)
+    absent = np.array([[c not in t for c in range(n_classes)] for t in truth], dtype=bool)
+    absent = absent.reshape(len(truth), n_classes)  # also for no image at all
     return ((best[:, :, None] >= grid[None, None, :]) & absent[:, :, None] & (best[:, :, None] > 0)).sum(0)
 
 

@@ -42,7 +42,8 @@ def write_model_card(weights: Path, model_id: str, record: dict) -> Path:
     if held:
         lines += ["", "## Held-out scores (the world's clean evaluation sets; reported, never used to choose)", "",
                   "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in held.items() if k.startswith(("semantic", "zeroshot", "saliency", "maskclip"))]
+        reported = ("semantic", "zeroshot", "saliency", "maskclip")
+        lines += [f"| {k} | {v:.3f} |" for k, v in held.items() if k.startswith(reported)]
     if cfg.get("init"):
         lines += ["", f"Warm start: fine-tuned from `{cfg['init']}` (the previous governor, its own model card in "
                       "the repository history)."]

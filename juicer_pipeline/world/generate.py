@@ -289,14 +289,15 @@ def corpus_spec(image_size: int = 64, single_object: bool = False) -> SceneSpec:
                      size_jitter=(0.6, 1.4), max_objects=1 if single_object else 3)
 
 
-def drop_like_corpus_spec(image_size: int = 64, object_coverage: float = 0.25, coverage_shared_by: int = 0) -> SceneSpec:
+def drop_like_corpus_spec(image_size: int = 64, object_coverage: float = 0.25,
+                          coverage_shared_by: int = 0) -> SceneSpec:
     """Scenes with the drops' object sizes and counts but the corpus's own backgrounds: what the
     governor's crop training, its validation and τ calibration use, so that a crop of a drop object
-    is in distribution without the governor ever seeing the drops' distribution itself. Its objects
-    share the coverage (coverage_shared_by 0), as drops did when the packaged governor was trained;
-    left so, so that its model card's commands still reproduce it. Lone objects of today's drops have
-    half that area; class extraction resizes each crop to the governor's input either way.
-    `coverage_shared_by` 2 sizes them as today's drops do (`DropConfig`)."""
+    is in distribution without the governor ever seeing the drops' distribution itself. By default
+    its objects share the coverage (coverage_shared_by 0), as drops did when governor stage 2 was
+    trained and as its corpus validation still does, so that the model card's commands reproduce
+    it. `coverage_shared_by` 2 sizes them as today's drops do (`DropConfig`): stage 3's crop scenes
+    and the τ calibration (`world/calibration.py`) use that."""
     return SceneSpec(image_size=image_size, backgrounds=CORPUS_BACKGROUNDS, object_coverage=object_coverage,
                      coverage_shared_by=coverage_shared_by)
 
